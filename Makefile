@@ -1,0 +1,50 @@
+# Jennah developer targets. Every target that needs Python creates .venv by itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: venv run test lint typecheck pytest proto proto-check bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## Start the gateway (127.0.0.1:8080) and two workers on SQLite + the local provider.
+run: venv
+	JENNAH_DEV_MODE=1 $(BIN)/jennah dev
+
+## ruff, mypy, the generated-code check, then pytest.
+test: venv proto-check lint typecheck pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Regenerate jennah/v1 from proto/ (offline: grpc_tools' protoc + protoc-gen-connectrpc).
+proto: venv
+	$(BIN)/buf generate proto --template buf.gen.yaml
+
+## Fails when jennah/v1 is not what `make proto` would write.
+proto-check: venv
+	@tmp=$$(mktemp -d) && \
+	$(BIN)/buf generate proto --template buf.gen.yaml -o $$tmp && \
+	diff -r -x __init__.py -x __pycache__ -x py.typed $$tmp/jennah/v1 jennah/v1 \
+	  || { echo "jennah/v1 is out of date with proto/: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
+	rm -rf $$tmp
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,88 @@
+"""The one error tree of Jennah.
+
+Adapters (stores, providers) translate their vendor errors into these classes inside
+themselves; only the RPC layer (``worker/rpc_errors.py``) turns them into Connect codes.
+"""
+
+from __future__ import annotations
+
+
+class JennahError(Exception):
+    """Base of every error Jennah raises on purpose."""
+
+
+class InvalidArgument(JennahError):
+    """A request field is malformed; nothing was stored."""
+
+
+class Unauthenticated(JennahError):
+    """No or bad credentials."""
+
+
+class FailedPrecondition(JennahError):
+    """The request is well-formed but the job's state forbids it (cancel of a terminal job)."""
+
+
+class ResourceExhausted(JennahError):
+    """Over a limit or a rate."""
+
+    def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class SettingsError(JennahError):
+    """Start-up configuration is missing or invalid; the message names every variable."""
+
+
+# --- job stores ----------------------------------------------------------------------
+
+
+class StoreError(JennahError):
+    """A job store operation failed."""
+
+
+class NotFound(StoreError):
+    """No such job for this tenant (also used for another tenant's job)."""
+
+
+class LeaseLost(StoreError):
+    """A fenced write failed: this worker no longer owns the job at that lease version."""
+
+
+class Conflict(StoreError):
+    """The write conflicts with the stored state (for example a backwards transition)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached; the operation may be retried later."""
+
+
+# --- batch providers ------------------------------------------------------------------
+
+
+class ProviderError(JennahError):
+    """A batch provider call failed. ``retryable`` says whether trying again may succeed."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider cannot be reached or is throttling us."""
+
+    retryable = True
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the job (bad spec, permissions); retrying will not help."""
+
+
+class ProviderQuotaExceeded(ProviderError):
+    """The provider's quota is exhausted."""
+
+    retryable = True

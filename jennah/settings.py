@@ -1,0 +1,281 @@
+"""Typed, frozen settings, read once from the environment at start-up (DESIGN §7, §11).
+
+Nothing below ``main`` reads ``os.environ``: settings objects are passed in through
+constructors. Validation happens here, before any SDK import, network call or database
+access, and a failure names **every** missing or invalid variable in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from jennah.errors import SettingsError
+
+T = TypeVar("T")
+
+BATCH_PROVIDERS = ("local", "gcp", "aws", "azure", "dry", "fake")
+DB_PROVIDERS = ("sqlite", "postgres", "dynamodb", "spanner", "memory")
+SERVERS = ("uvicorn", "hypercorn")
+
+# Variables each backend cannot start without (checked before anything is imported).
+REQUIRED_BY_PROVIDER: Mapping[str, tuple[str, ...]] = {
+    "gcp": ("BATCH_PROJECT_ID", "BATCH_REGION"),
+    "aws": ("AWS_JOB_QUEUE", "AWS_JOB_DEFINITION", "BATCH_REGION|AWS_REGION"),
+    "azure": ("AZURE_BATCH_ENDPOINT", "AZURE_BATCH_POOL_ID"),
+}
+REQUIRED_BY_STORE: Mapping[str, tuple[str, ...]] = {
+    "postgres": ("DATABASE_URL",),
+    "spanner": ("DB_PROJECT_ID", "DB_INSTANCE", "DB_DATABASE"),
+    "dynamodb": ("BATCH_REGION|AWS_REGION",),
+}
+
+_TRUE = {"1", "true", "yes"}
+_FALSE = {"0", "false", "no"}
+
+
+def jennah_home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("JENNAH_HOME") or Path(env.get("HOME") or "~").expanduser() / ".jennah")
+
+
+class _Env:
+    """Reads variables and collects every problem instead of stopping at the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def str(self, name: str, default: str = "") -> str:
+        return self.env.get(name, "").strip() or default
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.str(name, default).lower()
+        if value not in choices:
+            self.problems.append(f"{name}={value!r} (expected one of {', '.join(choices)})")
+        return value
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        raw = self.str(name).lower()
+        if not raw:
+            return default
+        if raw in _TRUE:
+            return True
+        if raw in _FALSE:
+            return False
+        self.problems.append(f"{name}={raw!r} (expected 1/0, true/false or yes/no)")
+        return default
+
+    def number(self, name: str, default: T, conv: Callable[[str], T], minimum: float = 0) -> T:
+        raw = self.str(name)
+        if not raw:
+            return default
+        try:
+            value = conv(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} (expected a number)")
+            return default
+        if value < minimum:  # type: ignore[operator]
+            self.problems.append(f"{name}={raw!r} (must be at least {minimum})")
+            return default
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        # Cloud Run sets PORT; it overrides the role's own port variable.
+        raw_port = self.str("PORT") or self.str(name)
+        if not raw_port:
+            return default
+        try:
+            value = int(raw_port)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= 65535:
+            self.problems.append(f"{'PORT' if self.str('PORT') else name}={raw_port!r}")
+            return default
+        return value
+
+    def require(self, names: tuple[str, ...], owner: str) -> None:
+        for name in names:
+            alternatives = name.split("|")
+            if not any(self.str(a) for a in alternatives):
+                self.problems.append(f"{' or '.join(alternatives)} (required by {owner})")
+
+    def check(self, role: str) -> None:
+        if self.problems:
+            raise SettingsError(f"invalid {role} settings: missing or invalid " + "; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    kind: str = "sqlite"
+    sqlite_path: Path = Path("jennah.db")
+    database_url: str = ""
+    spanner_project: str = ""
+    spanner_instance: str = ""
+    spanner_database: str = ""
+    spanner_emulator_host: str = ""
+    dynamodb_table_prefix: str = "jennah"
+    aws_endpoint_url: str = ""
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    kind: str = "local"
+    region: str = ""
+    local_batch_dir: Path = Path("local")
+    gcp_project_id: str = ""
+    aws_account_id: str = ""
+    aws_job_queue: str = ""
+    aws_job_definition: str = ""
+    aws_endpoint_url: str = ""
+    azure_subscription_id: str = ""
+    azure_resource_group: str = ""
+    azure_batch_endpoint: str = ""
+    azure_batch_pool_id: str = ""
+    azure_batch_account_name: str = ""
+    azure_batch_account_key: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    worker_id: str
+    host: str
+    port: int
+    advertise_url: str
+    dev_mode: bool
+    worker_token: str
+    lease_ttl_seconds: float
+    claim_interval_seconds: float
+    poll_interval_seconds: float
+    shutdown_grace_seconds: float
+    server: str
+    wal_dir: Path
+    archive_dir: Path
+    wal_retention_days: float
+    read_max_bytes: int
+    store: StoreSettings
+    provider: ProviderSettings
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str
+    port: int
+    dev_mode: bool
+    worker_token: str
+    worker_endpoints: tuple[str, ...]
+    health_interval_seconds: float
+    forward_timeout_seconds: float
+    api_keys_file: str
+    server: str
+    read_max_bytes: int
+    discover_from_store: bool
+    store: StoreSettings
+
+
+def _store_settings(e: _Env, home: Path) -> StoreSettings:
+    kind = e.choice("DB_PROVIDER", DB_PROVIDERS, "sqlite")
+    e.require(REQUIRED_BY_STORE.get(kind, ()), f"DB_PROVIDER={kind}")
+    return StoreSettings(
+        kind=kind,
+        sqlite_path=Path(e.str("DB_PATH", str(home / "jennah.db"))).expanduser(),
+        database_url=e.str("DATABASE_URL"),
+        spanner_project=e.str("DB_PROJECT_ID"),
+        spanner_instance=e.str("DB_INSTANCE"),
+        spanner_database=e.str("DB_DATABASE"),
+        spanner_emulator_host=e.str("SPANNER_EMULATOR_HOST"),
+        dynamodb_table_prefix=e.str("DYNAMODB_TABLE_PREFIX", "jennah"),
+        aws_endpoint_url=e.str("AWS_ENDPOINT_URL"),
+        region=e.str("BATCH_REGION") or e.str("AWS_REGION"),
+    )
+
+
+def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
+    kind = e.choice("BATCH_PROVIDER", BATCH_PROVIDERS, "local")
+    e.require(REQUIRED_BY_PROVIDER.get(kind, ()), f"BATCH_PROVIDER={kind}")
+    return ProviderSettings(
+        kind=kind,
+        region=e.str("BATCH_REGION") or e.str("AWS_REGION"),
+        local_batch_dir=Path(e.str("LOCAL_BATCH_DIR", str(home / "local"))).expanduser(),
+        gcp_project_id=e.str("BATCH_PROJECT_ID"),
+        aws_account_id=e.str("AWS_ACCOUNT_ID"),
+        aws_job_queue=e.str("AWS_JOB_QUEUE"),
+        aws_job_definition=e.str("AWS_JOB_DEFINITION"),
+        aws_endpoint_url=e.str("AWS_ENDPOINT_URL"),
+        azure_subscription_id=e.str("AZURE_SUBSCRIPTION_ID"),
+        azure_resource_group=e.str("AZURE_RESOURCE_GROUP"),
+        azure_batch_endpoint=e.str("AZURE_BATCH_ENDPOINT"),
+        azure_batch_pool_id=e.str("AZURE_BATCH_POOL_ID"),
+        azure_batch_account_name=e.str("AZURE_BATCH_ACCOUNT_NAME"),
+        azure_batch_account_key=e.str("AZURE_BATCH_ACCOUNT_KEY"),
+    )
+
+
+def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
+    """Worker settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad."""
+    e = _Env(os.environ if env is None else env)
+    home = jennah_home(e.env)
+    host = e.str("HOST", "127.0.0.1")
+    port = e.port("WORKER_PORT", 8081)
+    ttl = e.number("WORKER_LEASE_TTL_SECONDS", 30.0, float, minimum=0.1)
+    settings = WorkerSettings(
+        worker_id=e.str("WORKER_ID") or socket.gethostname(),
+        host=host,
+        port=port,
+        advertise_url=e.str("WORKER_ADVERTISE_URL", f"http://{host}:{port}"),
+        dev_mode=e.bool("JENNAH_DEV_MODE"),
+        worker_token=e.str("JENNAH_WORKER_TOKEN"),
+        lease_ttl_seconds=ttl,
+        claim_interval_seconds=e.number("WORKER_CLAIM_INTERVAL_SECONDS", 5.0, float, 0.05),
+        poll_interval_seconds=e.number("WORKER_POLL_INTERVAL_SECONDS", 1.0, float, 0.05),
+        shutdown_grace_seconds=e.number("SHUTDOWN_GRACE_SECONDS", 8.0, float),
+        server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
+        wal_dir=Path(e.str("WAL_DIR", str(home / "wal"))).expanduser(),
+        archive_dir=Path(e.str("ARCHIVE_DIR", str(home / "archive"))).expanduser(),
+        wal_retention_days=e.number("WAL_RETENTION_DAYS", 30.0, float),
+        read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
+        store=_store_settings(e, home),
+        provider=_provider_settings(e, home),
+    )
+    if not settings.dev_mode and not settings.worker_token:
+        e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")
+    e.check("worker")
+    return settings
+
+
+def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettings:
+    """Gateway settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad."""
+    e = _Env(os.environ if env is None else env)
+    home = jennah_home(e.env)
+    endpoints = tuple(
+        u.strip().rstrip("/") for u in e.str("WORKER_ENDPOINTS").split(",") if u.strip()
+    )
+    for url in endpoints:
+        if not url.startswith(("http://", "https://")):
+            e.problems.append(f"WORKER_ENDPOINTS entry {url!r} (expected http://host:port)")
+    discover = e.bool("GATEWAY_DISCOVER_WORKERS")
+    if not endpoints and not discover:
+        e.problems.append("WORKER_ENDPOINTS (or GATEWAY_DISCOVER_WORKERS=1)")
+    settings = GatewaySettings(
+        host=e.str("HOST", "127.0.0.1"),
+        port=e.port("GATEWAY_PORT", 8080),
+        dev_mode=e.bool("JENNAH_DEV_MODE"),
+        worker_token=e.str("JENNAH_WORKER_TOKEN"),
+        worker_endpoints=endpoints,
+        health_interval_seconds=e.number("GATEWAY_HEALTH_INTERVAL_SECONDS", 2.0, float, 0.05),
+        forward_timeout_seconds=e.number("GATEWAY_FORWARD_TIMEOUT_SECONDS", 30.0, float, 0.1),
+        api_keys_file=e.str("JENNAH_API_KEYS_FILE"),
+        server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
+        read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
+        discover_from_store=discover,
+        store=_store_settings(e, home) if discover else StoreSettings(),
+    )
+    if not settings.dev_mode and not settings.worker_token:
+        e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")
+    e.check("gateway")
+    return settings

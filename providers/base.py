@@ -1,0 +1,108 @@
+"""The batch provider port: one Protocol, implemented once per batch backend.
+
+Every provider passes the same contract suite (``tests/provider_contract.py``). The
+contract:
+
+* ``submit`` **must** be idempotent on ``task.provider_job_id``: a second submit with the
+  same id adopts the existing job ("already exists" is success) and returns the same
+  resource path. The worker derives that id deterministically from the Jennah job id and
+  the attempt number (:func:`provider_job_id`), so a worker that dies between submitting
+  and recording the result cannot make the job run twice.
+* ``status`` takes many resource paths at once (up to ``capabilities.max_status_batch``
+  per provider call; the provider splits larger batches itself) and **must** return an
+  entry for every path asked. A job the provider does not know, or a state it cannot map,
+  is reported with ``state=None`` (UNKNOWN): the worker never moves a job on that.
+* ``cancel`` **must** be idempotent: cancelling a finished or already-cancelled job is
+  not an error.
+* Vendor exceptions never leave the adapter: they become ``ProviderError`` subclasses
+  with ``retryable`` set.
+* Calls are blocking; the worker runs them in a thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from jennah.models import FailureClass, JobSpec, JobStatus
+
+
+def provider_job_id(job_id: str, attempt: int) -> str:
+    """The deterministic provider-side id of one execution of a job.
+
+    Lowercase, starts with a letter and stays within 63 characters for a UUID job id,
+    which satisfies GCP Batch's job-id rules (the strictest of our providers).
+    """
+    return f"j-{job_id.lower()}-{attempt}"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can do, declared as data."""
+
+    supports_cancel: bool = True
+    max_status_batch: int = 100
+    # The provider can return the job's stdout/stderr (``read_output``).
+    supports_output: bool = False
+    # Suggested seconds between status polls.
+    poll_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ProviderTask:
+    """One execution of a job, as handed to ``submit``."""
+
+    provider_job_id: str
+    job_id: str
+    tenant_id: str
+    attempt: int
+    spec: JobSpec
+
+
+@dataclass(frozen=True)
+class ProviderStatus:
+    """What the provider says about one job. ``state=None`` means UNKNOWN."""
+
+    state: JobStatus | None
+    raw_state: str = ""
+    exit_code: int | None = None
+    failure_class: FailureClass | None = None
+    message: str = ""
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """New stdout/stderr text since the given offsets (``read_output``)."""
+
+    stdout: str = ""
+    stderr: str = ""
+    offsets: tuple[int, int] = (0, 0)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class BatchProvider(Protocol):
+    """A batch backend that runs one container (or command) per job execution."""
+
+    name: str
+    capabilities: Capabilities
+
+    def submit(self, task: ProviderTask) -> str:
+        """Start the execution (idempotent on ``task.provider_job_id``); return its
+        resource path, the provider's own name for it."""
+        ...
+
+    def status(self, resource_paths: Sequence[str]) -> dict[str, ProviderStatus]:
+        """The status of each resource path; an entry for every path asked."""
+        ...
+
+    def cancel(self, resource_path: str) -> None:
+        """Ask the provider to stop the execution. Idempotent."""
+        ...
+
+    def close(self) -> None:
+        """Release clients and connections. Idempotent."""
+        ...
