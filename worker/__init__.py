@@ -1,0 +1,1 @@
+"""The Jennah worker: DeploymentService on top of a job store, a provider and an event log."""
