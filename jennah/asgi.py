@@ -55,7 +55,8 @@ def compose(
             await send_text(send, 200, "ok\n")
         elif path == "/ready":
             ok, detail = await ready()
-            await send_text(send, 200 if ok else 503, f"{'ready' if ok else 'not ready'}: {detail}\n")
+            word = "ready" if ok else "not ready"
+            await send_text(send, 200 if ok else 503, f"{word}: {detail}\n")
         elif path == "/metrics":
             await metrics_app(scope, receive, send)
         elif path == "/info" and info is not None:

@@ -10,10 +10,10 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """The job state machine (DESIGN §3). Values are the stored spelling."""
 
     PENDING = "PENDING"
@@ -50,7 +50,7 @@ _RANK = {
 }
 
 
-class FailureClass(str, Enum):
+class FailureClass(StrEnum):
     """Why a job failed (DESIGN §3). Only PREEMPTED and INFRASTRUCTURE are retried."""
 
     USER_ERROR = "user_error"
@@ -64,7 +64,7 @@ class FailureClass(str, Enum):
         return self in (FailureClass.PREEMPTED, FailureClass.INFRASTRUCTURE)
 
 
-class EventKind(str, Enum):
+class EventKind(StrEnum):
     """Kinds of job events; the stored spelling is the name."""
 
     SUBMITTED = "SUBMITTED"
@@ -126,7 +126,7 @@ class JobSpec:
         ro = d.get("resource_override") or {}
         assert isinstance(ro, Mapping)
         data = dict(d)
-        data["commands"] = tuple(d.get("commands") or ())  # type: ignore[call-overload]
+        data["commands"] = tuple(d.get("commands") or ())  # type: ignore[call-overload,arg-type]
         data["resource_override"] = ResourceOverride(**ro)
         return cls(**data)  # type: ignore[arg-type]
 

@@ -49,17 +49,18 @@ class _Env:
         self.env = env
         self.problems: list[str] = []
 
-    def str(self, name: str, default: str = "") -> str:
+    def text(self, name: str, default: str = "") -> str:
         return self.env.get(name, "").strip() or default
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.str(name, default).lower()
+        value = self.text(name, default).lower()
         if value not in choices:
-            self.problems.append(f"{name}={value!r} (expected one of {', '.join(choices)})")
+            expected = ", ".join(choices)
+            self.problems.append(f"{name}={value!r} (expected one of {expected})")
         return value
 
-    def bool(self, name: str, default: bool = False) -> bool:
-        raw = self.str(name).lower()
+    def flag(self, name: str, default: bool = False) -> bool:
+        raw = self.text(name).lower()
         if not raw:
             return default
         if raw in _TRUE:
@@ -70,7 +71,7 @@ class _Env:
         return default
 
     def number(self, name: str, default: T, conv: Callable[[str], T], minimum: float = 0) -> T:
-        raw = self.str(name)
+        raw = self.text(name)
         if not raw:
             return default
         try:
@@ -85,7 +86,7 @@ class _Env:
 
     def port(self, name: str, default: int) -> int:
         # Cloud Run sets PORT; it overrides the role's own port variable.
-        raw_port = self.str("PORT") or self.str(name)
+        raw_port = self.text("PORT") or self.text(name)
         if not raw_port:
             return default
         try:
@@ -93,19 +94,20 @@ class _Env:
         except ValueError:
             value = -1
         if not 0 <= value <= 65535:
-            self.problems.append(f"{'PORT' if self.str('PORT') else name}={raw_port!r}")
+            self.problems.append(f"{'PORT' if self.text('PORT') else name}={raw_port!r}")
             return default
         return value
 
     def require(self, names: tuple[str, ...], owner: str) -> None:
         for name in names:
             alternatives = name.split("|")
-            if not any(self.str(a) for a in alternatives):
+            if not any(self.text(a) for a in alternatives):
                 self.problems.append(f"{' or '.join(alternatives)} (required by {owner})")
 
     def check(self, role: str) -> None:
         if self.problems:
-            raise SettingsError(f"invalid {role} settings: missing or invalid " + "; ".join(self.problems))
+            detail = "; ".join(self.problems)
+            raise SettingsError(f"invalid {role} settings: missing or invalid {detail}")
 
 
 @dataclass(frozen=True)
@@ -183,15 +185,15 @@ def _store_settings(e: _Env, home: Path) -> StoreSettings:
     e.require(REQUIRED_BY_STORE.get(kind, ()), f"DB_PROVIDER={kind}")
     return StoreSettings(
         kind=kind,
-        sqlite_path=Path(e.str("DB_PATH", str(home / "jennah.db"))).expanduser(),
-        database_url=e.str("DATABASE_URL"),
-        spanner_project=e.str("DB_PROJECT_ID"),
-        spanner_instance=e.str("DB_INSTANCE"),
-        spanner_database=e.str("DB_DATABASE"),
-        spanner_emulator_host=e.str("SPANNER_EMULATOR_HOST"),
-        dynamodb_table_prefix=e.str("DYNAMODB_TABLE_PREFIX", "jennah"),
-        aws_endpoint_url=e.str("AWS_ENDPOINT_URL"),
-        region=e.str("BATCH_REGION") or e.str("AWS_REGION"),
+        sqlite_path=Path(e.text("DB_PATH", str(home / "jennah.db"))).expanduser(),
+        database_url=e.text("DATABASE_URL"),
+        spanner_project=e.text("DB_PROJECT_ID"),
+        spanner_instance=e.text("DB_INSTANCE"),
+        spanner_database=e.text("DB_DATABASE"),
+        spanner_emulator_host=e.text("SPANNER_EMULATOR_HOST"),
+        dynamodb_table_prefix=e.text("DYNAMODB_TABLE_PREFIX", "jennah"),
+        aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
+        region=e.text("BATCH_REGION") or e.text("AWS_REGION"),
     )
 
 
@@ -200,43 +202,51 @@ def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
     e.require(REQUIRED_BY_PROVIDER.get(kind, ()), f"BATCH_PROVIDER={kind}")
     return ProviderSettings(
         kind=kind,
-        region=e.str("BATCH_REGION") or e.str("AWS_REGION"),
-        local_batch_dir=Path(e.str("LOCAL_BATCH_DIR", str(home / "local"))).expanduser(),
-        gcp_project_id=e.str("BATCH_PROJECT_ID"),
-        aws_account_id=e.str("AWS_ACCOUNT_ID"),
-        aws_job_queue=e.str("AWS_JOB_QUEUE"),
-        aws_job_definition=e.str("AWS_JOB_DEFINITION"),
-        aws_endpoint_url=e.str("AWS_ENDPOINT_URL"),
-        azure_subscription_id=e.str("AZURE_SUBSCRIPTION_ID"),
-        azure_resource_group=e.str("AZURE_RESOURCE_GROUP"),
-        azure_batch_endpoint=e.str("AZURE_BATCH_ENDPOINT"),
-        azure_batch_pool_id=e.str("AZURE_BATCH_POOL_ID"),
-        azure_batch_account_name=e.str("AZURE_BATCH_ACCOUNT_NAME"),
-        azure_batch_account_key=e.str("AZURE_BATCH_ACCOUNT_KEY"),
+        region=e.text("BATCH_REGION") or e.text("AWS_REGION"),
+        local_batch_dir=Path(e.text("LOCAL_BATCH_DIR", str(home / "local"))).expanduser(),
+        gcp_project_id=e.text("BATCH_PROJECT_ID"),
+        aws_account_id=e.text("AWS_ACCOUNT_ID"),
+        aws_job_queue=e.text("AWS_JOB_QUEUE"),
+        aws_job_definition=e.text("AWS_JOB_DEFINITION"),
+        aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
+        azure_subscription_id=e.text("AZURE_SUBSCRIPTION_ID"),
+        azure_resource_group=e.text("AZURE_RESOURCE_GROUP"),
+        azure_batch_endpoint=e.text("AZURE_BATCH_ENDPOINT"),
+        azure_batch_pool_id=e.text("AZURE_BATCH_POOL_ID"),
+        azure_batch_account_name=e.text("AZURE_BATCH_ACCOUNT_NAME"),
+        azure_batch_account_key=e.text("AZURE_BATCH_ACCOUNT_KEY"),
     )
+
+
+def load_store_settings(env: Mapping[str, str] | None = None) -> StoreSettings:
+    """Only the job store settings (for ``jennah db migrate`` and the WAL tools)."""
+    e = _Env(os.environ if env is None else env)
+    settings = _store_settings(e, jennah_home(e.env))
+    e.check("store")
+    return settings
 
 
 def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
     """Worker settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad."""
     e = _Env(os.environ if env is None else env)
     home = jennah_home(e.env)
-    host = e.str("HOST", "127.0.0.1")
+    host = e.text("HOST", "127.0.0.1")
     port = e.port("WORKER_PORT", 8081)
     ttl = e.number("WORKER_LEASE_TTL_SECONDS", 30.0, float, minimum=0.1)
     settings = WorkerSettings(
-        worker_id=e.str("WORKER_ID") or socket.gethostname(),
+        worker_id=e.text("WORKER_ID") or socket.gethostname(),
         host=host,
         port=port,
-        advertise_url=e.str("WORKER_ADVERTISE_URL", f"http://{host}:{port}"),
-        dev_mode=e.bool("JENNAH_DEV_MODE"),
-        worker_token=e.str("JENNAH_WORKER_TOKEN"),
+        advertise_url=e.text("WORKER_ADVERTISE_URL", f"http://{host}:{port}"),
+        dev_mode=e.flag("JENNAH_DEV_MODE"),
+        worker_token=e.text("JENNAH_WORKER_TOKEN"),
         lease_ttl_seconds=ttl,
         claim_interval_seconds=e.number("WORKER_CLAIM_INTERVAL_SECONDS", 5.0, float, 0.05),
         poll_interval_seconds=e.number("WORKER_POLL_INTERVAL_SECONDS", 1.0, float, 0.05),
         shutdown_grace_seconds=e.number("SHUTDOWN_GRACE_SECONDS", 8.0, float),
         server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
-        wal_dir=Path(e.str("WAL_DIR", str(home / "wal"))).expanduser(),
-        archive_dir=Path(e.str("ARCHIVE_DIR", str(home / "archive"))).expanduser(),
+        wal_dir=Path(e.text("WAL_DIR", str(home / "wal"))).expanduser(),
+        archive_dir=Path(e.text("ARCHIVE_DIR", str(home / "archive"))).expanduser(),
         wal_retention_days=e.number("WAL_RETENTION_DAYS", 30.0, float),
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
         store=_store_settings(e, home),
@@ -253,23 +263,23 @@ def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettin
     e = _Env(os.environ if env is None else env)
     home = jennah_home(e.env)
     endpoints = tuple(
-        u.strip().rstrip("/") for u in e.str("WORKER_ENDPOINTS").split(",") if u.strip()
+        u.strip().rstrip("/") for u in e.text("WORKER_ENDPOINTS").split(",") if u.strip()
     )
     for url in endpoints:
         if not url.startswith(("http://", "https://")):
             e.problems.append(f"WORKER_ENDPOINTS entry {url!r} (expected http://host:port)")
-    discover = e.bool("GATEWAY_DISCOVER_WORKERS")
+    discover = e.flag("GATEWAY_DISCOVER_WORKERS")
     if not endpoints and not discover:
         e.problems.append("WORKER_ENDPOINTS (or GATEWAY_DISCOVER_WORKERS=1)")
     settings = GatewaySettings(
-        host=e.str("HOST", "127.0.0.1"),
+        host=e.text("HOST", "127.0.0.1"),
         port=e.port("GATEWAY_PORT", 8080),
-        dev_mode=e.bool("JENNAH_DEV_MODE"),
-        worker_token=e.str("JENNAH_WORKER_TOKEN"),
+        dev_mode=e.flag("JENNAH_DEV_MODE"),
+        worker_token=e.text("JENNAH_WORKER_TOKEN"),
         worker_endpoints=endpoints,
         health_interval_seconds=e.number("GATEWAY_HEALTH_INTERVAL_SECONDS", 2.0, float, 0.05),
         forward_timeout_seconds=e.number("GATEWAY_FORWARD_TIMEOUT_SECONDS", 30.0, float, 0.1),
-        api_keys_file=e.str("JENNAH_API_KEYS_FILE"),
+        api_keys_file=e.text("JENNAH_API_KEYS_FILE"),
         server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
         discover_from_store=discover,

@@ -1,0 +1,255 @@
+"""The ``jennah`` command: servers (dev, worker, gateway), client calls, and operations.
+
+Client commands talk Connect to ``--url`` (``$JENNAH_URL``, default the local gateway) as
+tenant ``--tenant`` (``$JENNAH_TENANT``, sent as ``X-Tenant-Id``; dev mode) or with
+``--api-key`` (``$JENNAH_API_KEY``, sent as ``Authorization: Bearer``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from connectrpc.errors import ConnectError
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jennah.errors import SettingsError
+from jennah.v1.deployment_connect import DeploymentServiceClientSync
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _print_json(msg: Message) -> None:
+    print(json_format.MessageToJson(msg, indent=2))
+
+
+def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"jennah: {what} {item!r} must be KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _client(args: argparse.Namespace) -> tuple[DeploymentServiceClientSync, dict[str, str]]:
+    headers: dict[str, str] = {}
+    if args.tenant:
+        headers["x-tenant-id"] = args.tenant
+    if args.api_key:
+        headers["authorization"] = f"Bearer {args.api_key}"
+    return DeploymentServiceClientSync(args.url, timeout_ms=int(args.timeout * 1000)), headers
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    commands = list(args.commands)
+    if commands and commands[0] == "--":
+        commands = commands[1:]
+    req = pb.SubmitJobRequest(
+        image_uri=args.image,
+        commands=commands,
+        env_vars=_pairs(args.env, "--env"),
+        labels=_pairs(args.label, "--label"),
+        name=args.name,
+        resource_profile=args.profile,
+        max_retries=args.max_retries,
+        request_id=args.request_id,
+        use_spot_vms=args.spot,
+    )
+    _print_json(client.submit_job(req, headers=headers))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    resp = client.get_job(pb.GetJobRequest(job_id=args.job_id), headers=headers)
+    _print_json(resp.job)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    status = f"JOB_STATUS_{args.status.upper()}" if args.status else "JOB_STATUS_UNSPECIFIED"
+    req = pb.ListJobsRequest(
+        page_size=args.page_size, page_token=args.page_token, status=status,
+        labels=_pairs(args.label, "--label"), name_prefix=args.name_prefix,
+    )
+    resp = client.list_jobs(req, headers=headers)
+    if args.output == "json":
+        _print_json(resp)
+        return 0
+    print(f"{'JOB ID':<38} {'STATUS':<10} {'EXIT':>4}  {'CREATED':<20} NAME")
+    for job in resp.jobs:
+        status_name = pb.JobStatus.Name(job.status).removeprefix("JOB_STATUS_")
+        exit_code = str(job.exit_code) if job.HasField("exit_code") else "-"
+        created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{job.job_id:<38} {status_name:<10} {exit_code:>4}  {created:<20} {job.name}")
+    if resp.next_page_token:
+        print(f"next page: --page-token {resp.next_page_token}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    resp = client.cancel_job(pb.CancelJobRequest(job_id=args.job_id), headers=headers)
+    _print_json(resp.job)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    _print_json(client.delete_job(pb.DeleteJobRequest(job_id=args.job_id), headers=headers))
+    return 0
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    _print_json(client.get_current_tenant(pb.GetCurrentTenantRequest(), headers=headers))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client, headers = _client(args)
+    if args.follow:
+        req = pb.WatchJobEventsRequest(job_id=args.job_id, after_seq=args.after_seq)
+        stream = client.watch_job_events(req, headers=headers, timeout_ms=None)
+    else:
+        req2 = pb.ListJobEventsRequest(job_id=args.job_id, after_seq=args.after_seq)
+        stream = client.list_job_events(req2, headers=headers).events
+    for ev in stream:
+        kind = pb.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_")
+        at = ev.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+        text = ev.output.rstrip("\n") if ev.output else ev.message
+        print(f"{ev.seq:>6} {at} {kind:<14} {text}", flush=True)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import main
+
+    return main()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import main
+
+    return main()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from jennah.dev import run_dev
+
+    return run_dev(workers=args.workers, port=args.port)
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from database import create_store
+    from jennah.settings import load_store_settings
+
+    store = create_store(load_store_settings())
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    print(f"{store.name}: applied {len(applied)} migration(s)")
+    for name in applied:
+        print(f"  {name}")
+    return 0
+
+
+def _add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("JENNAH_URL", DEFAULT_URL))
+    p.add_argument("--tenant", default=os.environ.get("JENNAH_TENANT", ""))
+    p.add_argument("--api-key", default=os.environ.get("JENNAH_API_KEY", ""))
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jennah", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str,
+            client: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        if client:
+            _add_client_options(p)
+        return p
+
+    p = add("submit", cmd_submit, "submit a job: jennah submit IMAGE -- CMD ARGS...")
+    p.add_argument("image")
+    p.add_argument("commands", nargs=argparse.REMAINDER)
+    p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--name", default="")
+    p.add_argument("--profile", default="", help="small | medium | large | xlarge")
+    p.add_argument("--max-retries", type=int, default=0)
+    p.add_argument("--request-id", default="", help="idempotency key")
+    p.add_argument("--spot", action="store_true", help="use spot VMs")
+    for name, fn, help_ in (("get", cmd_get, "show a job"), ("cancel", cmd_cancel, "cancel a job"),
+                            ("delete", cmd_delete, "delete a job")):
+        add(name, fn, help_).add_argument("job_id")
+    p = add("list", cmd_list, "list jobs, newest first")
+    p.add_argument("--status", default="", help="pending, scheduled, running, completed, ...")
+    p.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--name-prefix", default="")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    p = add("events", cmd_events, "print a job's events (--follow: live until it ends)")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--after-seq", type=int, default=0)
+    add("tenant", cmd_tenant, "show the tenant you are calling as")
+
+    add("worker", cmd_worker, "run a worker (settings from the environment)", client=False)
+    add("gateway", cmd_gateway, "run the gateway (settings from the environment)", client=False)
+    p = add("dev", cmd_dev, "run a gateway and workers on SQLite + local provider", client=False)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
+    db = sub.add_parser("db", help="job store administration").add_subparsers(
+        dest="db_command", required=True)
+    db.add_parser("migrate", help="apply schema migrations").set_defaults(fn=cmd_db_migrate)
+    try:
+        from worker.wal.cli import add_wal_commands
+    except ImportError:  # the WAL tools are optional in a partial checkout
+        pass
+    else:
+        add_wal_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except SettingsError as exc:
+        print(f"jennah: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectError as exc:
+        print(f"jennah: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return code

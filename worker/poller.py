@@ -1,0 +1,99 @@
+"""The poller drives every job this worker owns to a terminal state.
+
+Each cycle reads the worker's owned active jobs from the store (the store, not memory, is
+the truth: a lease lost to a peer simply drops out of the list), then:
+
+* a job marked ``cancel_requested`` is cancelled at the provider and recorded CANCELLED;
+* a job without a resource path (a crash between recording and submitting, a deferred
+  submit, or a job just claimed from a dead peer) is submitted again under the same
+  deterministic provider id, which the provider dedupes;
+* every other job's status is fetched in provider-sized batches and applied, forward only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import anyio
+
+from jennah.errors import JennahError, LeaseLost
+from jennah.models import EventKind, Job
+from worker.jobs import JobService, blocking
+
+log = logging.getLogger("jennah.worker.poller")
+
+
+class Poller:
+    """Polls owned jobs every ``interval`` seconds."""
+
+    def __init__(self, jobs: JobService, interval: float) -> None:
+        self.jobs = jobs
+        self.interval = interval
+        self.last_cycle_seconds = 0.0
+        self.cycles = 0
+        # Output offsets per provider job (stdout, stderr), for providers that stream output.
+        self._offsets: dict[str, tuple[int, int]] = {}
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.cycle()
+            except JennahError as exc:  # store or provider down: try again next cycle
+                log.warning("poll cycle failed: %s", exc)
+            except Exception:
+                log.exception("poll cycle crashed")
+            self.last_cycle_seconds = time.monotonic() - started
+            self.cycles += 1
+            await anyio.sleep(max(0.0, self.interval - self.last_cycle_seconds))
+
+    async def cycle(self) -> None:
+        owned = await blocking(self.jobs.store.list_owned_jobs, self.jobs.worker_id)
+        to_poll: list[Job] = []
+        for job in owned:
+            try:
+                if job.cancel_requested:
+                    await self.jobs.finish_cancel(job)
+                elif not job.cloud_resource_path:
+                    await self.jobs.start_execution(job)
+                else:
+                    to_poll.append(job)
+            except LeaseLost:
+                continue
+        batch = max(1, self.jobs.provider.capabilities.max_status_batch)
+        for i in range(0, len(to_poll), batch):
+            await self._poll_batch(to_poll[i : i + batch])
+
+    async def _poll_batch(self, jobs: Sequence[Job]) -> None:
+        paths = [j.cloud_resource_path for j in jobs]
+        statuses = await blocking(self.jobs.provider.status, paths)
+        for job in jobs:
+            st = statuses.get(job.cloud_resource_path)
+            if st is None:
+                continue
+            try:
+                if self.jobs.provider.capabilities.supports_output:
+                    await self._emit_output(job, final=bool(st.state and st.state.terminal))
+                await self.jobs.apply_status(job, st)
+            except LeaseLost:
+                continue
+            if st.state is not None and st.state.terminal:
+                self._offsets.pop(job.cloud_resource_path, None)
+
+    async def _emit_output(self, job: Job, *, final: bool) -> None:
+        read = getattr(self.jobs.provider, "read_output", None)
+        if read is None:
+            return
+        path = job.cloud_resource_path
+        while True:
+            chunk = await blocking(read, path, self._offsets.get(path, (0, 0)))
+            self._offsets[path] = chunk.offsets
+            if not (chunk.stdout or chunk.stderr):
+                return
+            for stream, text in (("stdout", chunk.stdout), ("stderr", chunk.stderr)):
+                if text:
+                    await self.jobs.events.emit(job, EventKind.OUTPUT, job.status, stream, text)
+            if not final:
+                return
