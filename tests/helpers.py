@@ -55,7 +55,8 @@ def call(
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
+        with err:
+            return err.code, json.loads(err.read() or b"{}")
 
 
 def start_jennah(role: str, env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -88,3 +89,28 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+class ThreadServer:
+    """Serve an ASGI app with uvicorn in a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, lifespan="on",
+                                log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        wait_http(f"{self.url}/health")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
