@@ -101,7 +101,9 @@ def get(stack: Stack, job_id: str, headers: dict[str, str] = ACME) -> dict[str, 
     return job
 
 
-def wait_status(stack: Stack, job_id: str, statuses: set[str], timeout: float = 20) -> dict[str, Any]:
+def wait_status(
+    stack: Stack, job_id: str, statuses: set[str], timeout: float = 20
+) -> dict[str, Any]:
     seen: list[str] = []
 
     def done() -> dict[str, Any] | None:
