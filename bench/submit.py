@@ -128,9 +128,9 @@ def table(results: list[Result]) -> str:
         if r.name.startswith("floor"):
             floor, ratio = r.rps, "1.00 (floor)"
         elif "direct" in r.name:
-            direct, ratio = r.rps, f"{r.rps / floor:.2f} × floor"
+            direct, ratio = r.rps, f"{r.rps / floor:.2f} x floor"
         else:
-            ratio = f"{r.rps / direct:.2f} × direct"
+            ratio = f"{r.rps / direct:.2f} x direct"
         lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                      f"{r.errors} | {ratio} |")
     return "\n".join(lines)

@@ -177,6 +177,7 @@ class GatewaySettings:
     server: str
     read_max_bytes: int
     discover_from_store: bool
+    shutdown_grace_seconds: float
     store: StoreSettings
 
 
@@ -283,6 +284,7 @@ def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettin
         server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
         discover_from_store=discover,
+        shutdown_grace_seconds=e.number("SHUTDOWN_GRACE_SECONDS", 8.0, float),
         store=_store_settings(e, home) if discover else StoreSettings(),
     )
     if not settings.dev_mode and not settings.worker_token:

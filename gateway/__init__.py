@@ -1,0 +1,1 @@
+"""The gateway: the public Connect face of Jennah (auth → ring → forward → failover)."""

@@ -1,0 +1,209 @@
+"""Assemble the gateway: auth + ring + health view + forwarder, served as an ASGI app.
+
+The Connect app sits beside ``/health`` (the process serves), ``/ready`` (at least one
+worker answers its ``/health``), ``/metrics`` and ``/info`` (the worker view, as JSON).
+The health task starts in the Connect app's lifespan, after one inline round of checks
+so that ``/ready`` and the first calls see real worker states, and stops on shutdown.
+
+Metrics go to the registry passed in (a private one by default), so several gateways can
+live in one process (tests):
+
+* ``jennah_gateway_requests_total{method,code}`` and
+  ``jennah_gateway_request_duration_seconds{method}``, from an interceptor outside the
+  error mapper, so ``code`` is exactly what the client received;
+* ``jennah_gateway_failovers_total``: attempts moved on to the next worker;
+* ``jennah_gateway_worker_up{worker}``: read from the health view at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pyqwest import Client, HTTPTransport
+
+from database.base import JobStore
+from gateway.auth import TenantAuth
+from gateway.forward import Forwarder
+from gateway.health import Discover, HealthView, store_discovery
+from gateway.ring import TenantRing
+from gateway.service import GatewayService
+from jennah.asgi import ASGIApp, compose
+from jennah.rpc import ErrorMapper
+from jennah.settings import GatewaySettings
+from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
+
+REQ = TypeVar("REQ")
+RES = TypeVar("RES")
+
+HEALTH_TIMEOUT_SECONDS = 1.0
+# Workers heartbeat every WORKER_CLAIM_INTERVAL_SECONDS (5 s by default): three missed
+# beats and a worker leaves the discovered membership.
+DISCOVERY_MAX_AGE_SECONDS = 15.0
+
+
+class WorkerUpCollector(Collector):
+    """``jennah_gateway_worker_up{worker}``: 1 if the health view has the worker up."""
+
+    def __init__(self, health: HealthView) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "jennah_gateway_worker_up", "1 if the worker is considered healthy", labels=["worker"]
+        )
+        for url in self.health.members:
+            gauge.add_metric([url], 1.0 if self.health.healthy(url) else 0.0)
+        yield gauge
+
+
+@dataclass
+class GatewayMetrics:
+    requests: Counter
+    duration: Histogram
+    failovers: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, health: HealthView) -> GatewayMetrics:
+        registry.register(WorkerUpCollector(health))
+        return cls(
+            requests=Counter(
+                "jennah_gateway_requests_total", "RPCs served by the gateway",
+                ["method", "code"], registry=registry,
+            ),
+            duration=Histogram(
+                "jennah_gateway_request_duration_seconds", "RPC duration at the gateway",
+                ["method"], registry=registry,
+            ),
+            failovers=Counter(
+                "jennah_gateway_failovers_total", "attempts moved to the next worker",
+                registry=registry,
+            ),
+        )
+
+    def observe(self, ctx: RequestContext[Any, Any], code: str, started: float) -> None:
+        method = ctx.method.name
+        self.requests.labels(method=method, code=code).inc()
+        self.duration.labels(method=method).observe(time.perf_counter() - started)
+
+
+def _code_of(exc: BaseException, ctx: RequestContext[Any, Any]) -> str:
+    if isinstance(exc, ConnectError):
+        return exc.code.value
+    if not isinstance(exc, Exception):  # cancelled: our deadline, or the client left
+        remaining = ctx.timeout_ms
+        return "deadline_exceeded" if remaining is not None and remaining <= 0 else "canceled"
+    return "internal"
+
+
+class MetricsInterceptor:
+    """Counts and times every RPC by method and final code."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
+        request: REQ,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> RES:
+        started = time.perf_counter()
+        try:
+            result = await call_next(request, ctx)
+        except BaseException as exc:
+            self.metrics.observe(ctx, _code_of(exc, ctx), started)
+            raise
+        self.metrics.observe(ctx, "ok", started)
+        return result
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
+        request: REQ,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[RES]:
+        started = time.perf_counter()
+        try:
+            async for item in call_next(request, ctx):
+                yield item
+        except BaseException as exc:
+            self.metrics.observe(ctx, _code_of(exc, ctx), started)
+            raise
+        self.metrics.observe(ctx, "ok", started)
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    discover: Discover | None = None,
+    store: JobStore | None = None,
+) -> ASGIApp:
+    """The gateway ASGI app. ``discover`` overrides store-based worker discovery; with
+    ``settings.discover_from_store`` the given ``store`` (or one built from the settings,
+    then closed on shutdown) lists the workers that heartbeat."""
+    registry = registry if registry is not None else CollectorRegistry()
+    owned_store: JobStore | None = None
+    if discover is None and settings.discover_from_store:
+        if store is None:
+            from database import create_store
+
+            store = owned_store = create_store(settings.store)
+        discover = store_discovery(store, DISCOVERY_MAX_AGE_SECONDS)
+
+    transport = HTTPTransport(connect_timeout=2.0, pool_max_idle_per_host=64)
+    http_client = Client(transport)
+    health = HealthView(
+        settings.worker_endpoints, interval=settings.health_interval_seconds,
+        timeout=HEALTH_TIMEOUT_SECONDS, client=http_client, discover=discover,
+    )
+    metrics = GatewayMetrics.create(registry, health)
+    forwarder = Forwarder(
+        TenantRing(), health,
+        worker_token=settings.worker_token,
+        forward_timeout_seconds=settings.forward_timeout_seconds,
+        http_client=http_client,
+        on_failover=lambda url: metrics.failovers.inc(),
+    )
+    service = GatewayService(TenantAuth(dev_mode=settings.dev_mode), forwarder)
+
+    async def lifecycle() -> AsyncGenerator[GatewayService]:
+        await health.start()
+        try:
+            yield service
+        finally:
+            await health.stop()
+            await transport.aclose()
+            if owned_store is not None:
+                owned_store.close()
+
+    rpc = DeploymentServiceASGIApplication(
+        lifecycle(),
+        interceptors=[MetricsInterceptor(metrics), ErrorMapper()],
+        read_max_bytes=settings.read_max_bytes,
+    )
+
+    async def ready() -> tuple[bool, str]:
+        up = health.healthy_count()
+        return up > 0, f"{up}/{len(health.members)} workers healthy"
+
+    def info() -> dict[str, Any]:
+        states = {True: "up", False: "down", None: "unknown"}
+        return {
+            "role": "gateway",
+            "dev_mode": settings.dev_mode,
+            "health_rounds": health.rounds,
+            "workers": {url: states[health.known_state(url)] for url in health.members},
+        }
+
+    return compose(rpc, ready=ready, registry=registry, info=info)
