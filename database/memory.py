@@ -1,0 +1,217 @@
+"""An in-memory job store: the fake that passes the same contract suite as the real ones.
+
+One lock guards everything, so each method is atomic. Jobs are copied in and out, so a
+caller can never change stored state by mutating a returned object.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from database import _common as c
+from jennah.errors import Conflict, NotFound
+from jennah.models import Job, JobEvent, JobFilter, JobPatch, Lease, Page, Transition, WorkerInfo
+from jennah.settings import StoreSettings
+
+
+class MemoryStore:
+    """Jobs, transitions, events and workers in dicts, behind one lock."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], datetime] = c.now_utc) -> None:
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        self._transitions: dict[str, list[Transition]] = {}
+        self._events: dict[str, dict[int, JobEvent]] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._tenants: dict[str, datetime] = {}
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> MemoryStore:
+        return cls()
+
+    def _now(self) -> datetime:
+        return c.utc(self._clock())
+
+    def migrate(self) -> list[str]:
+        return []
+
+    def ping(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    # --- tenant-facing -----------------------------------------------------------------
+
+    def _tenant_job(self, tenant_id: str, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.tenant_id != tenant_id:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def create_job(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
+        with self._lock:
+            if job.request_id:
+                for existing in self._jobs.values():
+                    if (existing.tenant_id, existing.request_id) == (job.tenant_id, job.request_id):
+                        return dataclasses.replace(existing), False
+            if job.job_id in self._jobs:
+                raise Conflict(f"job {job.job_id} already exists")
+            now = self._now()
+            stored = c.new_job(copy.deepcopy(job), now, lease_ttl)
+            self._tenants.setdefault(job.tenant_id, now)
+            self._jobs[job.job_id] = stored
+            first = Transition(job.job_id, None, stored.status, now, "created", job.owner_worker_id)
+            self._transitions[job.job_id] = [first]
+            return dataclasses.replace(stored), True
+
+    def get_job(self, tenant_id: str, job_id: str) -> Job:
+        with self._lock:
+            return dataclasses.replace(self._tenant_job(tenant_id, job_id))
+
+    def list_jobs(self, tenant_id: str, flt: JobFilter, page_size: int, page_token: str) -> Page:
+        after = c.decode_page_token(page_token) if page_token else None
+        with self._lock:
+            jobs = [
+                j for j in self._jobs.values() if j.tenant_id == tenant_id and c.matches(j, flt)
+            ]
+        jobs.sort(key=lambda j: (j.created_at or c.EPOCH, j.job_id), reverse=True)
+        if after is not None:
+            jobs = [j for j in jobs if (j.created_at or c.EPOCH, j.job_id) < after]
+        page = [dataclasses.replace(j) for j in jobs[:page_size]]
+        token = c.page_token_after(page) if len(jobs) > page_size else ""
+        return Page(page, token)
+
+    def request_cancel(self, tenant_id: str, job_id: str) -> Job:
+        with self._lock:
+            job = self._tenant_job(tenant_id, job_id)
+            job.cancel_requested = True
+            job.updated_at = self._now()
+            return dataclasses.replace(job)
+
+    def delete_job(self, tenant_id: str, job_id: str) -> None:
+        with self._lock:
+            self._tenant_job(tenant_id, job_id)
+            del self._jobs[job_id]
+            self._transitions.pop(job_id, None)
+            self._events.pop(job_id, None)
+
+    def list_transitions(self, tenant_id: str, job_id: str) -> list[Transition]:
+        with self._lock:
+            self._tenant_job(tenant_id, job_id)
+            return list(self._transitions.get(job_id, []))
+
+    def list_events(
+        self, tenant_id: str, job_id: str | None, after_seq: int, limit: int
+    ) -> list[JobEvent]:
+        with self._lock:
+            if job_id is not None:
+                job = self._jobs.get(job_id)
+                if job is None or job.tenant_id != tenant_id:
+                    return []
+                events = [e for e in self._events.get(job_id, {}).values() if e.seq > after_seq]
+                return sorted(events, key=lambda e: e.seq)[:limit]
+            events = [
+                e
+                for per_job in self._events.values()
+                for e in per_job.values()
+                if e.tenant_id == tenant_id
+            ]
+        events.sort(key=lambda e: (e.created_at, e.job_id, e.seq))
+        return events[:limit]
+
+    def append_events(self, events: Sequence[JobEvent]) -> None:
+        with self._lock:
+            for e in events:
+                job = self._jobs.get(e.job_id)
+                if job is None or job.tenant_id != e.tenant_id:
+                    continue
+                per_job = self._events.setdefault(e.job_id, {})
+                per_job.setdefault(e.seq, dataclasses.replace(e, created_at=c.utc(e.created_at)))
+
+    # --- owner-facing, fenced ----------------------------------------------------------
+
+    def update_job(self, job_id: str, lease: Lease, patch: JobPatch, reason: str = "") -> Job:
+        with self._lock:
+            job = c.check_lease(self._jobs.get(job_id), lease)
+            updated, transition = c.apply_patch(job, lease, patch, self._now(), reason)
+            self._jobs[job_id] = updated
+            if transition is not None:
+                self._transitions.setdefault(job_id, []).append(transition)
+            return dataclasses.replace(updated)
+
+    def _held(self, job_id: str, lease: Lease) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is None or job.lease != lease:
+            return None
+        return job
+
+    def renew_leases(self, leases: Sequence[tuple[str, Lease]], ttl: float) -> set[str]:
+        with self._lock:
+            now = self._now()
+            renewed = set()
+            for job_id, lease in leases:
+                job = self._held(job_id, lease)
+                if job is not None:
+                    job.lease_expires_at = now + timedelta(seconds=ttl)
+                    job.last_heartbeat_at = now
+                    renewed.add(job_id)
+            return renewed
+
+    def claim_expired(self, worker_id: str, ttl: float, limit: int) -> list[Job]:
+        with self._lock:
+            now = self._now()
+            expired = [
+                j
+                for j in self._jobs.values()
+                if not j.status.terminal and (j.lease_expires_at or c.EPOCH) <= now
+            ]
+            expired.sort(key=lambda j: (j.lease_expires_at or c.EPOCH, j.job_id))
+            claimed = []
+            for job in expired[: max(limit, 0)]:
+                job.owner_worker_id = worker_id
+                job.lease_version += 1
+                job.lease_expires_at = now + timedelta(seconds=ttl)
+                job.last_heartbeat_at = now
+                job.updated_at = now
+                claimed.append(dataclasses.replace(job))
+            return claimed
+
+    def release_leases(self, leases: Sequence[tuple[str, Lease]]) -> int:
+        with self._lock:
+            released = 0
+            for job_id, lease in leases:
+                job = self._held(job_id, lease)
+                if job is not None:
+                    job.lease_expires_at = c.EPOCH
+                    released += 1
+            return released
+
+    def list_owned_jobs(self, worker_id: str) -> list[Job]:
+        with self._lock:
+            owned = [
+                dataclasses.replace(j)
+                for j in self._jobs.values()
+                if j.owner_worker_id == worker_id and not j.status.terminal
+            ]
+        owned.sort(key=lambda j: (j.created_at or c.EPOCH, j.job_id))
+        return owned
+
+    # --- membership --------------------------------------------------------------------
+
+    def heartbeat_worker(self, worker_id: str, endpoint: str) -> None:
+        with self._lock:
+            self._workers[worker_id] = WorkerInfo(worker_id, endpoint, self._now())
+
+    def list_workers(self, max_age_seconds: float) -> list[WorkerInfo]:
+        with self._lock:
+            oldest = self._now() - timedelta(seconds=max_age_seconds)
+            live = [w for w in self._workers.values() if w.heartbeat_at >= oldest]
+        return sorted(live, key=lambda w: w.worker_id)

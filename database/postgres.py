@@ -1,0 +1,135 @@
+"""The PostgreSQL job store (psycopg 3 with a connection pool).
+
+Times come from the database clock: each transaction reads ``now()`` once (the
+transaction's start time, constant inside it), so every worker agrees on lease expiry
+whatever its own clock says. Claims lock candidate rows with ``FOR UPDATE SKIP LOCKED``,
+so concurrent claimers split the expired jobs instead of queueing on them; fenced
+updates lock their row with ``FOR UPDATE``. Driver errors are translated here:
+connection problems and pool timeouts become ``StoreUnavailable``, unique violations
+``Conflict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime
+from enum import Enum
+from typing import Any, cast
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from database import _common as c
+from database._sql import SqlStore, Tx
+from jennah.errors import Conflict, StoreError, StoreUnavailable
+from jennah.settings import StoreSettings
+
+TABLE_COLUMNS = c.TABLE_COLUMNS
+# pg_advisory_xact_lock key serializing migrate() across processes ("jennahmg").
+MIGRATION_LOCK_KEY = 0x6A656E6E61686D67
+
+
+def _to_db(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict | list):
+        return Jsonb(value)
+    return value
+
+
+def _sql(sql: str) -> str:
+    """The shared queries use ``?`` placeholders; psycopg wants ``%s`` (and ``%%``)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PgTx:
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+        self._now: datetime | None = None
+
+    def now(self) -> datetime:
+        if self._now is None:
+            row = self._conn.execute("SELECT now()").fetchone()
+            assert row is not None
+            self._now = c.utc(row[0])
+        return self._now
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> psycopg.Cursor[dict[str, Any]]:
+        cur = self._conn.cursor(row_factory=dict_row)
+        if params:
+            return cur.execute(_sql(sql), [_to_db(p) for p in params])
+        # Without parameters psycopg may run a multi-statement script (migrations).
+        return cur.execute(cast(Any, sql))
+
+    def rows(self, sql: str, *params: Any) -> list[c.Row]:
+        with self._execute(sql, params) as cur:
+            return cur.fetchall()
+
+    def run(self, sql: str, *params: Any) -> int:
+        with self._execute(sql, params) as cur:
+            return cur.rowcount
+
+
+class PostgresStore(SqlStore):
+    """A job store in PostgreSQL; any number of workers share it."""
+
+    name = "postgres"
+    dialect = "postgres"
+    label_sql = "jobs.spec->'labels'->>(?::text) = ?"
+    name_prefix_sql = "starts_with(jobs.spec->>'name', ?)"
+    for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+    key_share = " FOR KEY SHARE"
+    migrations_table_ddl = (
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    migration_lock_sql = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY}) AS locked"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 10.0,
+        connect_timeout: int = 5,
+    ) -> None:
+        self._pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            kwargs={"autocommit": True, "connect_timeout": connect_timeout},
+            check=ConnectionPool.check_connection,
+            name="jennah-store",
+        )
+        # Opening does not wait: a server that is down shows up as StoreUnavailable on
+        # the first call (after ``timeout``), not as a crash at construction.
+        self._pool.open(wait=False)
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> PostgresStore:
+        return cls(settings.database_url)
+
+    @contextlib.contextmanager
+    def _tx(self, write: bool = True) -> Iterator[Tx]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield _PgTx(conn)
+        except psycopg.errors.UniqueViolation as exc:
+            raise Conflict(f"postgres: {exc}") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise StoreUnavailable(f"postgres: {exc}") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"postgres: {exc}") from exc
+
+    def _split(self, script: str) -> list[str]:
+        return [script]
+
+    def close(self) -> None:
+        self._pool.close()
