@@ -1,0 +1,117 @@
+"""Record payloads: domain events to ``jennah.v1.JobEvent`` protobufs and back.
+
+An event record's kind byte is the ``EventKind`` protobuf number. The wire ``JobEvent`` has
+no tenant, so each log starts with a META record (a ``jennah.v1.Job`` carrying only the
+job's identity: id, tenant, attempt, owner, lease version; never the spec or env values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+
+from jennah.models import EventKind, JobEvent, JobStatus
+from jennah.v1 import deployment_pb2 as pb
+from worker.wal.format import KIND_CHECKPOINT, KIND_META, WalError
+
+TERMINAL_KINDS = frozenset(
+    {EventKind.COMPLETED, EventKind.FAILED, EventKind.CANCELLED, EventKind.LEASE_LOST}
+)
+
+
+class PayloadError(WalError):
+    """A record passed its CRC but its payload does not decode (a foreign writer)."""
+
+
+@dataclass(frozen=True)
+class Meta:
+    job_id: str
+    tenant_id: str
+    attempt: int
+    worker_id: str
+    lease_version: int
+
+
+def kind_byte(kind: EventKind) -> int:
+    return int(pb.EventKind.Value(f"EVENT_KIND_{kind.value}"))
+
+
+_KINDS = {kind_byte(k): k for k in EventKind}
+
+
+def kind_name(value: int) -> str:
+    """A record kind for humans (``wal inspect``)."""
+    if value == KIND_META:
+        return "META"
+    if value == KIND_CHECKPOINT:
+        return "CHECKPOINT"
+    kind = _KINDS.get(value)
+    return kind.value if kind else f"UNKNOWN({value})"
+
+
+def unix_ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def event_payload(ev: JobEvent) -> bytes:
+    msg = pb.JobEvent(
+        job_id=ev.job_id,
+        seq=ev.seq,
+        kind=pb.EventKind.Value(f"EVENT_KIND_{ev.kind.value}"),
+        status=pb.JobStatus.Value(f"JOB_STATUS_{ev.status.value}")
+        if ev.status is not None
+        else pb.JOB_STATUS_UNSPECIFIED,
+        message=ev.message,
+        output=ev.output,
+        worker_id=ev.worker_id,
+    )
+    msg.created_at.FromDatetime(ev.created_at.astimezone(UTC))
+    data: bytes = msg.SerializeToString()
+    return data
+
+
+def event_from_payload(payload: bytes, tenant_id: str) -> JobEvent:
+    """The domain event in an event record; ``PayloadError`` if it does not decode."""
+    try:
+        msg = pb.JobEvent.FromString(payload)
+        kind = _KINDS[msg.kind]
+        status = (
+            None
+            if msg.status == pb.JOB_STATUS_UNSPECIFIED
+            else JobStatus(pb.JobStatus.Name(msg.status).removeprefix("JOB_STATUS_"))
+        )
+    except (DecodeError, KeyError, ValueError) as e:
+        raise PayloadError(f"undecodable event payload: {e}") from e
+    return JobEvent(
+        job_id=msg.job_id,
+        tenant_id=tenant_id,
+        seq=msg.seq,
+        kind=kind,
+        status=status,
+        message=msg.message,
+        created_at=msg.created_at.ToDatetime(tzinfo=UTC),
+        worker_id=msg.worker_id,
+        output=msg.output,
+    )
+
+
+def meta_payload(meta: Meta) -> bytes:
+    msg = pb.Job(
+        job_id=meta.job_id,
+        tenant_id=meta.tenant_id,
+        retry_count=meta.attempt,
+        owner_worker_id=meta.worker_id,
+        lease_version=meta.lease_version,
+    )
+    data: bytes = msg.SerializeToString()
+    return data
+
+
+def meta_from_payload(payload: bytes) -> Meta:
+    try:
+        msg = pb.Job.FromString(payload)
+    except DecodeError as e:
+        raise PayloadError(f"undecodable META payload: {e}") from e
+    return Meta(msg.job_id, msg.tenant_id, msg.retry_count, msg.owner_worker_id, msg.lease_version)
