@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from database.memory import MemoryStore
 from jennah.errors import StoreUnavailable
@@ -37,13 +39,15 @@ class FlakyStore(MemoryStore):
 
 
 def _server(token: str = "", dev: bool = True) -> tuple[ThreadServer, FlakyStore]:
-    env = {"JENNAH_DEV_MODE": "1" if dev else "0", "JENNAH_WORKER_TOKEN": token,
+    home = tempfile.mkdtemp(prefix="jennah-rpc-")
+    env = {"JENNAH_HOME": home,"JENNAH_DEV_MODE": "1" if dev else "0", "JENNAH_WORKER_TOKEN": token,
            "WORKER_ID": "w-test", "DB_PROVIDER": "memory", "BATCH_PROVIDER": "fake",
            "WORKER_POLL_INTERVAL_SECONDS": "0.05", "READ_MAX_BYTES": "65536"}
     settings = load_worker_settings(env)
     store = FlakyStore()
-    rt = build_runtime(settings, store=store, provider=ScriptedProvider())
-    return ThreadServer(create_app(settings, rt)), store
+    registry = CollectorRegistry()
+    rt = build_runtime(settings, store=store, provider=ScriptedProvider(), registry=registry)
+    return ThreadServer(create_app(settings, rt, registry)), store
 
 
 @pytest.fixture

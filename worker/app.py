@@ -32,7 +32,7 @@ from worker.jobs import JobService, blocking, utcnow
 from worker.leases import LeaseKeeper
 from worker.poller import Poller
 from worker.service import WorkerService
-from worker.store_events import StoreEventLog
+from worker.wal import StoreSink, WalEventLog
 
 log = logging.getLogger("jennah.worker")
 
@@ -55,10 +55,15 @@ def build_runtime(
     provider: BatchProvider | None = None,
     events: EventLog | None = None,
     clock: Callable[[], datetime] = utcnow,
+    registry: CollectorRegistry | None = None,
 ) -> WorkerRuntime:
     store = store or create_store(settings.store)
     provider = provider or create_provider(settings.provider)
-    events = events or StoreEventLog(store, settings.worker_id, clock)
+    events = events or WalEventLog(
+        settings.wal_dir, settings.archive_dir, settings.worker_id, StoreSink(store),
+        clock=clock, retention_days=settings.wal_retention_days, registry=registry,
+        close_timeout=max(1.0, settings.shutdown_grace_seconds / 2),
+    )
     jobs = JobService(
         store, provider, events,
         worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
@@ -81,6 +86,7 @@ async def _heartbeat(rt: WorkerRuntime) -> None:
 
 async def start(rt: WorkerRuntime) -> list[asyncio.Task[None]]:
     await blocking(rt.store.migrate)
+    await rt.events.start()
     loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
         rt.poller.run, rt.leases.run_renewals, rt.leases.run_claims, lambda: _heartbeat(rt),
     ]
@@ -109,7 +115,7 @@ def create_app(
     runtime: WorkerRuntime | None = None,
     registry: CollectorRegistry | None = None,
 ) -> ASGIApp:
-    rt = runtime or build_runtime(settings)
+    rt = runtime or build_runtime(settings, registry=registry)
     service = WorkerService(rt.jobs, CallerAuth(dev_mode=settings.dev_mode,
                                                 worker_token=settings.worker_token))
 

@@ -16,6 +16,7 @@ drops a real event as a duplicate.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 from jennah.models import EventKind, Job, JobEvent, JobStatus
@@ -30,6 +31,17 @@ def first_seq(lease_version: int) -> int:
 
 class EventLog(Protocol):
     """Durable, ordered job events: WAL first, then delivery to the store's event table."""
+
+    async def start(self) -> None:
+        """Resume delivery of anything left undelivered by an earlier run."""
+        ...
+
+    async def adopt(
+        self, job_ids: Collection[str], from_worker: str | None = None
+    ) -> list[str]:
+        """Take over undelivered events of ``job_ids`` (just claimed) that another worker
+        left behind on a shared disk; return the logs adopted."""
+        ...
 
     async def emit(
         self,

@@ -49,6 +49,8 @@ class LeaseKeeper:
         claimed = await blocking(
             self.jobs.store.claim_expired, self.jobs.worker_id, self.ttl, CLAIM_BATCH
         )
+        if claimed:
+            await self.jobs.events.adopt([j.job_id for j in claimed])
         for job in claimed:
             self.claimed_total += 1
             await self.jobs.events.emit(

@@ -8,7 +8,7 @@ on local disk even while the store is down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 
 import anyio.to_thread
@@ -28,6 +28,14 @@ class StoreEventLog:
         # (job_id, lease_version) -> last seq used.
         self._last: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        return None
+
+    async def adopt(
+        self, job_ids: Collection[str], from_worker: str | None = None
+    ) -> list[str]:
+        return []  # nothing is ever left undelivered: each emit writes to the store
 
     async def _next_seq(self, job: Job) -> int:
         key = (job.job_id, job.lease_version)
