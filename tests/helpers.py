@@ -63,11 +63,11 @@ def start_jennah(role: str, env: Mapping[str, str], log: Path) -> subprocess.Pop
     """Start ``jennah <role>`` as a real process with ``env`` on top of ours."""
     full = {**os.environ, **env}
     full.pop("PORT", None)
-    out = log.open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "jennah", role], env=full, stdout=out, stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "jennah", role], env=full, stdout=out,
+            stderr=subprocess.STDOUT, cwd=REPO,
+        )
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15) -> None:

@@ -1,0 +1,447 @@
+"""The local provider: a real one-machine batch service (DESIGN §3b, §11).
+
+Each execution is a directory ``<base_dir>/<provider_job_id>/`` and a detached runner
+(``providers/local_runner.py``, whose docstring lists the files). All state is on disk,
+so any worker on the host can poll or cancel any job, and a worker's death leaves its
+jobs running and observable.
+
+**Resource path**: the job directory's absolute path, e.g.
+``/home/me/.jennah/local/j-0f3c...-0``. It names the job without reference to the worker
+that submitted it or to that worker's settings, like a cloud provider's full resource
+name. ``status`` and ``cancel`` accept only an absolute path whose last part is a valid
+provider job id, and treat a directory without ``spec.json`` as unknown.
+
+**Runtimes**: ``spec.commands`` run directly on the host as argv. A container engine
+(docker or podman, usable only when ``<engine> info`` succeeds) is used when the job has
+the label ``local-runtime: container``, or has no commands (run the image's default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
+from jennah.models import RESOURCE_PROFILES, FailureClass, JobStatus
+from jennah.settings import ProviderSettings
+from providers import local_runner as r
+from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
+
+AUTO = "auto"
+RUNTIME_LABEL = "local-runtime"
+OUTPUT_CAP = 64 * 1024
+CANCEL_GRACE_SECONDS = 1.0
+# A launched runner that has not claimed its job after this long is presumed dead, and
+# an adopting submit launches another (a duplicate runner is harmless: see the lock).
+LAUNCH_GRACE_SECONDS = 10.0
+LAUNCHED = "launched_at"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the job directory says, read in an order that cannot invent a lost runner."""
+
+    known: bool
+    started: bool = False
+    exit_code: int | None = None
+    cancelled: bool = False
+    timed_out: bool = False
+    runner_alive: bool = False
+
+
+def map_state(obs: Observation) -> tuple[JobStatus | None, str, FailureClass | None]:
+    """The local state mapping (DESIGN §3), one rule per row, first match wins:
+
+    ============================================  ==========  ===========  ==============
+    observed in the job directory                 state       raw state    failure class
+    ============================================  ==========  ===========  ==============
+    no directory, or no ``spec.json``             (UNKNOWN)   UNKNOWN
+    ``cancelled``, exit code written              CANCELLED   CANCELLED
+    ``cancelled``, no exit code yet               CANCELLED   CANCELLING
+    exit code, ``timed_out``                      FAILED      TIMED_OUT    timeout
+    exit code 0                                   COMPLETED   SUCCEEDED
+    exit code not 0                               FAILED      FAILED       user_error
+    not started                                   SCHEDULED   QUEUED
+    started, runner alive                         RUNNING     RUNNING
+    started, runner gone, no exit code            FAILED      LOST         infrastructure
+    ============================================  ==========  ===========  ==============
+
+    A cancel racing with the job's natural end may report CANCELLED for a job that had
+    just finished; cancelling an already finished job writes no marker and changes nothing.
+    """
+    if not obs.known:
+        return None, "UNKNOWN", None
+    if obs.cancelled:
+        return JobStatus.CANCELLED, "CANCELLED" if obs.exit_code is not None else "CANCELLING", None
+    if obs.exit_code is not None:
+        if obs.timed_out:
+            return JobStatus.FAILED, "TIMED_OUT", FailureClass.TIMEOUT
+        if obs.exit_code == 0:
+            return JobStatus.COMPLETED, "SUCCEEDED", None
+        return JobStatus.FAILED, "FAILED", FailureClass.USER_ERROR
+    if not obs.started:
+        return JobStatus.SCHEDULED, "QUEUED", None
+    if obs.runner_alive:
+        return JobStatus.RUNNING, "RUNNING", None
+    return JobStatus.FAILED, "LOST", FailureClass.INFRASTRUCTURE
+
+
+def observe(job_dir: Path) -> Observation:
+    if not (job_dir / r.SPEC).exists():
+        return Observation(known=False)
+    cancelled = (job_dir / r.CANCELLED).exists()
+    exit_code = r.read_int(job_dir / r.EXIT_CODE)
+    started = (job_dir / r.STARTED).exists()
+    alive = False
+    if exit_code is None and started:
+        alive = r.runner_alive(job_dir)
+        if not alive:  # the runner writes the exit code before it lets the lock go
+            exit_code = r.read_int(job_dir / r.EXIT_CODE)
+    timed_out = exit_code is not None and (job_dir / r.TIMED_OUT).exists()
+    return Observation(True, started, exit_code, cancelled, timed_out, alive)
+
+
+def container_argv(engine: str, task: ProviderTask) -> list[str]:
+    """``<engine> run`` for a job. Variables are passed by name only (``-e NAME``): the
+    engine reads their values from its own environment, which the runner sets, so secrets
+    never appear in a process's command line."""
+    spec = task.spec
+    cpu_millis, memory_mib = RESOURCE_PROFILES.get(spec.resource_profile, (0, 0))
+    cpu_millis = spec.resource_override.cpu_millis or cpu_millis
+    memory_mib = spec.resource_override.memory_mib or memory_mib
+    argv = [engine, "run", "--rm", "--init", "--name", f"jennah-{task.provider_job_id}"]
+    if cpu_millis:
+        argv.append(f"--cpus={cpu_millis / 1000:g}")
+    if memory_mib:
+        argv.append(f"--memory={memory_mib}m")
+    for name in sorted({*spec.env_vars, *_jennah_env(task)}):
+        argv += ["-e", name]
+    return [*argv, spec.image_uri, *spec.commands]
+
+
+def detect_container_engine(
+    candidates: Sequence[str] = ("docker", "podman"), path: str | None = None
+) -> str | None:
+    """The first engine whose ``info`` succeeds (the CLI alone is not enough: the docker
+    CLI without a daemon is common)."""
+    for name in candidates:
+        exe = shutil.which(name, path=path)
+        if exe is None:
+            continue
+        try:
+            done = subprocess.run(
+                [exe, "info"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=10, check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return exe
+    return None
+
+
+def _jennah_env(task: ProviderTask) -> dict[str, str]:
+    return {"JENNAH_JOB_ID": task.job_id, "JENNAH_ATTEMPT": str(task.attempt),
+            "JENNAH_TENANT_ID": task.tenant_id, "JENNAH_PROVIDER_JOB_ID": task.provider_job_id}
+
+
+def _time(path: Path) -> datetime | None:
+    text = r.read_text(path)
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+class _Reaper:
+    """Reaps the runners this process started, in one daemon thread, so that they never
+    linger as zombies (and no ``Popen`` is dropped while running). Shared by all providers
+    of the process: runners outlive a closed provider."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._running = False
+
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._procs.append(proc)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="local-runner-reaper", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._procs = [p for p in self._procs if p.poll() is None]
+                if not self._procs:
+                    self._running = False
+                    return
+            time.sleep(0.1)
+
+
+_REAPER = _Reaper()
+
+
+class LocalProvider:
+    """Jobs as detached processes on this machine, state in ``base_dir``."""
+
+    name = "local"
+    capabilities = Capabilities(
+        supports_cancel=True, max_status_batch=10_000, supports_output=True,
+        poll_interval_seconds=0.5,
+    )
+
+    def __init__(
+        self, base_dir: Path, python: str = sys.executable, container_engine: str | None = AUTO
+    ) -> None:
+        self.base_dir = Path(base_dir).expanduser().resolve()
+        try:
+            self.base_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            why = f"LOCAL_BATCH_DIR={self.base_dir}: cannot create it ({exc})"
+            raise SettingsError(why) from exc
+        self.python = python
+        self._engine = container_engine
+        self._engine_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> LocalProvider:
+        return cls(settings.local_batch_dir)
+
+    @property
+    def container_engine(self) -> str | None:
+        """The usable engine, detected once on first need (``info`` may take a while)."""
+        with self._engine_lock:
+            if self._engine == AUTO:
+                self._engine = detect_container_engine()
+            return self._engine
+
+    # --- submit --------------------------------------------------------------------------
+
+    def job_dir(self, provider_job_id: str) -> Path:
+        if not _ID.fullmatch(provider_job_id):
+            raise ProviderRejected(f"invalid provider job id {provider_job_id!r}")
+        return self.base_dir / provider_job_id
+
+    def _spec(self, task: ProviderTask) -> dict[str, object]:
+        spec = task.spec
+        wants_container = spec.labels.get(RUNTIME_LABEL) == "container"
+        if wants_container or not spec.commands:
+            engine = self.container_engine
+            if engine is None:
+                why = "runtime container requested" if wants_container else "no commands"
+                raise ProviderRejected(f"{why} and no container engine is usable on this host")
+            argv, runtime = container_argv(engine, task), "container"
+        else:
+            argv, runtime = list(spec.commands), "native"
+        return {
+            "provider_job_id": task.provider_job_id, "job_id": task.job_id,
+            "tenant_id": task.tenant_id, "attempt": task.attempt, "image_uri": spec.image_uri,
+            "runtime": runtime, "argv": argv, "env": dict(spec.env_vars),
+            "jennah_env": _jennah_env(task),
+            "max_run_seconds": spec.resource_override.max_run_duration_seconds,
+        }
+
+    def submit(self, task: ProviderTask) -> str:
+        """Create the job directory (``mkdir`` is the atomic "create if absent") and
+        launch its runner; adopt the directory if it exists. A rejected job leaves nothing."""
+        job_dir = self.job_dir(task.provider_job_id)
+        spec = self._spec(task)
+        try:
+            try:
+                os.mkdir(job_dir, 0o700)
+                created = True
+            except FileExistsError:
+                created = False
+            if created or not (job_dir / r.SPEC).exists():
+                # Identical content from every submitter, so a concurrent write is harmless.
+                text = json.dumps(spec, sort_keys=True)
+                r.write_atomic(job_dir / r.SPEC, text, mode=0o600, fsync=True)
+            if created or self._needs_launch(job_dir):
+                self._launch(job_dir)
+        except OSError as exc:
+            raise ProviderUnavailable(f"local provider cannot start {job_dir}: {exc}") from exc
+        return str(job_dir)
+
+    def _needs_launch(self, job_dir: Path) -> bool:
+        if any((job_dir / n).exists() for n in (r.STARTED, r.EXIT_CODE, r.CANCELLED)):
+            return False
+        launched = _time(job_dir / LAUNCHED)
+        if launched is not None and time.time() - launched.timestamp() < LAUNCH_GRACE_SECONDS:
+            return False
+        return not r.runner_alive(job_dir)
+
+    def _launch(self, job_dir: Path) -> None:
+        """Start the runner in its own session: it survives this process (even kill -9)."""
+        r.write_atomic(job_dir / LAUNCHED, r.now_iso())  # before: concurrent adopters wait
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "providers.local_runner", str(job_dir)],
+                cwd=job_dir, start_new_session=True, close_fds=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            (job_dir / LAUNCHED).unlink(missing_ok=True)  # let the next submit try again
+            raise
+        _REAPER.add(proc)
+
+    # --- status --------------------------------------------------------------------------
+
+    def _resolve(self, resource_path: str) -> Path | None:
+        path = Path(resource_path)
+        if not path.is_absolute() or not _ID.fullmatch(path.name):
+            return None
+        return path
+
+    def status(self, resource_paths: Sequence[str]) -> dict[str, ProviderStatus]:
+        try:
+            return {p: self._status(p) for p in resource_paths}
+        except OSError as exc:
+            raise ProviderUnavailable(f"local provider cannot read job state: {exc}") from exc
+
+    def _status(self, resource_path: str) -> ProviderStatus:
+        job_dir = self._resolve(resource_path)
+        if job_dir is None:
+            return ProviderStatus(None, "UNKNOWN", message="unknown job")
+        obs = observe(job_dir)
+        state, raw, failure = map_state(obs)
+        if state is None:
+            return ProviderStatus(None, raw, message="unknown job")
+        if raw == "LOST":
+            self._signal_group(job_dir, signal.SIGKILL)  # never leave a lost execution running
+        completed_at = _time(job_dir / r.COMPLETED)
+        if state is JobStatus.CANCELLED and completed_at is None:
+            completed_at = _time(job_dir / r.CANCELLED)
+        return ProviderStatus(
+            state=state, raw_state=raw, exit_code=obs.exit_code, failure_class=failure,
+            message=_message(raw, obs.exit_code), started_at=_time(job_dir / r.STARTED),
+            completed_at=completed_at,
+        )
+
+    # --- cancel --------------------------------------------------------------------------
+
+    def _signal_group(self, job_dir: Path, sig: int) -> bool:
+        """Signal the job's process group, only while it is provably the job's: its runner
+        is alive (it kills the group before it exits), or its leader is the very process
+        recorded at start (same pid *and* start time)."""
+        text = r.read_text(job_dir / r.PID)
+        if not text or (job_dir / r.EXIT_CODE).exists():
+            return False
+        pgid, start = (int(x) for x in text.split())
+        stat = r.proc_stat(pgid)
+        if not (r.runner_alive(job_dir) or (stat is not None and stat[1] == start)):
+            return False
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _group_running(self, job_dir: Path) -> bool:
+        if (job_dir / r.EXIT_CODE).exists():
+            return False
+        if r.runner_alive(job_dir):
+            return True
+        text = r.read_text(job_dir / r.PID)
+        stat = r.proc_stat(int(text.split()[0])) if text else None
+        return stat is not None and stat[0] != "Z"
+
+    def cancel(self, resource_path: str) -> None:
+        """Mark the job cancelled, SIGTERM its process group, SIGKILL it after a grace of
+        at most a second. No-op for an unknown or finished job."""
+        job_dir = self._resolve(resource_path)
+        if job_dir is None or not (job_dir / r.SPEC).exists():
+            return
+        if (job_dir / r.EXIT_CODE).exists():
+            return
+        try:
+            if not (job_dir / r.CANCELLED).exists():
+                r.write_atomic(job_dir / r.CANCELLED, r.now_iso())
+            # The runner re-checks the marker after writing the pid, so a job starting
+            # right now is stopped by one side or the other.
+            if not self._signal_group(job_dir, signal.SIGTERM):
+                return
+            deadline = time.monotonic() + CANCEL_GRACE_SECONDS
+            while time.monotonic() < deadline:
+                if not self._group_running(job_dir):
+                    return
+                time.sleep(0.02)
+            self._signal_group(job_dir, signal.SIGKILL)
+        except OSError as exc:
+            raise ProviderUnavailable(f"local provider cannot cancel {job_dir}: {exc}") from exc
+
+    # --- output --------------------------------------------------------------------------
+
+    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
+        """New stdout/stderr text after the byte ``offsets``: whole lines only until the
+        job has finished, at most ``OUTPUT_CAP`` bytes per stream, invalid UTF-8 replaced."""
+        job_dir = self._resolve(resource_path)
+        if job_dir is None:
+            return OutputChunk(offsets=offsets)
+        obs = observe(job_dir)  # before reading: once final, the files no longer grow
+        state, _, _ = map_state(obs)
+        final = obs.exit_code is not None or (state is not None and state.terminal
+                                              and not obs.runner_alive)
+        out, out_end = read_lines(job_dir / r.STDOUT, offsets[0], final)
+        err, err_end = read_lines(job_dir / r.STDERR, offsets[1], final)
+        return OutputChunk(stdout=out, stderr=err, offsets=(out_end, err_end))
+
+    def close(self) -> None:
+        """Nothing to release: jobs and their runners deliberately outlive the provider."""
+
+
+def _message(raw: str, exit_code: int | None) -> str:
+    return {
+        "SUCCEEDED": "exited with code 0",
+        "FAILED": f"exited with code {exit_code}",
+        "TIMED_OUT": "killed after its maximum run duration",
+        "CANCELLED": "cancelled",
+        "CANCELLING": "cancelled",
+        "LOST": "the local runner ended without recording an exit code "
+        "(runner killed or host restarted)",
+    }.get(raw, raw.lower())
+
+
+def read_lines(path: Path, offset: int, final: bool, cap: int = OUTPUT_CAP) -> tuple[str, int]:
+    """Decode the bytes after ``offset``; return the text and the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(cap)
+    except FileNotFoundError:
+        return "", offset
+    if not (final and len(data) < cap):
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            if len(data) < cap:
+                return "", offset  # a partial line: wait for the rest
+            end = _utf8_boundary(data)  # a line longer than the cap goes out in pieces
+        data = data[:end]
+    return data.decode("utf-8", errors="replace"), offset + len(data)
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """Length of ``data`` without a trailing incomplete UTF-8 sequence."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # ASCII or a lead byte
+            need = next((n for n, lead in _UTF8_LEADS if b & lead[0] == lead[1]), 1)
+            return len(data) if back >= need else len(data) - back
+    return len(data)
+
+
+# (sequence length, (mask, value)) of UTF-8 lead bytes.
+_UTF8_LEADS = ((2, (0xE0, 0xC0)), (3, (0xF0, 0xE0)), (4, (0xF8, 0xF0)))
