@@ -52,10 +52,6 @@ def run_dev(workers: int = 2, port: int = 8080) -> int:
         env = dict(base, WORKER_ID=f"dev-{i}", WORKER_PORT=str(wport))
         procs.append((f"dev-{i}", subprocess.Popen([*jennah, "worker"], env=env), url))
         endpoints.append(url)
-    gw_env = dict(base, GATEWAY_PORT=str(port), WORKER_ENDPOINTS=",".join(endpoints))
-    gw_url = f"http://{host}:{port}"
-    procs.append(("gateway", subprocess.Popen([*jennah, "gateway"], env=gw_env), gw_url))
-
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
@@ -65,11 +61,22 @@ def run_dev(workers: int = 2, port: int = 8080) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    for name, proc, url in procs:
-        if not _wait_healthy(url, proc, deadline):
-            print(f"jennah dev: {name} did not start", file=sys.stderr)
-            stopping = True
-            break
+
+    def all_healthy() -> bool:
+        for name, proc, url in procs:
+            if not _wait_healthy(url, proc, deadline):
+                print(f"jennah dev: {name} did not start", file=sys.stderr)
+                return False
+        return True
+
+    # The gateway starts only once every worker answers, so the first call it takes
+    # never meets a worker that is still starting.
+    gw_url = f"http://{host}:{port}"
+    if all_healthy():
+        gw_env = dict(base, GATEWAY_PORT=str(port), WORKER_ENDPOINTS=",".join(endpoints))
+        procs.append(("gateway", subprocess.Popen([*jennah, "gateway"], env=gw_env), gw_url))
+    if len(procs) <= workers or not all_healthy():
+        stopping = True
     else:
         print(f"jennah dev: gateway on {gw_url} (workers: {', '.join(endpoints)}); "
               f"state in {home}. Ctrl-C stops.", flush=True)

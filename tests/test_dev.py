@@ -38,12 +38,17 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
+def _logs(home: Path) -> str:
+    return "\n".join(f"{p}: {p.read_text()[-2000:]}" for p in sorted(home.glob("*.log")))
+
+
 def test_jennah_dev_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     port = _three_free_ports()
     env = {**os.environ, "JENNAH_HOME": str(tmp_path), "JENNAH_DEV_MODE": "1"}
     env.pop("PORT", None)
-    proc = subprocess.Popen([sys.executable, "-m", "jennah", "dev", "--port", str(port)],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with (tmp_path / "dev.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jennah", "dev", "--port", str(port)],
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         gateway = f"http://127.0.0.1:{port}"
         wait_http(f"{gateway}/health", timeout=30, proc=proc)
@@ -52,7 +57,8 @@ def test_jennah_dev_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         status, resp = call(gateway, "SubmitJob", {"image_uri": "busybox",
                                                    "commands": ["sh", "-c", "echo hi"]},
                             {"X-Tenant-Id": "acme"})
-        assert status == 200 and resp["workerId"] in {"dev-1", "dev-2"}
+        assert status == 200, (resp, _logs(tmp_path))
+        assert resp["workerId"] in {"dev-1", "dev-2"}
 
         def completed() -> bool:
             _, got = call(gateway, "GetJob", {"job_id": resp["jobId"]}, {"X-Tenant-Id": "acme"})
@@ -69,5 +75,3 @@ def test_jennah_dev_runs_a_job_and_stops_cleanly(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
