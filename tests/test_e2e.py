@@ -6,7 +6,10 @@ Runs on SQLite and on PostgreSQL (a private server started by the fixture).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import call, free_port, start_jennah, stop, wait_http, wait_until
+from tests.helpers import REPO, call, free_port, start_jennah, stop, wait_http, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -284,3 +287,54 @@ def test_python_connect_client_through_gateway(stack: Stack) -> None:
     assert resp.worker_id in {"w1", "w2"}
     got = client.get_job(pb.GetJobRequest(job_id=resp.job_id), headers={"x-tenant-id": "acme"})
     assert got.job.tenant_id == "acme"
+
+
+def _jennah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jennah", *args], capture_output=True,
+                          text=True, timeout=60, check=check, cwd=REPO)
+
+
+def test_cli_round_trip(sqlite_stack: Stack) -> None:
+    url = ["--url", sqlite_stack.gateway, "--tenant", "cli-tenant"]
+    out = _jennah("submit", *url, "--name", "cli-job", "-e", "WHO=world", "busybox", "--",
+                  "sh", "-c", 'echo "hello $WHO"; sleep 0.5; echo bye >&2')
+    job_id = json.loads(out.stdout)["jobId"]
+    follow = _jennah("events", *url, job_id, "--follow")  # returns when the job ends
+    lines = follow.stdout.splitlines()
+    assert "SUBMITTED" in lines[0] and "COMPLETED" in lines[-1]
+    assert any("hello world" in line for line in lines)
+    assert any("bye" in line for line in lines)
+    got = json.loads(_jennah("get", *url, job_id).stdout)
+    assert got["status"] == "JOB_STATUS_COMPLETED" and got["envVarNames"] == ["WHO"]
+    listed = _jennah("list", *url).stdout
+    assert job_id in listed and "COMPLETED" in listed and "cli-job" in listed
+    refused = _jennah("cancel", *url, job_id, check=False)
+    assert refused.returncode == 1 and "failed_precondition" in refused.stderr
+    assert json.loads(_jennah("delete", *url, job_id).stdout)["jobId"] == job_id
+    gone = _jennah("get", *url, job_id, check=False)
+    assert gone.returncode == 1 and "not_found" in gone.stderr
+
+
+def test_buf_curl_streams_watch_job_events(sqlite_stack: Stack) -> None:
+    buf = Path(sys.executable).parent / "buf"
+    job_id = submit(sqlite_stack, {"image_uri": "busybox",
+                                   "commands": ["sh", "-c", "echo one; sleep 0.3; echo two"]})
+    proc = subprocess.run(
+        [str(buf), "curl", "--schema", str(REPO / "proto"), "--protocol", "connect",
+         "-H", "X-Tenant-Id: acme", "-d", json.dumps({"job_id": job_id}),
+         f"{sqlite_stack.gateway}/jennah.v1.DeploymentService/WatchJobEvents"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    decoder = json.JSONDecoder()
+    text, events, pos = proc.stdout, [], 0
+    while pos < len(text):
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos < len(text):
+            obj, pos = decoder.raw_decode(text, pos)
+            events.append(obj)
+    seqs = [int(e["seq"]) for e in events]
+    assert seqs == sorted(seqs) and seqs[0] == 1
+    assert events[-1]["kind"] == "EVENT_KIND_COMPLETED"  # the stream ends with the job
+    output = "".join(e.get("output", "") for e in events)
+    assert "one" in output and "two" in output
