@@ -46,8 +46,8 @@ class Result:
 
 
 def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
 def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) -> Result:
@@ -55,7 +55,7 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
         f.write(LUA.replace("{body}", body))
         script = f.name
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url],
         capture_output=True, text=True, check=True,
     ).stdout
     Path(script).unlink()
@@ -147,11 +147,14 @@ def main(argv: list[str] | None = None) -> str:
     pg = args.postgres_url or None
     cluster = None
     if pg is None:
-        with contextlib.suppress(Exception):
-            from tests.fixtures.postgres import start_private_cluster  # type: ignore[attr-defined]
+        from tests.fixtures.postgres import _bindir, _Cluster
 
-            cluster = start_private_cluster()
-            pg = cluster.url
+        bindir = _bindir()
+        if bindir is not None:
+            # The private test cluster runs with fsync=off: PostgreSQL figures are an upper
+            # bound on what a durable server does.
+            cluster = _Cluster(bindir)
+            pg = cluster.start()
     try:
         out = table(measure(args.seconds, args.connections, pg))
     finally:
