@@ -156,7 +156,8 @@ def test_poller_moves_forward_only_and_sets_timestamps(env: Env) -> None:
         env.set(job, ProviderStatus(JobStatus.FAILED, "FAILED", exit_code=1))
         await env.poller.cycle()  # terminal never changes, and is no longer polled
         assert env.store.get_job("acme", job.job_id).status is JobStatus.COMPLETED
-        assert env.kinds(job)[-2:] == [EventKind.RUNNING, EventKind.COMPLETED]
+        assert env.kinds(job)[-4:] == [EventKind.RUNNING, EventKind.STATUS_DETAIL,
+                                       EventKind.STATUS_DETAIL, EventKind.COMPLETED]
 
     run(go())
 
@@ -281,5 +282,21 @@ def test_status_is_polled_in_provider_sized_batches(env: Env) -> None:
             await env.jobs.submit("acme", SPEC, "")
         await env.poller.cycle()
         assert env.provider.status_calls == 3  # 5 jobs, batches of 2
+
+    run(go())
+
+
+def test_provider_detail_without_a_status_change_is_a_status_detail_event(env: Env) -> None:
+    async def go() -> None:
+        job = await env.jobs.submit("acme", SPEC, "")
+        await env.poller.cycle()  # QUEUED: first sight, nothing to report
+        env.set(job, ProviderStatus(JobStatus.SCHEDULED, "SCHEDULED", message="vm booting"))
+        await env.poller.cycle()
+        env.set(job, ProviderStatus(JobStatus.RUNNING, "RUNNING"))
+        await env.poller.cycle()
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        details = [e.message for e in events if e.kind is EventKind.STATUS_DETAIL]
+        assert details == ["provider state QUEUED -> SCHEDULED: vm booting"]
+        assert events[-1].kind is EventKind.RUNNING
 
     run(go())

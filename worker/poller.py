@@ -20,6 +20,7 @@ import anyio
 
 from jennah.errors import JennahError, LeaseLost
 from jennah.models import EventKind, Job
+from providers.base import ProviderStatus
 from worker.jobs import JobService, blocking
 
 log = logging.getLogger("jennah.worker.poller")
@@ -35,6 +36,9 @@ class Poller:
         self.cycles = 0
         # Output offsets per provider job (stdout, stderr), for providers that stream output.
         self._offsets: dict[str, tuple[int, int]] = {}
+        # The provider's last raw state per job, to report changes that map to no new status
+        # (GCP QUEUED -> SCHEDULED are both SCHEDULED) as STATUS_DETAIL events.
+        self._raw: dict[str, str] = {}
 
     async def run(self) -> None:
         while True:
@@ -76,11 +80,24 @@ class Poller:
             try:
                 if self.jobs.provider.capabilities.supports_output:
                     await self._emit_output(job, final=bool(st.state and st.state.terminal))
+                await self._status_detail(job, st)
                 await self.jobs.apply_status(job, st)
             except LeaseLost:
                 continue
             if st.state is not None and st.state.terminal:
                 self._offsets.pop(job.cloud_resource_path, None)
+                self._raw.pop(job.cloud_resource_path, None)
+
+    async def _status_detail(self, job: Job, st: ProviderStatus) -> None:
+        path = job.cloud_resource_path
+        previous = self._raw.get(path)
+        self._raw[path] = st.raw_state
+        moves = st.state is not None and job.status.can_move_to(st.state)
+        if previous is not None and st.raw_state != previous and not moves:
+            detail = f"provider state {previous} -> {st.raw_state}"
+            if st.message:
+                detail += f": {st.message}"
+            await self.jobs.events.emit(job, EventKind.STATUS_DETAIL, job.status, detail)
 
     async def _emit_output(self, job: Job, *, final: bool) -> None:
         read = getattr(self.jobs.provider, "read_output", None)
