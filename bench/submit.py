@@ -54,8 +54,9 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA.replace("{body}", body))
         script = f.name
+    duration = f"-d{max(1, round(seconds))}s"
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url],
+        ["wrk", "-t2", f"-c{connections}", duration, "--latency", "-s", script, url],
         capture_output=True, text=True, check=True,
     ).stdout
     Path(script).unlink()

@@ -165,9 +165,9 @@ class SQLiteStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self, write: bool = True) -> Iterator[Tx]:
-        with self._write_lock if write else contextlib.nullcontext():
-            with self._tx_unlocked(write) as tx:
-                yield tx
+        with self._write_lock if write else contextlib.nullcontext(), \
+                self._tx_unlocked(write) as tx:
+            yield tx
 
     @contextlib.contextmanager
     def _tx_unlocked(self, write: bool) -> Iterator[Tx]:
