@@ -1,0 +1,337 @@
+"""A stateful, in-process fake of Google Cloud Batch at the gRPC wire level.
+
+The official client (``BatchServiceClient`` on a plain ``grpc.insecure_channel``) talks to
+it unchanged: requests arrive as serialized ``google.cloud.batch.v1`` messages, are parsed
+with the library's own types, and answered with serialized ``Job`` and longrunning
+``Operation`` messages (DESIGN §9).
+
+What it models:
+
+* ``CreateJob`` checks the request fields Jennah promises (``problems_with``); a bad
+  request is refused with INVALID_ARGUMENT, as the real service would. A second create of
+  the same job id is ALREADY_EXISTS; a repeated ``request_id`` returns the job it made.
+* Jobs move QUEUED → SCHEDULED → RUNNING → SUCCEEDED/FAILED, one step per ``advance()``;
+  the outcome comes from the commands (``providers.memory.planned_exit``: ``exit N``,
+  ``sleep`` runs until cancelled). ``set_state`` forces any state, such as a preemption
+  with exit code 50001.
+* ``CancelJob`` is a real long-running operation: the job goes CANCELLATION_IN_PROGRESS
+  and the operation is done (and the job CANCELLED) at the client's first
+  ``GetOperation`` poll. Cancelling a finished job is FAILED_PRECONDITION.
+* ``ListJobs`` pages and understands the filter Jennah sends (``status.state="X"``).
+* ``throttle(n)`` answers the next ``n`` calls with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc  # type: ignore[import-untyped]
+from google.cloud import batch_v1
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
+from google.protobuf import any_pb2, timestamp_pb2
+
+from providers.memory import planned_exit
+
+State = batch_v1.JobStatus.State
+SERVICE = "google.cloud.batch.v1.BatchService"
+OPERATIONS = "google.longrunning.Operations"
+JOB_ID = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TERMINAL = {State.SUCCEEDED, State.FAILED, State.CANCELLED}
+_NEXT = {State.QUEUED: State.SCHEDULED, State.SCHEDULED: State.RUNNING}
+_FILTER = re.compile(r'^status\.state="([A-Z_]+)"$')
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def problems_with(req: batch_v1.CreateJobRequest, parent: str) -> list[str]:
+    """Every rule a create request breaks (empty when it is acceptable)."""
+    out: list[str] = []
+    if req.parent != parent:
+        out.append(f"parent {req.parent!r} is not {parent!r}")
+    if not JOB_ID.match(req.job_id):
+        out.append(f"job_id {req.job_id!r} breaks the job id rules")
+    try:
+        uuid.UUID(req.request_id)
+    except ValueError:
+        out.append(f"request_id {req.request_id!r} is not a UUID")
+    job = req.job
+    if len(job.task_groups) != 1:
+        out.append("exactly one task group is supported")
+        return out
+    spec = job.task_groups[0].task_spec
+    if len(spec.runnables) != 1 or not spec.runnables[0].container.image_uri:
+        out.append("one container runnable with an image_uri is required")
+    if spec.compute_resource.cpu_milli <= 0 or spec.compute_resource.memory_mib <= 0:
+        out.append("compute_resource needs cpu_milli and memory_mib")
+    for name in spec.environment.variables:
+        if not ENV_NAME.match(name):
+            out.append(f"environment variable name {name!r} is invalid")
+    if "max_run_duration" in spec and spec.max_run_duration.total_seconds() <= 0:
+        out.append("max_run_duration must be positive")
+    policies = job.allocation_policy.instances
+    if len(policies) != 1 or policies[0].policy.provisioning_model == 0:
+        out.append("one instance policy with a provisioning model is required")
+    elif "boot_disk" in policies[0].policy and policies[0].policy.boot_disk.size_gb < 10:
+        out.append("boot disk must be at least 10 GB")
+    account = job.allocation_policy.service_account
+    if "service_account" in job.allocation_policy and "@" not in account.email:
+        out.append(f"service account {account.email!r} is not an email")
+    for key, value in job.labels.items():
+        if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
+            out.append(f"label {key}={value} breaks the label rules")
+    return out
+
+
+@dataclass
+class _Op:
+    job_name: str
+    polls: int = 0
+
+
+@dataclass
+class FakeGcpBatch:
+    """The service's state and test controls (thread-safe)."""
+
+    project: str = "proj-test"
+    region: str = "us-central1"
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    jobs: dict[str, batch_v1.Job] = field(default_factory=dict)
+    create_requests: list[batch_v1.CreateJobRequest] = field(default_factory=list)
+    # Creates that made a job, per job id: the "executions" of the contract.
+    created: Counter[str] = field(default_factory=Counter)
+    calls: Counter[str] = field(default_factory=Counter)
+    list_requests: list[batch_v1.ListJobsRequest] = field(default_factory=list)
+    # False: refuse every list filter, as a service without filter support would.
+    accept_filters: bool = True
+    _request_ids: dict[str, str] = field(default_factory=dict)
+    _ops: dict[str, _Op] = field(default_factory=dict)
+    _throttle: list[Collection[str] | None] = field(default_factory=list)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}"
+
+    # --- test controls ------------------------------------------------------------------
+
+    def throttle(self, n: int, methods: Collection[str] | None = None) -> None:
+        """Answer the next ``n`` calls (of ``methods`` only, if given) RESOURCE_EXHAUSTED."""
+        with self._lock:
+            self._throttle.extend([methods] * n)
+
+    def forget_request_ids(self) -> None:
+        """Drop the request-id memory (the real service keeps it for a limited time), so
+        that a repeated create meets ALREADY_EXISTS instead."""
+        with self._lock:
+            self._request_ids.clear()
+
+    def advance(self, steps: int = 1) -> None:
+        with self._lock:
+            for _ in range(steps):
+                for job in self.jobs.values():
+                    self._step(job)
+
+    def set_state(self, name: str, state: int, *, exit_code: int | None = None,
+                  description: str = "") -> None:
+        with self._lock:
+            self._move(self.jobs[name], state, exit_code, description)
+
+    def add_job(self, job_id: str, state: int) -> str:
+        """Put a job straight into the store (for benchmarks of large fleets)."""
+        with self._lock:
+            job = batch_v1.Job(name=f"{self.parent}/jobs/{job_id}", uid=uuid.uuid4().hex)
+            job.status.state = State(state)
+            self.jobs[job.name] = job
+            return job.name
+
+    # --- state machine ------------------------------------------------------------------
+
+    def _move(self, job: batch_v1.Job, state: int, exit_code: int | None = None,
+              description: str = "") -> None:
+        old = job.status.state
+        now = self.clock()
+        text = f"Job state is set from {State(old).name} to {State(state).name} for job {job.name}."
+        event = batch_v1.StatusEvent(type_="STATUS_CHANGED", event_time=_ts(now),
+                                     description=description or text)
+        if exit_code is not None:
+            event.task_execution = batch_v1.TaskExecution(exit_code=exit_code)
+        job.status.status_events.append(event)
+        job.status.state = State(state)
+        job.update_time = _ts(now)
+
+    def _step(self, job: batch_v1.Job) -> None:
+        state = job.status.state
+        if state in _NEXT:
+            self._move(job, _NEXT[state])
+        elif state == State.RUNNING:
+            code = planned_exit(list(job.task_groups[0].task_spec.runnables[0].container.commands))
+            if code == 0:
+                self._move(job, State.SUCCEEDED, 0)
+            elif code is not None:
+                self._move(job, State.FAILED, code, f"Job state is set from RUNNING to FAILED "
+                           f"for job {job.name}. Task failed with exit code {code}.")
+
+    # --- RPCs -----------------------------------------------------------------------------
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] += 1
+        for i, methods in enumerate(self._throttle):
+            if methods is None or method in methods:
+                del self._throttle[i]
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "Quota exceeded for quota "
+                             "metric 'Requests' (rate limit): try again later")
+
+    def create_job(self, req: batch_v1.CreateJobRequest) -> batch_v1.Job:
+        with self._lock:
+            self._enter("CreateJob")
+            self.create_requests.append(req)
+            problems = problems_with(req, self.parent)
+            if problems:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+            name = f"{req.parent}/jobs/{req.job_id}"
+            if self._request_ids.get(req.request_id) == name:
+                return self.jobs[name]
+            if name in self.jobs:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"job {name} already exists")
+            job = batch_v1.Job(req.job)
+            job.name, job.uid = name, uuid.uuid4().hex
+            job.create_time = _ts(self.clock())
+            job.status.state = State(State.QUEUED)
+            self.jobs[name] = job
+            self.created[req.job_id] += 1
+            self._request_ids[req.request_id] = name
+            return job
+
+    def get_job(self, req: batch_v1.GetJobRequest) -> batch_v1.Job:
+        with self._lock:
+            self._enter("GetJob")
+            return self._job(req.name)
+
+    def list_jobs(self, req: batch_v1.ListJobsRequest) -> batch_v1.ListJobsResponse:
+        with self._lock:
+            self._enter("ListJobs")
+            self.list_requests.append(req)
+            match = _FILTER.match(req.filter)
+            if req.filter and (match is None or not self.accept_filters):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad filter {req.filter!r}")
+            wanted = getattr(State, match.group(1)) if match else None
+            names = sorted(n for n, j in self.jobs.items() if n.startswith(req.parent + "/")
+                           and (wanted is None or j.status.state == wanted))
+            start = int(req.page_token or 0)
+            size = min(req.page_size or 100, 1000)
+            page = names[start:start + size]
+            token = str(start + size) if start + size < len(names) else ""
+            return batch_v1.ListJobsResponse(jobs=[self.jobs[n] for n in page],
+                                             next_page_token=token)
+
+    def cancel_job(self, req: batch_v1.CancelJobRequest) -> operations_pb2.Operation:
+        with self._lock:
+            self._enter("CancelJob")
+            job = self._job(req.name)
+            if job.status.state in TERMINAL:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"job {req.name} is {State(job.status.state).name}")
+            if job.status.state != State.CANCELLATION_IN_PROGRESS:
+                self._move(job, State.CANCELLATION_IN_PROGRESS)
+            op_name = f"{self.parent}/operations/{uuid.uuid4().hex}"
+            self._ops[op_name] = _Op(req.name)
+            return operations_pb2.Operation(name=op_name, done=False)
+
+    def get_operation(self, req: operations_pb2.GetOperationRequest) -> operations_pb2.Operation:
+        with self._lock:
+            self._enter("GetOperation")
+            op = self._ops.get(req.name)
+            if op is None:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"no operation {req.name}")
+            op.polls += 1
+            job = self.jobs.get(op.job_name)
+            if job is not None and job.status.state == State.CANCELLATION_IN_PROGRESS:
+                self._move(job, State.CANCELLED)
+            return operations_pb2.Operation(name=req.name, done=True,
+                                            response=_pack(batch_v1.CancelJobResponse()))
+
+    def _job(self, name: str) -> batch_v1.Job:
+        job = self.jobs.get(name)
+        if job is None:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Job {name} not found")
+        return job
+
+    # --- wiring -----------------------------------------------------------------------------
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        def unary(fn: Callable[[Any], Any], req_type: Any, resp_ser: Callable[[Any], bytes]
+                  ) -> grpc.RpcMethodHandler:
+            def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return fn(request)
+                except _Abort as exc:
+                    context.abort(exc.code, str(exc))
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=req_type, response_serializer=resp_ser)
+
+        job_ser = batch_v1.Job.serialize
+        op_ser = operations_pb2.Operation.SerializeToString
+        batch = grpc.method_handlers_generic_handler(SERVICE, {
+            "CreateJob": unary(self.create_job, batch_v1.CreateJobRequest.deserialize, job_ser),
+            "GetJob": unary(self.get_job, batch_v1.GetJobRequest.deserialize, job_ser),
+            "ListJobs": unary(self.list_jobs, batch_v1.ListJobsRequest.deserialize,
+                              batch_v1.ListJobsResponse.serialize),
+            "CancelJob": unary(self.cancel_job, batch_v1.CancelJobRequest.deserialize, op_ser),
+        })
+        ops = grpc.method_handlers_generic_handler(OPERATIONS, {
+            "GetOperation": unary(self.get_operation,
+                                  operations_pb2.GetOperationRequest.FromString, op_ser),
+        })
+        return [batch, ops]
+
+
+@contextmanager
+def serve(fake: FakeGcpBatch, workers: int = 8) -> Iterator[str]:
+    """Serve ``fake`` on 127.0.0.1 (a free port); yield its ``host:port``."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers(fake.handlers())
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None).wait(5)
+
+
+def client_for(address: str) -> tuple[batch_v1.BatchServiceClient, grpc.Channel]:
+    """The official client on a plain channel to ``address`` (no credentials needed)."""
+    from google.cloud.batch_v1.services.batch_service.transports import (
+        BatchServiceGrpcTransport,
+    )
+
+    channel = grpc.insecure_channel(address)
+    client = batch_v1.BatchServiceClient(transport=BatchServiceGrpcTransport(channel=channel))
+    return client, channel
+
+
+def _ts(at: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(type(message).pb(message))
+    return packed
