@@ -95,8 +95,8 @@ class PostgresStore(SqlStore):
         *,
         min_size: int = 1,
         max_size: int = 10,
-        timeout: float = 10.0,
-        connect_timeout: int = 5,
+        timeout: float = 2.0,
+        connect_timeout: int = 2,
     ) -> None:
         self._pool = ConnectionPool(
             url,
@@ -108,6 +108,11 @@ class PostgresStore(SqlStore):
             check=ConnectionPool.check_connection,
             name="jennah-store",
         )
+        # Fail fast (issue 4): with the server down, a call waits at most ``timeout`` for a
+        # connection and then raises StoreUnavailable, so SubmitJob answers `unavailable`
+        # in about 2 s instead of hanging; the pool keeps reconnecting in the background
+        # and the store recovers by itself when the server returns. 2 s is far above the
+        # wait for a free connection under load (queries take about a millisecond).
         # Opening does not wait: a server that is down shows up as StoreUnavailable on
         # the first call (after ``timeout``), not as a crash at construction.
         self._pool.open(wait=False)

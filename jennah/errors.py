@@ -31,6 +31,11 @@ class ResourceExhausted(JennahError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class ShuttingDown(JennahError):
+    """This process is draining for shutdown and takes no new jobs; retry (the gateway
+    sends the retry to another worker)."""
+
+
 class SettingsError(JennahError):
     """Start-up configuration is missing or invalid; the message names every variable."""
 
