@@ -76,7 +76,9 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
 @contextlib.contextmanager
 def stack(tmp: Path, db_env: dict[str, str], gateway: bool) -> Iterator[tuple[str, str]]:
     env = {"JENNAH_DEV_MODE": "1", "JENNAH_HOME": str(tmp), "BATCH_PROVIDER": "dry",
-           "WORKER_ID": "bench-1", **db_env}
+           "WORKER_ID": "bench-1",
+           # Admission control off: the bench measures the server, not the rate limit.
+           "TENANT_SUBMIT_RATE": "0", "TENANT_MAX_ACTIVE_JOBS": "0", **db_env}
     wport = free_port()
     procs = [start_jennah("worker", dict(env, WORKER_PORT=str(wport)), tmp / "worker.log")]
     worker = f"http://127.0.0.1:{wport}"

@@ -33,11 +33,13 @@ from database.base import JobStore
 from gateway.auth import TenantAuth
 from gateway.forward import Forwarder
 from gateway.health import Discover, HealthView, store_discovery
+from gateway.keys import KeyStore
 from gateway.ring import TenantRing
 from gateway.service import GatewayService
 from jennah.asgi import ASGIApp, compose
-from jennah.rpc import ErrorMapper
+from jennah.rpc import ErrorMapper, safe_codecs
 from jennah.settings import GatewaySettings
+from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
 
 REQ = TypeVar("REQ")
@@ -153,6 +155,10 @@ def create_app(
     ``settings.discover_from_store`` the given ``store`` (or one built from the settings,
     then closed on shutdown) lists the workers that heartbeat."""
     registry = registry if registry is not None else CollectorRegistry()
+    keys: KeyStore | None = None
+    if settings.api_keys_file:
+        keys = KeyStore(settings.api_keys_file)
+        keys.load()  # a missing or malformed file stops start-up (SettingsError, one line)
     owned_store: JobStore | None = None
     if discover is None and settings.discover_from_store:
         if store is None:
@@ -175,7 +181,9 @@ def create_app(
         http_client=http_client,
         on_failover=lambda url: metrics.failovers.inc(),
     )
-    service = GatewayService(TenantAuth(dev_mode=settings.dev_mode), forwarder)
+    auth = TenantAuth(dev_mode=settings.dev_mode, keys=keys,
+                      trusted_proxies=settings.trusted_proxies)
+    service = GatewayService(auth, forwarder)
 
     async def lifecycle() -> AsyncGenerator[GatewayService]:
         await health.start()
@@ -189,8 +197,9 @@ def create_app(
 
     rpc = DeploymentServiceASGIApplication(
         lifecycle(),
-        interceptors=[MetricsInterceptor(metrics), ErrorMapper()],
-        read_max_bytes=settings.read_max_bytes,
+        interceptors=[TracingInterceptor("gateway", tenant_from_header=False),
+                      MetricsInterceptor(metrics), ErrorMapper()],
+        read_max_bytes=settings.read_max_bytes, codecs=safe_codecs(),
     )
 
     async def ready() -> tuple[bool, str]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 
 from jennah.errors import SettingsError
+from jennah.logging import configure_logging
 from jennah.serve import serve
 from jennah.settings import load_gateway_settings
+from jennah.tracing import configure_tracing
 
 
 def main() -> int:
     try:
         settings = load_gateway_settings()
+        configure_logging("gateway")  # JENNAH_LOG_FORMAT=json|text (jennah/logging.py)
+        configure_tracing("gateway", os.environ)  # only if OTLP/console is configured
         from prometheus_client import REGISTRY
 
         from gateway.app import create_app
@@ -21,7 +25,6 @@ def main() -> int:
     except SettingsError as exc:
         print(f"jennah gateway: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(app, host=settings.host, port=settings.port, server=settings.server,
           grace=settings.shutdown_grace_seconds)
     return 0

@@ -38,7 +38,7 @@ class GatewayService:
         self.forwarder = forwarder
 
     def _tenant(self, ctx: Ctx) -> str:
-        return self.auth.identify(ctx.request_headers)[0]
+        return self.auth.identify(ctx.request_headers, ctx.client_address)[0]
 
     async def submit_job(self, request: pb.SubmitJobRequest, ctx: Ctx) -> pb.SubmitJobResponse:
         tenant = self._tenant(ctx)
@@ -76,7 +76,7 @@ class GatewayService:
     async def get_current_tenant(
         self, request: pb.GetCurrentTenantRequest, ctx: Ctx
     ) -> pb.GetCurrentTenantResponse:
-        tenant, method = self.auth.identify(ctx.request_headers)
+        tenant, method = self.auth.identify(ctx.request_headers, ctx.client_address)
         return pb.GetCurrentTenantResponse(tenant_id=tenant, auth_method=method)
 
     async def list_job_events(

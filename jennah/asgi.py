@@ -35,6 +35,38 @@ async def send_text(send: Send, status: int, body: str, content_type: str = "tex
     await send({"type": "http.response.body", "body": data})
 
 
+GRPC_NEEDS_TRAILERS = (
+    "gRPC needs HTTP/2 with trailers; this server speaks Connect and gRPC-Web "
+    "(JENNAH_SERVER=hypercorn adds gRPC)\n"
+)
+
+
+def _grpc_without_trailers(scope: Scope) -> bool:
+    """A gRPC (not gRPC-Web) call on a server without the ASGI trailers extension
+    (uvicorn, HTTP/1.1). connectrpc would raise, log a traceback and answer with
+    grpc-status UNKNOWN and its internal message; refuse it cleanly instead."""
+    if "http.response.trailers" in scope.get("extensions", {}):
+        return False
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            ct = bytes(value).lower()
+            return ct.startswith(b"application/grpc") and not ct.startswith(
+                b"application/grpc-web")
+    return False
+
+
+def _headers_are_utf8(scope: Scope) -> bool:
+    """connectrpc decodes every header as UTF-8 and fails with an unhandled exception
+    (a 500 and a logged traceback) on anything else; such a request is the client's fault."""
+    for _, value in scope.get("headers", ()):
+        if not value.isascii():
+            try:
+                bytes(value).decode()
+            except UnicodeDecodeError:
+                return False
+    return True
+
+
 def compose(
     rpc_app: ASGIApp,
     *,
@@ -61,6 +93,12 @@ def compose(
             await metrics_app(scope, receive, send)
         elif path == "/info" and info is not None:
             await send_text(send, 200, json.dumps(info()), "application/json")
+        elif _grpc_without_trailers(scope):
+            await send_text(send, 415, GRPC_NEEDS_TRAILERS)
+        elif not _headers_are_utf8(scope):
+            await send_text(send, 400, json.dumps(
+                {"code": "invalid_argument", "message": "request headers must be UTF-8"}
+            ), "application/json")
         else:
             await rpc_app(scope, receive, send)
 

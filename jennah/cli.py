@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="job store administration").add_subparsers(
         dest="db_command", required=True)
     db.add_parser("migrate", help="apply schema migrations").set_defaults(fn=cmd_db_migrate)
+    from gateway.keys import add_keys_commands
+
+    add_keys_commands(sub)
     try:
         from worker.wal.cli import add_wal_commands
     except ImportError:  # the WAL tools are optional in a partial checkout

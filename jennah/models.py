@@ -103,7 +103,8 @@ class JobSpec:
 
     image_uri: str
     commands: tuple[str, ...] = ()
-    env_vars: Mapping[str, str] = field(default_factory=dict)
+    # repr=False: a logged or traceback-printed spec (or Job) never shows secret values.
+    env_vars: Mapping[str, str] = field(default_factory=dict, repr=False)
     name: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     resource_profile: str = "small"

@@ -9,12 +9,19 @@ otherwise send the exception text).
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from connectrpc.code import Code
-from connectrpc.errors import ConnectError
+from connectrpc.codec import Codec
+from connectrpc.compat import google_protobuf_codecs
+from connectrpc.errors import ConnectError, ErrorDetail
 from connectrpc.request import RequestContext
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo  # type: ignore[import-untyped]
+from protobuf.wkt import Any as AnyDetail
 
 from jennah import errors
 
@@ -31,6 +38,7 @@ _CODES: tuple[tuple[type[errors.JennahError], Code], ...] = (
     (errors.FailedPrecondition, Code.FAILED_PRECONDITION),
     (errors.ResourceExhausted, Code.RESOURCE_EXHAUSTED),
     (errors.StoreUnavailable, Code.UNAVAILABLE),
+    (errors.ShuttingDown, Code.UNAVAILABLE),
     (errors.ProviderQuotaExceeded, Code.RESOURCE_EXHAUSTED),
     (errors.ProviderUnavailable, Code.UNAVAILABLE),
     (errors.ProviderRejected, Code.FAILED_PRECONDITION),
@@ -39,6 +47,25 @@ _CODES: tuple[tuple[type[errors.JennahError], Code], ...] = (
 )
 
 GENERIC_INTERNAL = "internal error"
+RETRY_INFO_TYPE = "google.rpc.RetryInfo"
+
+
+def retry_info_detail(seconds: float) -> ErrorDetail:
+    """A ``google.rpc.RetryInfo`` error detail (what gRPC and Connect clients look for)."""
+    whole = math.floor(seconds)
+    info = RetryInfo(retry_delay=Duration(seconds=whole, nanos=int((seconds - whole) * 1e9)))
+    return ErrorDetail(AnyDetail(type_url=f"type.googleapis.com/{RETRY_INFO_TYPE}",
+                                 value=info.SerializeToString()))
+
+
+def retry_after_of(err: ConnectError) -> float | None:
+    """The retry delay carried by ``err``'s RetryInfo detail, if any (also for errors
+    relayed from a worker through the gateway)."""
+    for detail in err.details:
+        if detail.type_name == RETRY_INFO_TYPE:
+            info = RetryInfo.FromString(detail.message_bytes)
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
 
 
 def to_connect_error(exc: BaseException) -> ConnectError:
@@ -50,14 +77,77 @@ def to_connect_error(exc: BaseException) -> ConnectError:
             if isinstance(exc, cls):
                 message = str(exc)
                 if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds:
-                    message += f" (retry after {exc.retry_after_seconds:.1f}s)"
+                    wait = math.ceil(exc.retry_after_seconds * 10) / 10
+                    message += f" (retry after {wait:.1f} s)"
+                    return ConnectError(code, message, [retry_info_detail(wait)])
                 return ConnectError(code, message)
     log.exception("unhandled error in RPC", exc_info=exc)
     return ConnectError(Code.INTERNAL, GENERIC_INTERNAL)
 
 
+def _mapped(exc: Exception, ctx: RequestContext[Any, Any]) -> ConnectError:
+    err = to_connect_error(exc)
+    wait = retry_after_of(err) if err.details else None
+    if wait is not None:
+        # HTTP's Retry-After is whole seconds (RFC 9110); round up.
+        ctx.response_headers["retry-after"] = str(max(1, math.ceil(wait)))
+    return err
+
+
+# Text that is Python's, not the client's: exception class names, object reprs, addresses,
+# source files.
+_INTERNAL_TEXT = re.compile(
+    r"[A-Z][A-Za-z]+(?:Error|Exception)\b|<[^>]*>|0x[0-9a-fA-F]{6,}|\.py\b|Traceback"
+)
+
+
+class SafeDecodeCodec:
+    """A codec whose decode failures never carry Python internals to the client.
+
+    connectrpc decodes a request before any interceptor runs and reports a failure as
+    ``invalid_argument`` with the exception's text, which can be an internal error from the
+    protobuf runtime (for example ``SystemError: <method 'get' of ... objects>`` for a lone
+    surrogate in a JSON enum). Helpful parser messages ("Failed to parse max_retries
+    field: ...") are kept; anything that looks like Python internals is replaced.
+    """
+
+    def __init__(self, inner: Codec) -> None:
+        self._inner = inner
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def encode(self, message: Any) -> bytes:
+        return self._inner.encode(message)
+
+    def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
+        try:
+            return self._inner.decode(data, message_class)
+        except RecursionError:
+            text = "the request is nested too deeply"
+        except UnicodeDecodeError:
+            text = "the request is not valid UTF-8"
+        except Exception as exc:
+            text = str(exc)
+            if "maximum recursion depth" in text:  # json_format wraps the RecursionError
+                text = "the request is nested too deeply"
+            elif _INTERNAL_TEXT.search(text):
+                text = f"the request is not a valid {message_class.__name__}"
+        raise ConnectError(Code.INVALID_ARGUMENT, f"unmarshal message: {text}") from None
+
+
+def safe_codecs() -> list[Codec]:
+    """The default codecs (binary and JSON, google.protobuf), wrapped in SafeDecodeCodec."""
+    return [SafeDecodeCodec(c) for c in google_protobuf_codecs()]
+
+
 class ErrorMapper:
-    """Connect interceptor mapping exceptions to Connect errors (unary and streaming)."""
+    """Connect interceptor mapping exceptions to Connect errors (unary and streaming).
+
+    A retry hint (``ResourceExhausted.retry_after_seconds``, or a RetryInfo detail on an
+    error relayed from a worker) travels three ways: in the message ("retry after N s"),
+    as a ``google.rpc.RetryInfo`` detail, and as a ``retry-after`` response header.
+    """
 
     async def intercept_unary(
         self,
@@ -69,7 +159,7 @@ class ErrorMapper:
         try:
             return await call_next(request, ctx)
         except Exception as exc:
-            raise to_connect_error(exc) from None
+            raise _mapped(exc, ctx) from None
 
     async def intercept_server_stream(
         self,
@@ -82,10 +172,13 @@ class ErrorMapper:
             async for item in call_next(request, ctx):
                 yield item
         except Exception as exc:
-            raise to_connect_error(exc) from None
+            raise _mapped(exc, ctx) from None
 
 
 # Headers shared by the gateway and the workers (DESIGN §7).
 TENANT_HEADER = "x-tenant-id"
 WORKER_TOKEN_HEADER = "x-jennah-worker-token"
+# The message of the ``unavailable`` a draining worker answers; the gateway fails over on
+# it exactly as on a worker it could not reach (nothing was done by the worker).
+DRAINING_MESSAGE = "worker is shutting down; retry on another worker"
 WORKER_ID_HEADER = "x-jennah-worker-id"

@@ -26,6 +26,9 @@ def serve(app: ASGIApp, *, host: str, port: int, server: str, grace: float) -> N
         lifespan="on",
         access_log=False,
         log_level="warning",
+        # Our logging (jennah/logging.py, JSON in the images) is already configured:
+        # without this uvicorn would install its own plain-text handlers beside it.
+        log_config=None,
         timeout_graceful_shutdown=int(grace) if grace else None,
     )
 

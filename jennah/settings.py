@@ -7,10 +7,11 @@ access, and a failure names **every** missing or invalid variable in one line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -144,6 +145,17 @@ class ProviderSettings:
 
 
 @dataclass(frozen=True)
+class AdmissionSettings:
+    """SubmitJob admission limits (``worker/admission.py``); 0 disables a limit, and
+    ``provider_submit_rate=None`` means the provider's published default."""
+
+    tenant_submit_rate: float = 50.0
+    tenant_submit_burst: int = 200
+    tenant_max_active_jobs: int = 1000
+    provider_submit_rate: float | None = None
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     worker_id: str
     host: str
@@ -162,6 +174,7 @@ class WorkerSettings:
     read_max_bytes: int
     store: StoreSettings
     provider: ProviderSettings
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,8 @@ class GatewaySettings:
     discover_from_store: bool
     shutdown_grace_seconds: float
     store: StoreSettings
+    # JENNAH_TRUSTED_PROXIES: IPs/CIDRs whose X-Auth-Request-Email is believed (gateway/auth.py).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 def _store_settings(e: _Env, home: Path) -> StoreSettings:
@@ -219,6 +234,22 @@ def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
     )
 
 
+def _admission_settings(e: _Env) -> AdmissionSettings:
+    d = AdmissionSettings()
+    provider_rate = e.number("PROVIDER_SUBMIT_RATE", -1.0, float, minimum=0)
+    tenant_rate = e.number("TENANT_SUBMIT_RATE", d.tenant_submit_rate, float)
+    for name, value in (("PROVIDER_SUBMIT_RATE", provider_rate), ("TENANT_SUBMIT_RATE",
+                                                                   tenant_rate)):
+        if value != value or value == float("inf"):  # NaN or infinite
+            e.problems.append(f"{name}={value!r} (expected a finite number; 0 disables)")
+    return AdmissionSettings(
+        tenant_submit_rate=tenant_rate,
+        tenant_submit_burst=e.number("TENANT_SUBMIT_BURST", d.tenant_submit_burst, int, 1),
+        tenant_max_active_jobs=e.number("TENANT_MAX_ACTIVE_JOBS", d.tenant_max_active_jobs, int),
+        provider_submit_rate=None if provider_rate < 0 else provider_rate,
+    )
+
+
 def load_store_settings(env: Mapping[str, str] | None = None) -> StoreSettings:
     """Only the job store settings (for ``jennah db migrate`` and the WAL tools)."""
     e = _Env(os.environ if env is None else env)
@@ -252,6 +283,7 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
         store=_store_settings(e, home),
         provider=_provider_settings(e, home),
+        admission=_admission_settings(e),
     )
     if not settings.dev_mode and not settings.worker_token:
         e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")
@@ -289,5 +321,18 @@ def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettin
     )
     if not settings.dev_mode and not settings.worker_token:
         e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")
+    # Outside dev mode every RPC needs an API key or a proxy identity, and both live in the
+    # key file, so a gateway without one could only refuse everything: refuse to start.
+    if not settings.dev_mode and not settings.api_keys_file:
+        e.problems.append("JENNAH_API_KEYS_FILE (required unless JENNAH_DEV_MODE=1)")
+    proxies = tuple(p.strip() for p in e.text("JENNAH_TRUSTED_PROXIES").split(",") if p.strip())
+    for entry in proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            e.problems.append(f"JENNAH_TRUSTED_PROXIES entry {entry!r} (expected an IP or CIDR)")
+    if proxies and settings.dev_mode and not settings.api_keys_file:
+        e.problems.append("JENNAH_API_KEYS_FILE (its identities map is needed by "
+                          "JENNAH_TRUSTED_PROXIES)")
     e.check("gateway")
-    return settings
+    return replace(settings, trusted_proxies=proxies)

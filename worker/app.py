@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,22 +20,27 @@ from prometheus_client import CollectorRegistry
 
 from database import create_store
 from database.base import JobStore
-from jennah.asgi import ASGIApp, compose
+from jennah.asgi import ASGIApp, Receive, Scope, Send, compose
 from jennah.errors import JennahError
-from jennah.rpc import ErrorMapper
+from jennah.rpc import ErrorMapper, safe_codecs
 from jennah.settings import WorkerSettings
+from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
 from providers import create_provider
 from providers.base import BatchProvider
+from worker.admission import Admission, store_active_counter
 from worker.auth import CallerAuth
 from worker.events import EventLog
 from worker.jobs import JobService, blocking, utcnow
-from worker.leases import LeaseKeeper
+from worker.leases import NUDGE_PATH, LeaseKeeper, nudge_handler, release_and_nudge
+from worker.metrics import instrument
 from worker.poller import Poller
 from worker.service import WorkerService
 from worker.wal import StoreSink, WalEventLog
 
 log = logging.getLogger("jennah.worker")
+# Peers that heartbeated within this many claim intervals are nudged on shutdown.
+MEMBERSHIP_MAX_AGE_BEATS = 3
 
 
 @dataclass
@@ -64,9 +70,12 @@ def build_runtime(
         clock=clock, retention_days=settings.wal_retention_days, registry=registry,
         close_timeout=max(1.0, settings.shutdown_grace_seconds / 2),
     )
+    admission = Admission(settings.admission, provider=settings.provider.kind,
+                          counter=store_active_counter(store))
     jobs = JobService(
         store, provider, events,
         worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
+        admission=admission,
     )
     leases = LeaseKeeper(jobs, settings.lease_ttl_seconds, settings.claim_interval_seconds)
     interval = min(settings.poll_interval_seconds, provider.capabilities.poll_interval_seconds)
@@ -79,6 +88,9 @@ async def _heartbeat(rt: WorkerRuntime) -> None:
             await blocking(
                 rt.store.heartbeat_worker, rt.settings.worker_id, rt.settings.advertise_url
             )
+            # The provider's submit rate is per account: share it among the live workers.
+            live = await blocking(rt.store.list_workers, 3 * rt.settings.claim_interval_seconds)
+            rt.jobs.admission.set_worker_count(len(live))
         except JennahError as exc:
             log.warning("membership heartbeat failed: %s", exc)
         await asyncio.sleep(rt.settings.claim_interval_seconds)
@@ -94,17 +106,33 @@ async def start(rt: WorkerRuntime) -> list[asyncio.Task[None]]:
 
 
 async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
+    """Stop the loops, hand the leases over (release + nudge), then flush the event log.
+
+    The hand-over goes first because peers wait for it; the flush after it is safe: a
+    new owner numbers its events in its own block (lease version) and the sink is
+    idempotent, so our late events can neither collide with its nor be lost (the WAL
+    keeps them until they are acknowledged). Each phase's duration is logged."""
+    t0 = time.monotonic()
+    rt.jobs.draining = True
+    log.info("shutdown: stopping background loops")
     for task in tasks:
         task.cancel()
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    t1 = time.monotonic()
     try:
-        await rt.events.flush(rt.settings.shutdown_grace_seconds)
-        released = await rt.leases.release_all()
-        log.info("released %d leases", released)
+        released, nudged = await release_and_nudge(
+            rt.leases, token=rt.settings.worker_token, self_url=rt.settings.advertise_url,
+            max_age_seconds=MEMBERSHIP_MAX_AGE_BEATS * rt.settings.claim_interval_seconds,
+        )
+        t2 = time.monotonic()
+        flushed = await rt.events.flush(rt.settings.shutdown_grace_seconds)
+        log.info("shutdown: loops stopped in %.3f s, released %d leases and nudged %d peers "
+                 "in %.3f s, events %s in %.3f s", t1 - t0, released, nudged, t2 - t1,
+                 "flushed" if flushed else "NOT flushed", time.monotonic() - t2)  # fmt: skip
     except JennahError as exc:
-        log.warning("shutdown: could not flush or release: %s", exc)
+        log.warning("shutdown: could not release or flush: %s", exc)
     await rt.events.close()
     rt.provider.close()
     rt.store.close()
@@ -116,6 +144,9 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> ASGIApp:
     rt = runtime or build_runtime(settings, registry=registry)
+    # RPC, job, lease, poll and provider metrics; provider calls traced (worker/metrics.py).
+    rpc_metrics = instrument(rt.jobs, rt.leases, rt.poller, worker_id=settings.worker_id,
+                             store=rt.store.name, registry=registry)
     service = WorkerService(rt.jobs, CallerAuth(dev_mode=settings.dev_mode,
                                                 worker_token=settings.worker_token))
 
@@ -127,7 +158,8 @@ def create_app(
             await stop(rt, tasks)
 
     rpc = DeploymentServiceASGIApplication(
-        lifecycle(), interceptors=[ErrorMapper()], read_max_bytes=settings.read_max_bytes
+        lifecycle(), interceptors=[TracingInterceptor("worker"), rpc_metrics, ErrorMapper()],
+        read_max_bytes=settings.read_max_bytes, codecs=safe_codecs(),
     )
 
     async def ready() -> tuple[bool, str]:
@@ -143,7 +175,19 @@ def create_app(
             "store": rt.store.name,
             "provider": rt.provider.name,
             "leases_held": rt.leases.held,
+            "leases_claimed_total": rt.leases.claimed_total,
+            "leases_lost_total": rt.leases.lost_total,
+            "nudges_received": rt.leases.nudges_received,
             "poll_cycles": rt.poller.cycles,
         }
 
-    return compose(rpc, ready=ready, registry=registry, info=info)
+    served = compose(rpc, ready=ready, registry=registry, info=info)
+    nudge = nudge_handler(rt.leases, dev_mode=settings.dev_mode, token=settings.worker_token)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == NUDGE_PATH:
+            await nudge(scope, receive, send)
+        else:
+            await served(scope, receive, send)
+
+    return app

@@ -15,7 +15,7 @@ from typing import ParamSpec, TypeVar
 import anyio.to_thread
 
 from database.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
-from jennah.errors import Conflict, FailedPrecondition, LeaseLost, ProviderError
+from jennah.errors import Conflict, FailedPrecondition, LeaseLost, ProviderError, ShuttingDown
 from jennah.models import (
     EventKind,
     FailureClass,
@@ -27,7 +27,9 @@ from jennah.models import (
     JobStatus,
     Page,
 )
+from jennah.rpc import DRAINING_MESSAGE
 from providers.base import BatchProvider, ProviderStatus, ProviderTask, provider_job_id
+from worker.admission import Admission
 from worker.events import EventLog
 
 log = logging.getLogger("jennah.worker.jobs")
@@ -70,6 +72,7 @@ class JobService:
         lease_ttl: float,
         clock: Callable[[], datetime] = utcnow,
         new_id: Callable[[], str] = new_job_id,
+        admission: Admission | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -78,11 +81,21 @@ class JobService:
         self.lease_ttl = lease_ttl
         self.clock = clock
         self.new_id = new_id
+        self.admission = admission or Admission.unlimited()
+        # Set when shutdown begins: new jobs would get leases after the hand-over.
+        self.draining = False
 
     # --- tenant-facing -----------------------------------------------------------------
 
     async def submit(self, tenant_id: str, spec: JobSpec, request_id: str) -> Job:
-        """DESIGN §4: record (idempotent on request_id), then submit to the provider."""
+        """DESIGN §4: record (idempotent on request_id), then submit to the provider.
+
+        Admission control (``worker/admission.py``) comes first: a refused submit raises
+        ``ResourceExhausted`` before anything is stored or sent to the provider.
+        """
+        if self.draining:
+            raise ShuttingDown(DRAINING_MESSAGE)
+        ticket = await self.admission.admit(tenant_id, request_id)
         job = Job(
             job_id=self.new_id(),
             tenant_id=tenant_id,
@@ -91,7 +104,12 @@ class JobService:
             provider=self.provider.name,
             owner_worker_id=self.worker_id,
         )
-        stored, created = await blocking(self.store.create_job, job, self.lease_ttl)
+        try:
+            stored, created = await blocking(self.store.create_job, job, self.lease_ttl)
+        except BaseException:
+            ticket.abandon()
+            raise
+        ticket.stored(created)
         if not created:
             return stored
         await self.events.emit(stored, EventKind.SUBMITTED, JobStatus.PENDING, "job submitted")

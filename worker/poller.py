@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -34,6 +35,10 @@ class Poller:
         self.interval = interval
         self.last_cycle_seconds = 0.0
         self.cycles = 0
+        # Active owned jobs by status at the last cycle, and a per-cycle hook
+        # (seconds, ok), both for the worker's metrics (worker/metrics.py).
+        self.owned_by_status: dict[str, int] = {}
+        self.on_cycle: Callable[[float, bool], None] | None = None
         # Output offsets per provider job (stdout, stderr), for providers that stream output.
         self._offsets: dict[str, tuple[int, int]] = {}
         # The provider's last raw state per job, to report changes that map to no new status
@@ -43,18 +48,23 @@ class Poller:
     async def run(self) -> None:
         while True:
             started = time.monotonic()
+            ok = False
             try:
                 await self.cycle()
+                ok = True
             except JennahError as exc:  # store or provider down: try again next cycle
                 log.warning("poll cycle failed: %s", exc)
             except Exception:
                 log.exception("poll cycle crashed")
             self.last_cycle_seconds = time.monotonic() - started
             self.cycles += 1
+            if self.on_cycle is not None:
+                self.on_cycle(self.last_cycle_seconds, ok)
             await anyio.sleep(max(0.0, self.interval - self.last_cycle_seconds))
 
     async def cycle(self) -> None:
         owned = await blocking(self.jobs.store.list_owned_jobs, self.jobs.worker_id)
+        self.owned_by_status = dict(Counter(j.status.value for j in owned))
         to_poll: list[Job] = []
         for job in owned:
             try:

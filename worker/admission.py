@@ -1,0 +1,377 @@
+"""Admission control for SubmitJob (issue 6): refuse early, cheaply, with a retry hint.
+
+Three limits are checked, in this order, before anything is stored:
+
+1. **Active jobs per tenant** (``TENANT_MAX_ACTIVE_JOBS``, default 1,000; 0 disables): a
+   tenant may have at most that many non-terminal (PENDING, SCHEDULED, RUNNING) jobs.
+2. **Submit rate per tenant** (``TENANT_SUBMIT_RATE`` per second, default 50, with a burst
+   of ``TENANT_SUBMIT_BURST``, default 200; a rate of 0 disables): a token bucket per tenant.
+3. **Submit rate per provider** (``PROVIDER_SUBMIT_RATE`` overrides the default below): a
+   token bucket shared by every tenant of this worker, so that the cloud API's own
+   throttling is not what a tenant hits first.
+
+A refusal raises ``ResourceExhausted`` carrying ``retry_after_seconds``; the RPC layer
+(``jennah/rpc.py``) turns that into ``resource_exhausted`` whose message ends with
+"retry after N s", a ``google.rpc.RetryInfo`` error detail and a ``retry-after`` header.
+Nothing is stored and no token is spent for a refused submit: every check is made before
+any bucket is debited, and the buckets are debited without an ``await`` in between, so
+concurrent submits cannot overdraw them.
+
+**Provider defaults**, sized from each service's published limits (per account/project,
+so the rate is divided by the number of live workers, refreshed by the worker's
+membership heartbeat; see :meth:`Admission.set_worker_count`):
+
+* ``aws``: 50 submits/s. AWS Batch's ``SubmitJob`` API quota is 50 transactions per
+  second per account and region.
+* ``gcp``: 100 submits/s. Cloud Batch allows 6,000 job changes per minute per project
+  and region (a create is a change), which is 100/s.
+* ``azure``: 20 submits/s. Azure Batch publishes no fixed per-second request quota (it
+  throttles with HTTP 429 and ``Retry-After``), and one submit is two calls (create the
+  job, add its task); 20/s (40 calls/s) stays well clear of throttling observed on a
+  single account, and accounts also cap *active* jobs (a quota in the hundreds), which the
+  per-tenant active cap helps to respect. Raise it with ``PROVIDER_SUBMIT_RATE``.
+* ``local``, ``dry``, ``fake``: unlimited. The local provider's real cost is processes on
+  one machine, which the per-tenant active cap bounds; ``dry`` exists for benchmarks,
+  which must measure our stack, not a limiter.
+
+The provider bucket holds one second's worth of tokens (at least 1): a short burst at the
+provider's rate, no more.
+
+**Active-jobs count without a scan per submit.** The count lives in a per-tenant cache:
+the last exact count plus the submits admitted since (jobs that finished since are not
+subtracted, so the estimate only errs upwards). The store is asked only
+
+* the first time this worker sees the tenant, and
+* when the estimate is within 10 % of the cap (or at it) and the last count is at least
+  ``recount_interval`` (1 s) old,
+
+so a tenant far from its cap costs no query at all, and a tenant at its cap costs at most
+one count a second. A count pages ``list_jobs`` with a status filter (one status at a
+time, 500 rows a page) and stops as soon as it reaches the cap, so it is bounded by the
+cap, not by the tenant's history. Nothing was added to the ``JobStore`` Protocol. Submits
+in flight on this worker (admitted, not yet stored) are added to the count. Submits of the
+same tenant on *other* workers are seen at the next count only; the gateway routes a
+tenant to one worker, so that is rare, and the cap can then be exceeded by at most the
+number of submits admitted elsewhere in one ``recount_interval``.
+
+**Idempotent retries are not refused.** A ``(tenant, request_id)`` that this worker has
+stored or found already (the last 10,000 of them) skips every limit: the store will
+return the existing job and nothing new is created or submitted. A retry that reaches a
+*different* worker (after a failover) is not in that worker's memory and goes through the
+limits; if refused, the client retries after the hint and then gets its existing job.
+Asking the store first would cost a query per submit, which is what this module avoids.
+If a "retry" does create a job (its first job was deleted meanwhile), the job is charged
+to the buckets and the count afterwards, so delete-and-resubmit cannot dodge the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import anyio.to_thread
+
+from database.base import MAX_PAGE_SIZE, JobStore
+from jennah.errors import ResourceExhausted
+from jennah.models import JobFilter, JobStatus
+from jennah.settings import AdmissionSettings
+
+# Submits per second for the whole account/project (see the module docstring).
+PROVIDER_SUBMIT_RATES: Mapping[str, float | None] = {
+    "aws": 50.0,
+    "gcp": 6000 / 60,
+    "azure": 20.0,
+    "local": None,
+    "dry": None,
+    "fake": None,
+}
+ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.RUNNING)
+# When a tenant is at its active cap we cannot know when a job will finish; this is how
+# long a client should wait before asking again (jobs are polled about once a second).
+ACTIVE_CAP_RETRY_SECONDS = 5.0
+RECENT_REQUEST_IDS = 10_000
+PRUNE_ABOVE = 10_000
+PRUNE_EVERY_SECONDS = 10.0
+
+Clock = Callable[[], float]
+# (tenant_id, limit) -> the tenant's active jobs, counted up to at least ``limit``.
+ActiveCounter = Callable[[str, int], int]
+
+
+def provider_submit_rate(provider: str, override: float | None) -> float | None:
+    """The account-wide submit rate for ``provider``: the override if set (0 = none)."""
+    if override is not None:
+        return override or None
+    return PROVIDER_SUBMIT_RATES.get(provider)
+
+
+def store_active_counter(store: JobStore) -> ActiveCounter:
+    """Count a tenant's non-terminal jobs with ``list_jobs``, stopping at ``limit``."""
+
+    def count(tenant_id: str, limit: int) -> int:
+        total = 0
+        for status in ACTIVE_STATUSES:
+            token = ""
+            while total < limit:
+                page = store.list_jobs(tenant_id, JobFilter(status=status), MAX_PAGE_SIZE, token)
+                total += len(page.jobs)
+                token = page.next_page_token
+                if not token:
+                    break
+            if total >= limit:
+                break
+        return total
+
+    return count
+
+
+class TokenBucket:
+    """``rate`` tokens a second, holding at most ``burst``; starts full."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0 if one is available now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1
+
+    def full(self, now: float) -> bool:
+        self._refill(now)
+        return self.tokens >= self.burst
+
+    def reshape(self, rate: float, burst: float, now: float) -> None:
+        self._refill(now)
+        self.rate, self.burst = rate, burst
+        self.tokens = min(self.tokens, burst)
+
+
+@dataclass
+class _Active:
+    count: int  # the last exact count plus the submits admitted since
+    counted_at: float
+    inflight: int = 0  # admitted on this worker, not yet stored
+
+
+class Ticket:
+    """An admitted submit. Call :meth:`stored` once the store answered, or
+    :meth:`abandon` if the store call failed.
+
+    A *retry* ticket (a known request id, let through without checks) that turns out to
+    have created a job after all (the earlier job was deleted since) is charged then:
+    its tokens are taken even if that leaves a bucket in debt, so deleting and
+    resubmitting under one request id cannot bypass the limits.
+    """
+
+    def __init__(
+        self, admission: Admission, tenant_id: str, request_id: str, *, retry: bool = False
+    ) -> None:
+        self._admission = admission
+        self._tenant = tenant_id
+        self._request_id = request_id
+        self._retry = retry
+        self._open = not retry
+
+    def stored(self, created: bool) -> None:
+        if self._request_id:
+            self._admission.remember(self._tenant, self._request_id)
+        if self._retry and created:
+            self._admission.charge(self._tenant)
+        self._close(created)
+
+    def abandon(self) -> None:
+        self._close(False)
+
+    def _close(self, created: bool) -> None:
+        if self._open:
+            self._open = False
+            self._admission.settle(self._tenant, created)
+
+
+class Admission:
+    """Per-tenant and per-provider limits on SubmitJob for one worker."""
+
+    def __init__(
+        self,
+        settings: AdmissionSettings,
+        *,
+        provider: str,
+        counter: ActiveCounter | None = None,
+        clock: Clock = time.monotonic,
+        recount_interval: float = 1.0,
+    ) -> None:
+        self.tenant_rate = settings.tenant_submit_rate
+        self.tenant_burst = max(1.0, float(settings.tenant_submit_burst))
+        self.max_active = settings.tenant_max_active_jobs if counter is not None else 0
+        self.provider = provider
+        self.provider_rate = provider_submit_rate(provider, settings.provider_submit_rate)
+        self.counter = counter
+        self.clock = clock
+        self.recount_interval = recount_interval
+        self.counts = 0  # store counts made (for tests and /info)
+        self.workers = 1
+        self._tenants: dict[str, TokenBucket] = {}
+        self._active: dict[str, _Active] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        now = clock()
+        self._pruned_at = now
+        self._provider_bucket: TokenBucket | None = None
+        if self.provider_rate:
+            self._provider_bucket = TokenBucket(self.provider_rate, max(1.0, self.provider_rate),
+                                                now)
+
+    @classmethod
+    def unlimited(cls) -> Admission:
+        return cls(AdmissionSettings(tenant_submit_rate=0, tenant_max_active_jobs=0,
+                                     provider_submit_rate=0), provider="")
+
+    # --- configuration at run time -----------------------------------------------------
+
+    def set_worker_count(self, workers: int) -> None:
+        """Share the account-wide provider rate among ``workers`` live workers."""
+        self.workers = max(1, workers)
+        if self._provider_bucket is not None and self.provider_rate:
+            share = self.provider_rate / self.workers
+            self._provider_bucket.reshape(share, max(1.0, share), self.clock())
+
+    # --- the check ---------------------------------------------------------------------
+
+    async def admit(self, tenant_id: str, request_id: str) -> Ticket:
+        """A ticket for one submit, or ``ResourceExhausted`` with a retry hint."""
+        if request_id and (tenant_id, request_id) in self._recent:
+            self._recent.move_to_end((tenant_id, request_id))
+            return Ticket(self, tenant_id, request_id, retry=True)
+        self._prune(self.clock())
+        if self.max_active > 0:
+            await self._check_active(tenant_id)
+        try:
+            self._take_tokens(tenant_id)
+        except ResourceExhausted:
+            if self.max_active > 0:
+                self.settle(tenant_id, created=False)
+            raise
+        return Ticket(self, tenant_id, request_id)
+
+    async def _check_active(self, tenant_id: str) -> None:
+        lock = self._locks.get(tenant_id)
+        if lock is None:
+            lock = self._locks[tenant_id] = asyncio.Lock()
+        async with lock:
+            entry = self._active.get(tenant_id)
+            now = self.clock()
+            near = entry is not None and (
+                entry.count + entry.inflight >= self.max_active - max(1, self.max_active // 10)
+            )
+            if entry is None or (near and now - entry.counted_at >= self.recount_interval):
+                assert self.counter is not None
+                counted = await anyio.to_thread.run_sync(self.counter, tenant_id, self.max_active)
+                self.counts += 1
+                if entry is None:
+                    entry = self._active[tenant_id] = _Active(counted, now)
+                else:
+                    entry.count, entry.counted_at = counted, now
+            active = entry.count + entry.inflight
+            if active >= self.max_active:
+                raise ResourceExhausted(
+                    f"tenant {tenant_id} has {active} active jobs, the most allowed is "
+                    f"{self.max_active}; wait for some to finish",
+                    retry_after_seconds=ACTIVE_CAP_RETRY_SECONDS,
+                )
+            entry.inflight += 1
+
+    def _take_tokens(self, tenant_id: str) -> None:
+        now = self.clock()
+        bucket: TokenBucket | None = None
+        if self.tenant_rate > 0:
+            bucket = self._tenants.get(tenant_id)
+            if bucket is None:
+                bucket = self._tenants[tenant_id] = TokenBucket(
+                    self.tenant_rate, self.tenant_burst, now
+                )
+            wait = bucket.wait(now)
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"tenant {tenant_id} is over its submit rate ({self.tenant_rate:g}/s, "
+                    f"burst {self.tenant_burst:g})",
+                    retry_after_seconds=_hint(wait),
+                )
+        if self._provider_bucket is not None:
+            wait = self._provider_bucket.wait(now)
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"this worker is at its {self.provider} submit rate "
+                    f"({self._provider_bucket.rate:g}/s)",
+                    retry_after_seconds=_hint(wait),
+                )
+            self._provider_bucket.take(now)
+        if bucket is not None:
+            bucket.take(now)
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def charge(self, tenant_id: str) -> None:
+        """Account for a job created without a check (see :class:`Ticket`)."""
+        now = self.clock()
+        bucket = self._tenants.get(tenant_id)
+        if bucket is not None:
+            bucket.take(now)
+        if self._provider_bucket is not None:
+            self._provider_bucket.take(now)
+        entry = self._active.get(tenant_id)
+        if entry is not None:
+            entry.count += 1
+
+    def settle(self, tenant_id: str, created: bool) -> None:
+        entry = self._active.get(tenant_id)
+        if entry is None:
+            return
+        entry.inflight = max(0, entry.inflight - 1)
+        if created:
+            entry.count += 1
+
+    def remember(self, tenant_id: str, request_id: str) -> None:
+        self._recent[(tenant_id, request_id)] = None
+        self._recent.move_to_end((tenant_id, request_id))
+        while len(self._recent) > RECENT_REQUEST_IDS:
+            self._recent.popitem(last=False)
+
+    def _prune(self, now: float) -> None:
+        """Forget idle tenants: a full bucket is the same as no bucket, and a stale count
+        is simply taken again. At most every ``PRUNE_EVERY_SECONDS``."""
+        if now - self._pruned_at < PRUNE_EVERY_SECONDS:
+            return
+        self._pruned_at = now
+        if len(self._tenants) > PRUNE_ABOVE:
+            for tenant in [t for t, b in self._tenants.items() if b.full(now)]:
+                del self._tenants[tenant]
+        if len(self._active) > PRUNE_ABOVE:
+            for tenant in [t for t, a in self._active.items()
+                           if a.inflight == 0 and now - a.counted_at > 60]:
+                del self._active[tenant]
+                lock = self._locks.get(tenant)
+                if lock is not None and not lock.locked():
+                    del self._locks[tenant]
+
+
+def _hint(seconds: float) -> float:
+    """Round a wait up to the next tenth of a second (never 0)."""
+    return max(0.1, math.ceil(seconds * 10) / 10)
