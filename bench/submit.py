@@ -1,24 +1,33 @@
-"""Submit throughput: SubmitJob against a trivial RPC on the same server stack.
+"""Submit throughput and latency: SubmitJob against a trivial RPC on the same server stack.
 
 Everything runs as real processes on loopback, loaded by ``wrk`` (Connect JSON over
-HTTP/1.1, like curl). In one run it measures:
+HTTP/1.1, like curl), with the ``dry`` provider (accepts and completes instantly) and
+admission control off (the bench measures the server, not the rate limit). Each figure
+is the median of ``--runs`` runs of ``--seconds`` each, with the range beside it:
 
 * the **floor**: ``GetCurrentTenant`` on a worker, an RPC that only parses headers, so
-  it costs what the server stack (uvicorn + connectrpc + our router) costs;
-* ``SubmitJob`` straight to a worker, on SQLite and on PostgreSQL, with the ``dry``
-  provider (accepts and completes instantly), reported as a ratio to the floor;
-* ``SubmitJob`` through the gateway, as a ratio to the direct figure.
+  it costs what the server stack (server + connectrpc + our router) costs;
+* ``SubmitJob`` straight to a worker, on SQLite and on PostgreSQL, as a ratio to the
+  floor (goal ≥ 0.5×);
+* ``SubmitJob`` through the gateway, as a ratio to the direct figure (goal ≥ 0.8×);
+* the latency the gateway adds, from one connection at a time (so no queueing hides it):
+  p50 through the gateway minus p50 direct (goal ≤ 1 ms);
+* **server choice**: the floor and SubmitJob direct (SQLite) on every server that can
+  run here (uvicorn, hypercorn, pyvoy), to pick the default by the data.
 
-Run: ``.venv/bin/python -m bench.submit [--seconds 10] [--connections 32]``.
-PostgreSQL figures need ``JENNAH_TEST_POSTGRES_URL`` or the PostgreSQL 15 binaries.
+Run: ``.venv/bin/python -m bench.submit [--seconds 5] [--runs 3] [--connections 32]``.
+PostgreSQL figures need ``--postgres-url`` or the PostgreSQL 15 binaries (a private
+server, started with ``fsync=off``: its figures are an upper bound for a durable one).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,6 +43,7 @@ wrk.headers["X-Tenant-Id"] = "bench"
 wrk.body = [[{body}]]
 """
 SUBMIT_BODY = '{"image_uri":"busybox","commands":["true"],"env_vars":{"A":"1"}}'
+PATH = "/jennah.v1.DeploymentService/"
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,25 @@ class Result:
     errors: int
 
 
+@dataclass(frozen=True)
+class Figure:
+    """The median (and range) of several runs of one scenario."""
+
+    name: str
+    runs: list[Result]
+
+    def med(self, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in self.runs))
+
+    def span(self, attr: str, fmt: str = ",.0f") -> str:
+        vals = [getattr(r, attr) for r in self.runs]
+        return f"{self.med(attr):{fmt}} ({min(vals):{fmt}}–{max(vals):{fmt}})"
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+
 def _ms(value: str) -> float:
     number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
@@ -54,11 +83,12 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA.replace("{body}", body))
         script = f.name
-    duration = f"-d{max(1, round(seconds))}s"
+    threads = min(2, connections)
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", duration, "--latency", "-s", script, url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
+         "-s", script, url],
         capture_output=True, text=True, check=True,
-    ).stdout
+    ).stdout  # fmt: skip
     Path(script).unlink()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -74,11 +104,12 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
 
 
 @contextlib.contextmanager
-def stack(tmp: Path, db_env: dict[str, str], gateway: bool) -> Iterator[tuple[str, str]]:
+def stack(tmp: Path, db_env: dict[str, str], gateway: bool,
+          server: str = "uvicorn") -> Iterator[tuple[str, str]]:  # fmt: skip
     env = {"JENNAH_DEV_MODE": "1", "JENNAH_HOME": str(tmp), "BATCH_PROVIDER": "dry",
-           "WORKER_ID": "bench-1",
+           "WORKER_ID": "bench-1", "JENNAH_SERVER": server,
            # Admission control off: the bench measures the server, not the rate limit.
-           "TENANT_SUBMIT_RATE": "0", "TENANT_MAX_ACTIVE_JOBS": "0", **db_env}
+           "TENANT_SUBMIT_RATE": "0", "TENANT_MAX_ACTIVE_JOBS": "0", **db_env}  # fmt: skip
     wport = free_port()
     procs = [start_jennah("worker", dict(env, WORKER_PORT=str(wport)), tmp / "worker.log")]
     worker = f"http://127.0.0.1:{wport}"
@@ -89,80 +120,136 @@ def stack(tmp: Path, db_env: dict[str, str], gateway: bool) -> Iterator[tuple[st
             gport = free_port()
             procs.append(start_jennah("gateway", dict(env, GATEWAY_PORT=str(gport),
                                                       WORKER_ENDPOINTS=worker),
-                                      tmp / "gateway.log"))
+                                      tmp / "gateway.log"))  # fmt: skip
             gw = f"http://127.0.0.1:{gport}"
-            wait_http(f"{gw}/health", proc=procs[1])
+            wait_http(f"{gw}/ready", proc=procs[1])
         yield worker, gw
     finally:
         for proc in procs:
             stop(proc)
 
 
-def measure(seconds: float, connections: int, postgres_url: str | None) -> list[Result]:
-    path = "/jennah.v1.DeploymentService/"
-    results: list[Result] = []
-    stores: list[tuple[str, dict[str, str]]] = [("sqlite", {"DB_PROVIDER": "sqlite"})]
-    if postgres_url:
-        stores.append(("postgres", {"DB_PROVIDER": "postgres", "DATABASE_URL": postgres_url}))
-    for store, db_env in stores:
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d)
-            if store == "sqlite":
-                db_env = dict(db_env, DB_PATH=str(tmp / "bench.db"))
-            with stack(tmp, db_env, gateway=True) as (worker, gw):
-                run_wrk("warm-up", worker + path + "SubmitJob", SUBMIT_BODY, 2, connections)
-                results.append(run_wrk(f"floor: GetCurrentTenant ({store} worker)",
-                                       worker + path + "GetCurrentTenant", "{}", seconds,
-                                       connections))
-                results.append(run_wrk(f"SubmitJob direct ({store})",
-                                       worker + path + "SubmitJob", SUBMIT_BODY, seconds,
-                                       connections))
-                results.append(run_wrk(f"SubmitJob via gateway ({store})",
-                                       gw + path + "SubmitJob", SUBMIT_BODY, seconds,
-                                       connections))
-    return results
+def available_servers() -> list[str]:
+    """uvicorn always; hypercorn and pyvoy when installed and known to jennah.serve."""
+    from jennah.settings import SERVERS
+
+    return [s for s in ("uvicorn", "hypercorn", "pyvoy")
+            if s in SERVERS and (s == "uvicorn" or importlib.util.find_spec(s))]  # fmt: skip
 
 
-def table(results: list[Result]) -> str:
-    lines = ["| scenario | req/s | p50 ms | p99 ms | errors | ratio |",
-             "|---|---:|---:|---:|---:|---|"]
-    floor = direct = 0.0
-    for r in results:
-        if r.name.startswith("floor"):
-            floor, ratio = r.rps, "1.00 (floor)"
-        elif "direct" in r.name:
-            direct, ratio = r.rps, f"{r.rps / floor:.2f} x floor"
-        else:
-            ratio = f"{r.rps / direct:.2f} x direct"
-        lines.append(f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                     f"{r.errors} | {ratio} |")
+def _db_env(store: str, tmp: Path, postgres_url: str | None) -> dict[str, str]:
+    if store == "sqlite":
+        return {"DB_PROVIDER": "sqlite", "DB_PATH": str(tmp / "bench.db")}
+    assert postgres_url
+    return {"DB_PROVIDER": "postgres", "DATABASE_URL": postgres_url}
+
+
+def measure(seconds: float, runs: int, connections: int, postgres_url: str | None,
+            servers: list[str]) -> dict[str, Figure]:  # fmt: skip
+    """Every scenario ``runs`` times; keyed by scenario name."""
+    got: dict[str, list[Result]] = {}
+
+    def rec(name: str, url: str, body: str, secs: float = seconds, conns: int = connections,
+            n: int = runs) -> None:  # fmt: skip
+        for _ in range(n):
+            got.setdefault(name, []).append(run_wrk(name, url, body, secs, conns))
+
+    stores = ["sqlite"] + (["postgres"] if postgres_url else [])
+    for store in stores:
+        with tempfile.TemporaryDirectory() as d, \
+                stack(Path(d), _db_env(store, Path(d), postgres_url), True) as (worker, gw):
+            run_wrk("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 2, connections)
+            rec(f"floor ({store})", worker + PATH + "GetCurrentTenant", "{}")
+            rec(f"direct ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY)
+            rec(f"gateway ({store})", gw + PATH + "SubmitJob", SUBMIT_BODY)
+            if store == "sqlite":  # latency added by the gateway, one request at a time
+                rec("latency direct", worker + PATH + "SubmitJob", SUBMIT_BODY, conns=1)
+                rec("latency gateway", gw + PATH + "SubmitJob", SUBMIT_BODY, conns=1)
+    for server in servers:
+        with tempfile.TemporaryDirectory() as d, \
+                stack(Path(d), _db_env("sqlite", Path(d), None), False, server) as (worker, _):
+            run_wrk("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
+            rec(f"server {server} floor", worker + PATH + "GetCurrentTenant", "{}")
+            rec(f"server {server} direct", worker + PATH + "SubmitJob", SUBMIT_BODY)
+    return {name: Figure(name, rs) for name, rs in got.items()}
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**MISSED**"
+
+
+def report(figs: dict[str, Figure], runs: int, seconds: float, connections: int) -> str:
+    lines = [
+        f"SubmitJob, `wrk -c{connections}`, {runs} runs × {seconds:g} s each; median "
+        "(min–max). Ratios use medians measured in this run.", "",
+        "| scenario | req/s | p50 ms | p99 ms | errors | ratio | goal |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for store in ("sqlite", "postgres"):
+        if f"floor ({store})" not in figs:
+            continue
+        fl, di, gw = (figs[f"{k} ({store})"] for k in ("floor", "direct", "gateway"))
+        d_ratio = di.med("rps") / fl.med("rps")
+        g_ratio = gw.med("rps") / di.med("rps")
+        for fig, ratio, goal in (
+            (fl, "1.00 (floor: GetCurrentTenant)", ""),
+            (di, f"{d_ratio:.2f}× floor", f"≥ 0.5× {_verdict(d_ratio >= 0.5)}"),
+            (gw, f"{g_ratio:.2f}× direct", f"≥ 0.8× {_verdict(g_ratio >= 0.8)}"),
+        ):
+            lines.append(f"| {fig.name} | {fig.span('rps')} | {fig.span('p50_ms', '.2f')} | "
+                         f"{fig.span('p99_ms', '.1f')} | {fig.errors} | {ratio} | {goal} |")
+    if "latency direct" in figs:
+        ld, lg = figs["latency direct"], figs["latency gateway"]
+        added = lg.med("p50_ms") - ld.med("p50_ms")
+        lines += ["", "Latency, one connection (`wrk -c1`), SQLite:", "",
+                  "| path | req/s | p50 ms | p99 ms | added by the gateway (p50) | goal |",
+                  "|---|---:|---:|---:|---:|---|",
+                  f"| direct | {ld.span('rps')} | {ld.span('p50_ms', '.2f')} | "
+                  f"{ld.span('p99_ms', '.1f')} | | |",
+                  f"| gateway | {lg.span('rps')} | {lg.span('p50_ms', '.2f')} | "
+                  f"{lg.span('p99_ms', '.1f')} | {added:+.2f} ms | ≤ 1 ms "
+                  f"{_verdict(added <= 1.0)} |"]  # fmt: skip
+    servers = [k.split()[1] for k in figs if k.startswith("server ") and k.endswith("floor")]
+    if servers:
+        lines += ["", "Server choice (worker alone, SQLite):", "",
+                  "| server | floor req/s | SubmitJob req/s | SubmitJob p99 ms | "
+                  "SubmitJob / uvicorn's |", "|---|---:|---:|---:|---:|"]
+        base = figs["server uvicorn direct"].med("rps") if "uvicorn" in servers else 0.0
+        for s in servers:
+            fl, di = figs[f"server {s} floor"], figs[f"server {s} direct"]
+            rel = f"{di.med('rps') / base:.2f}×" if base else ""
+            lines.append(f"| {s} | {fl.span('rps')} | {di.span('rps')} | "
+                         f"{di.span('p99_ms', '.1f')} | {rel} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--postgres-url", default="")
+    parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--servers", default="", help="comma list; default: all available")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("bench.submit needs wrk (apt-get install wrk)")
+    servers = args.servers.split(",") if args.servers else available_servers()
     pg = args.postgres_url or None
     cluster = None
-    if pg is None:
+    if pg is None and not args.no_postgres:
         from tests.fixtures.postgres import _bindir, _Cluster
 
         bindir = _bindir()
         if bindir is not None:
-            # The private test cluster runs with fsync=off: PostgreSQL figures are an upper
-            # bound on what a durable server does.
             cluster = _Cluster(bindir)
             pg = cluster.start()
     try:
-        out = table(measure(args.seconds, args.connections, pg))
+        figs = measure(args.seconds, args.runs, args.connections, pg, servers)
     finally:
         if cluster is not None:
             cluster.stop()
+    out = report(figs, args.runs, args.seconds, args.connections)
     print(out)
     return out
 
