@@ -38,6 +38,7 @@ class Node:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Cluster:
                         ARCHIVE_DIR=str(self.home / name / "archive"))  # fmt: skip
             log = self.home / f"{name}.log"
             self.workers.append(Node(name, f"http://127.0.0.1:{port}",
-                                     start_jennah("worker", wenv, log), log))  # fmt: skip
+                                     start_jennah("worker", wenv, log), log, wenv))  # fmt: skip
         for w in self.workers:
             wait_http(f"{w.url}/health", timeout=30, proc=w.proc)
         gport = free_port()
@@ -105,6 +106,12 @@ class Cluster:
         self.gateway = Node("gateway", f"http://127.0.0.1:{gport}", gproc, glog)
         wait_http(f"{self.gateway.url}/ready", timeout=30, proc=gproc)
         return self
+
+    def restart(self, node: Node) -> None:
+        """Start the (stopped) worker again: same id, port, WAL directory and settings."""
+        assert node.proc.poll() is not None, "stop it first"
+        node.proc = start_jennah("worker", node.env, node.log)
+        wait_http(f"{node.url}/health", timeout=30, proc=node.proc)
 
     def close(self) -> None:
         for node in [*self.workers, *([self.gateway] if self.gateway else [])]:
