@@ -43,7 +43,10 @@ proto-check: venv
 	  || { echo "jennah/v1 is out of date with proto/: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
+## All benchmarks (< 10 min on 2 cores) → docs/benchmarks.md. Needs wrk (Debian: apt-get install wrk).
 bench: venv
+	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null 2>&1 || \
+	  { echo "bench needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m bench
 
 clean:

@@ -30,6 +30,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,50 @@ class Figure:
 def _ms(value: str) -> float:
     number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def run_python(name: str, url: str, body: str, seconds: float, connections: int) -> Result:
+    """A small closed-loop load from threads (``--load python``): for the smoke test where
+    wrk is not installed. Far weaker than wrk; its figures only show the path works."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+        headers = {"Content-Type": "application/json", "X-Tenant-Id": "bench"}
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", parts.path, body=body.encode(), headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except OSError:
+                ok = False
+                conn.close()
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                errors[0] += not ok
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    lat.sort()
+    p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0
+    return Result(name, len(lat) / elapsed, p50, p99, errors[0])
 
 
 def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) -> Result:
@@ -145,20 +190,21 @@ def _db_env(store: str, tmp: Path, postgres_url: str | None) -> dict[str, str]:
 
 
 def measure(seconds: float, runs: int, connections: int, postgres_url: str | None,
-            servers: list[str]) -> dict[str, Figure]:  # fmt: skip
+            servers: list[str], load: str = "wrk") -> dict[str, Figure]:  # fmt: skip
     """Every scenario ``runs`` times; keyed by scenario name."""
     got: dict[str, list[Result]] = {}
+    run_load = run_wrk if load == "wrk" else run_python
 
     def rec(name: str, url: str, body: str, secs: float = seconds, conns: int = connections,
             n: int = runs) -> None:  # fmt: skip
         for _ in range(n):
-            got.setdefault(name, []).append(run_wrk(name, url, body, secs, conns))
+            got.setdefault(name, []).append(run_load(name, url, body, secs, conns))
 
     stores = ["sqlite"] + (["postgres"] if postgres_url else [])
     for store in stores:
         with tempfile.TemporaryDirectory() as d, \
                 stack(Path(d), _db_env(store, Path(d), postgres_url), True) as (worker, gw):
-            run_wrk("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 2, connections)
+            run_load("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
             rec(f"floor ({store})", worker + PATH + "GetCurrentTenant", "{}")
             rec(f"direct ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY)
             rec(f"gateway ({store})", gw + PATH + "SubmitJob", SUBMIT_BODY)
@@ -168,7 +214,7 @@ def measure(seconds: float, runs: int, connections: int, postgres_url: str | Non
     for server in servers:
         with tempfile.TemporaryDirectory() as d, \
                 stack(Path(d), _db_env("sqlite", Path(d), None), False, server) as (worker, _):
-            run_wrk("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
+            run_load("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
             rec(f"server {server} floor", worker + PATH + "GetCurrentTenant", "{}")
             rec(f"server {server} direct", worker + PATH + "SubmitJob", SUBMIT_BODY)
     return {name: Figure(name, rs) for name, rs in got.items()}
@@ -178,9 +224,10 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**MISSED**"
 
 
-def report(figs: dict[str, Figure], runs: int, seconds: float, connections: int) -> str:
+def report(figs: dict[str, Figure], runs: int, seconds: float, connections: int,
+           load: str = "wrk") -> str:  # fmt: skip
     lines = [
-        f"SubmitJob, `wrk -c{connections}`, {runs} runs × {seconds:g} s each; median "
+        f"SubmitJob, `{load} -c{connections}`, {runs} runs × {seconds:g} s each; median "
         "(min–max). Ratios use medians measured in this run.", "",
         "| scenario | req/s | p50 ms | p99 ms | errors | ratio | goal |",
         "|---|---:|---:|---:|---:|---|---|",
@@ -231,9 +278,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--postgres-url", default="")
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--servers", default="", help="comma list; default: all available")
+    parser.add_argument("--load", choices=("wrk", "python"), default="wrk",
+                        help="load generator; python is a weak fallback for smoke tests")
     args = parser.parse_args(argv)
-    if not shutil.which("wrk"):
-        raise SystemExit("bench.submit needs wrk (apt-get install wrk)")
+    if args.load == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("bench.submit needs wrk (apt-get install wrk), or --load python")
     servers = args.servers.split(",") if args.servers else available_servers()
     pg = args.postgres_url or None
     cluster = None
@@ -245,11 +294,11 @@ def main(argv: list[str] | None = None) -> str:
             cluster = _Cluster(bindir)
             pg = cluster.start()
     try:
-        figs = measure(args.seconds, args.runs, args.connections, pg, servers)
+        figs = measure(args.seconds, args.runs, args.connections, pg, servers, args.load)
     finally:
         if cluster is not None:
             cluster.stop()
-    out = report(figs, args.runs, args.seconds, args.connections)
+    out = report(figs, args.runs, args.seconds, args.connections, args.load)
     print(out)
     return out
 

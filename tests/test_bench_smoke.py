@@ -1,0 +1,74 @@
+"""One smoke scenario per benchmark (issue 7 §4), so ``make bench`` stays runnable.
+
+Tiny sizes; timings are never asserted, only that each figure and ratio exists, and that
+the fault counts are zero. The WAL, poller and fault benchmarks have their own smoke
+modules (``test_bench_wal_smoke``, ``test_bench_poller_smoke``,
+``test_bench_faults_smoke``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import failover, providers_poll, ring, submit
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+def test_ring_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    ring.main(["--tenants", "500"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, "3 → 4") + table_rows(out, "10 → 11")
+    assert len(rows) == 2
+    assert all(re.fullmatch(r"[\d.]+%", r[1]) for r in rows)  # remap fraction exists
+
+
+def test_submit_smoke(postgres_url: str) -> None:
+    out = submit.main(["--load", "python", "--seconds", "1", "--runs", "1", "--connections", "2",
+                       "--servers", "uvicorn", "--postgres-url", postgres_url])  # fmt: skip
+    for store in ("sqlite", "postgres"):
+        [direct] = table_rows(out, f"direct ({store})")
+        [gateway] = table_rows(out, f"gateway ({store})")
+        assert re.fullmatch(r"[\d.]+× floor", direct[5]) and direct[4] == "0"
+        assert re.fullmatch(r"[\d.]+× direct", gateway[5]) and gateway[4] == "0"
+    [latency] = table_rows(out, "gateway")  # the one-connection latency row
+    assert re.fullmatch(r"[+-][\d.]+ ms", latency[4])
+    [server] = table_rows(out, "uvicorn")
+    assert server[4] == "1.00×"
+
+
+@pytest.mark.e2e
+def test_failover_smoke(postgres_url: str) -> None:
+    out = failover.main(["--runs", "1", "--jobs", "24", "--tenants", "6",
+                         "--postgres-url", postgres_url])  # fmt: skip
+    rows = table_rows(out, "kill -9") + table_rows(out, "SIGTERM")
+    assert len(rows) == 2
+    for row in rows:
+        assert re.fullmatch(r"[\d.]+×", row[6])  # the ratio to the goal exists
+        assert row[8] == "0"  # lost + duplicated + not completed
+
+
+def test_providers_poll_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    providers_poll.main(["--jobs", "300"])
+    out = capsys.readouterr().out
+    assert out.count("|") > 20 and "calls" in out
+
+
+def test_make_bench_writes_the_report(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector writes machine facts and a section per benchmark (ring only here)."""
+    from pathlib import Path
+
+    out = Path(str(tmp_path)) / "b.md"
+    assert bench_main.main(["--only", "ring", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "- machine:" in text and "## Ring balance and remap" in text and "| 3 → 4 |" in text
