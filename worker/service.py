@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,7 +10,7 @@ import anyio
 from connectrpc.request import RequestContext
 
 from jennah.errors import InvalidArgument
-from jennah.models import JobFilter, JobStatus
+from jennah.models import EventKind, JobFilter, JobStatus
 from jennah.v1 import deployment_pb2 as pb
 from worker import convert
 from worker.auth import CallerAuth
@@ -21,6 +22,8 @@ Ctx = RequestContext[Any, Any]
 EVENTS_DEFAULT_PAGE = 500
 EVENTS_MAX_PAGE = 1000
 WATCH_POLL_SECONDS = 0.25
+FINAL_EVENT_KINDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.CANCELLED})
+FINAL_EVENT_GRACE_SECONDS = 5.0
 
 
 class WorkerService:
@@ -97,16 +100,39 @@ class WorkerService:
                 yield ev
             return
         after = request.after_seq
+        # The job row turns terminal before the owner's event log has delivered the
+        # final event to the store, so a terminal job ends the stream only once its final
+        # event was sent, or after a grace (an event from before this stream's after_seq,
+        # or one the WAL is still retrying, must not hold the stream open forever).
+        final_seen = False
+        terminal_since: float | None = None
         while True:
             job = await self.jobs.get(tenant, request.job_id)
             events = await self.jobs.list_events(tenant, job.job_id, after, EVENTS_MAX_PAGE)
             for event in events:
                 after = event.seq
+                final_seen = final_seen or event.kind in FINAL_EVENT_KINDS
                 yield convert.event_to_pb(event)
-            if not events and job.status.terminal and not request.follow:
+            if job.status.terminal and terminal_since is None:
+                terminal_since = time.monotonic()
+                # The client may have asked to start after the final event already.
+                final_seen = final_seen or await self._has_final_event(tenant, job.job_id)
+            if not events and terminal_since is not None and not request.follow and (
+                final_seen or time.monotonic() - terminal_since > FINAL_EVENT_GRACE_SECONDS
+            ):
                 return
             if not events:
                 await anyio.sleep(WATCH_POLL_SECONDS)
+
+    async def _has_final_event(self, tenant: str, job_id: str) -> bool:
+        after = 0
+        while True:
+            page = await self.jobs.list_events(tenant, job_id, after, EVENTS_MAX_PAGE)
+            if any(e.kind in FINAL_EVENT_KINDS for e in page):
+                return True
+            if len(page) < EVENTS_MAX_PAGE:
+                return False
+            after = page[-1].seq
 
     async def _watch_tenant(self, tenant: str, follow: bool) -> AsyncIterator[pb.JobEvent]:
         # Tenant-wide: every event of every job, deduplicated by per-job seq. Without
