@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 BATCH_PROVIDERS = ("local", "gcp", "aws", "azure", "dry", "fake")
 DB_PROVIDERS = ("sqlite", "postgres", "dynamodb", "spanner", "memory")
-SERVERS = ("uvicorn", "hypercorn")
+SERVERS = ("uvicorn", "hypercorn", "pyvoy")
 
 # Variables each backend cannot start without (checked before anything is imported).
 REQUIRED_BY_PROVIDER: Mapping[str, tuple[str, ...]] = {
