@@ -21,11 +21,10 @@ import argparse
 import signal
 import statistics
 import tempfile
-import threading
 from pathlib import Path
 
 from jennah.settings import StoreSettings
-from tests.cluster import Cluster, Node
+from tests.cluster import Cluster
 
 TTL = 3.0
 CLAIM = 1.0
@@ -42,26 +41,9 @@ def one_run(pg_url: str, dbname: str, sig: int, jobs: int, tenants: int) -> dict
         cluster = Cluster(Path(d), {"DB_PROVIDER": "postgres", "DATABASE_URL": db},
                           StoreSettings(kind="postgres", database_url=db),
                           lease_ttl=TTL, claim_interval=CLAIM)  # fmt: skip
-        timing: dict[str, float] = {}
-        watchers: list[threading.Thread] = []
         try:
             cluster.start()
-
-            def on_progress(done: int) -> None:
-                if done != jobs // 2:
-                    return
-                victim: Node = max(cluster.workers, key=lambda w: len(cluster.owned(w.name)))
-                sent = cluster.kill(victim, sig)
-
-                def watch() -> None:
-                    n, first, all_ = cluster.time_to_claim(victim, sent, timeout=30)
-                    timing.update(orphans=n, first=first, all=all_)
-
-                watchers.append(threading.Thread(target=watch))
-                watchers[0].start()
-
-            items = cluster.submit_many(jobs, tenants, on_progress=on_progress)
-            watchers[0].join(40)
+            items, _, timing = cluster.submit_with_a_death(jobs, tenants, sig, jobs // 2)
             final = cluster.wait_terminal(items, timeout=90)
             runs = cluster.executions()
             timing["lost"] = float(len({i.job_id for i in items} - set(runs)))

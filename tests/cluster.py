@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -221,6 +222,34 @@ class Cluster:
             if now > deadline:
                 raise AssertionError(f"{len(left)} of {len(orphans)} orphans unclaimed")
             time.sleep(0.01)
+
+    def submit_with_a_death(
+        self, jobs: int, tenants: int, sig: int, kill_after: int
+    ) -> tuple[list[Submitted], Node, dict[str, float]]:
+        """Submit ``jobs``; once ``kill_after`` are acknowledged, send ``sig`` to the worker
+        owning the most active jobs and time the takeover (``time_to_claim``) in a thread.
+        Return the submissions, the victim and ``{orphans, first, all}``."""
+        timing: dict[str, float] = {}
+        victims: list[Node] = []
+        watchers: list[threading.Thread] = []
+
+        def on_progress(done: int) -> None:
+            if done != kill_after:
+                return
+            victim = max(self.workers, key=lambda w: len(self.owned(w.name)))
+            victims.append(victim)
+            sent = self.kill(victim, sig)
+
+            def watch() -> None:
+                n, first, all_ = self.time_to_claim(victim, sent, timeout=30)
+                timing.update(orphans=n, first=first, all=all_)
+
+            watchers.append(threading.Thread(target=watch))
+            watchers[0].start()
+
+        items = self.submit_many(jobs, tenants, on_progress=on_progress)
+        watchers[0].join(40)
+        return items, victims[0], timing
 
     def wait_exit(self, node: Node, timeout: float = 15) -> int:
         try:

@@ -10,14 +10,13 @@ every 1 s) so a ``kill -9`` is recovered within about 4 s; a SIGTERM hands over 
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from jennah.settings import StoreSettings
-from tests.cluster import Cluster, Node, Submitted
+from tests.cluster import Cluster, Submitted
 
 pytestmark = pytest.mark.e2e
 
@@ -36,37 +35,7 @@ def cluster(tmp_path: Path, postgres_db_url: str) -> Iterator[Cluster]:
         c.close()
 
 
-def run_with_a_death(cluster: Cluster, sig: int) -> tuple[list[Submitted], Node, dict[str, float]]:
-    """Submit JOBS; after KILL_AFTER are acknowledged, signal the worker owning the most
-    active jobs and time the takeover in a background thread."""
-    timing: dict[str, float] = {}
-    victims: list[Node] = []
-    watcher: list[threading.Thread] = []
-
-    def on_progress(done: int) -> None:
-        if done != KILL_AFTER:
-            return
-        victim = max(cluster.workers, key=lambda w: len(cluster.owned(w.name)))
-        victims.append(victim)
-        sent = cluster.kill(victim, sig)
-
-        def watch() -> None:
-            n, first, all_ = cluster.time_to_claim(victim, sent, timeout=30)
-            timing.update(orphans=n, first=first, all=all_)
-
-        watcher.append(threading.Thread(target=watch))
-        watcher[0].start()
-
-    items = cluster.submit_many(JOBS, TENANTS, on_progress=on_progress)
-    watcher[0].join(40)
-    return items, victims[0], timing
-
-
-def check_exactly_once(cluster: Cluster, items: list[Submitted]) -> None:
-    check_exactly_once_n(cluster, items, JOBS)
-
-
-def check_exactly_once_n(cluster: Cluster, items: list[Submitted], n: int) -> None:
+def check_exactly_once(cluster: Cluster, items: list[Submitted], n: int = JOBS) -> None:
     job_ids = [i.job_id for i in items]
     assert len(set(job_ids)) == n, "a retried submit made a second job"
     final = cluster.wait_terminal(items, timeout=60)
@@ -79,7 +48,7 @@ def check_exactly_once_n(cluster: Cluster, items: list[Submitted], n: int) -> No
 def test_kill_9_of_a_worker_mid_stream_loses_nothing_and_runs_nothing_twice(
     cluster: Cluster,
 ) -> None:
-    items, victim, timing = run_with_a_death(cluster, signal.SIGKILL)
+    items, victim, timing = cluster.submit_with_a_death(JOBS, TENANTS, signal.SIGKILL, KILL_AFTER)
     assert cluster.wait_exit(victim) == -signal.SIGKILL
     assert timing["orphans"] > 0, "the victim owned no active job: the test proved nothing"
     # Expired after at most one TTL, then claimed at a peer's next tick (plus slack for
@@ -93,11 +62,10 @@ def test_kill_9_of_a_worker_mid_stream_loses_nothing_and_runs_nothing_twice(
 
 
 def test_sigterm_hands_over_in_under_a_second(cluster: Cluster) -> None:
-    items, victim, timing = run_with_a_death(cluster, signal.SIGTERM)
+    items, victim, timing = cluster.submit_with_a_death(JOBS, TENANTS, signal.SIGTERM, KILL_AFTER)
     # uvicorn re-raises SIGTERM once its graceful shutdown is over, hence -15, not 0.
     assert cluster.wait_exit(victim) in (0, -signal.SIGTERM)
     assert "released" in victim.log.read_text()
-    print(victim.log.read_text()[-600:])
     assert timing["orphans"] > 0, "the victim owned no active job: the test proved nothing"
     assert timing["first"] < 1.0, timing
     print(f"SIGTERM takeover: {timing}")
@@ -123,7 +91,7 @@ def test_a_restarted_worker_resumes_its_own_jobs_without_a_takeover(
         c.kill(w, signal.SIGKILL)
         c.wait_exit(w)
         c.restart(w)
-        check_exactly_once_n(c, items, 10)
+        check_exactly_once(c, items, 10)
         for item in items:
             job = c.store.get_job(item.tenant, item.job_id)
             assert job.lease_version == 1 and job.owner_worker_id == "w1"
