@@ -18,11 +18,10 @@ live in one process (tests):
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -37,7 +36,7 @@ from gateway.keys import KeyStore
 from gateway.ring import TenantRing
 from gateway.service import GatewayService
 from jennah.asgi import ASGIApp, compose
-from jennah.rpc import ErrorMapper, safe_codecs
+from jennah.rpc import ErrorMapper, RequestMetrics, safe_codecs
 from jennah.settings import GatewaySettings
 from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
@@ -96,54 +95,6 @@ class GatewayMetrics:
         self.duration.labels(method=method).observe(time.perf_counter() - started)
 
 
-def _code_of(exc: BaseException, ctx: RequestContext[Any, Any]) -> str:
-    if isinstance(exc, ConnectError):
-        return exc.code.value
-    if not isinstance(exc, Exception):  # cancelled: our deadline, or the client left
-        remaining = ctx.timeout_ms
-        return "deadline_exceeded" if remaining is not None and remaining <= 0 else "canceled"
-    return "internal"
-
-
-class MetricsInterceptor:
-    """Counts and times every RPC by method and final code."""
-
-    def __init__(self, metrics: GatewayMetrics) -> None:
-        self.metrics = metrics
-
-    async def intercept_unary(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-        /,
-    ) -> RES:
-        started = time.perf_counter()
-        try:
-            result = await call_next(request, ctx)
-        except BaseException as exc:
-            self.metrics.observe(ctx, _code_of(exc, ctx), started)
-            raise
-        self.metrics.observe(ctx, "ok", started)
-        return result
-
-    async def intercept_server_stream(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-        /,
-    ) -> AsyncIterator[RES]:
-        started = time.perf_counter()
-        try:
-            async for item in call_next(request, ctx):
-                yield item
-        except BaseException as exc:
-            self.metrics.observe(ctx, _code_of(exc, ctx), started)
-            raise
-        self.metrics.observe(ctx, "ok", started)
-
-
 def create_app(
     settings: GatewaySettings,
     *,
@@ -198,7 +149,7 @@ def create_app(
     rpc = DeploymentServiceASGIApplication(
         lifecycle(),
         interceptors=[TracingInterceptor("gateway", tenant_from_header=False),
-                      MetricsInterceptor(metrics), ErrorMapper()],
+                      RequestMetrics(metrics.requests, metrics.duration), ErrorMapper()],
         read_max_bytes=settings.read_max_bytes, codecs=safe_codecs(),
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -182,3 +183,60 @@ WORKER_TOKEN_HEADER = "x-jennah-worker-token"
 # it exactly as on a worker it could not reach (nothing was done by the worker).
 DRAINING_MESSAGE = "worker is shutting down; retry on another worker"
 WORKER_ID_HEADER = "x-jennah-worker-id"
+
+
+def final_code(exc: BaseException, ctx: RequestContext[Any, Any]) -> str:
+    """The Connect code a call that raised ``exc`` ends with, for metrics."""
+    if isinstance(exc, ConnectError):
+        return exc.code.value
+    if not isinstance(exc, Exception):  # cancelled: our deadline, or the client left
+        remaining = ctx.timeout_ms
+        return "deadline_exceeded" if remaining is not None and remaining <= 0 else "canceled"
+    return "internal"
+
+
+class RequestMetrics:
+    """Counts and times every RPC by method and final code, into a ``{method, code}``
+    counter and a ``{method}`` histogram (prometheus-client). Put it outside the
+    ErrorMapper, so that ``code`` is exactly what the client receives."""
+
+    def __init__(self, requests: Any, duration: Any) -> None:
+        self.requests = requests
+        self.duration = duration
+
+    def observe(self, ctx: RequestContext[Any, Any], code: str, started: float) -> None:
+        method = ctx.method.name
+        self.requests.labels(method=method, code=code).inc()
+        self.duration.labels(method=method).observe(time.perf_counter() - started)
+
+    async def intercept_unary(
+        self,
+        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
+        request: REQ,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> RES:
+        started = time.perf_counter()
+        try:
+            result = await call_next(request, ctx)
+        except BaseException as exc:
+            self.observe(ctx, final_code(exc, ctx), started)
+            raise
+        self.observe(ctx, "ok", started)
+        return result
+
+    async def intercept_server_stream(
+        self,
+        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
+        request: REQ,
+        ctx: RequestContext[Any, Any],
+        /,
+    ) -> AsyncIterator[RES]:
+        started = time.perf_counter()
+        try:
+            async for item in call_next(request, ctx):
+                yield item
+        except BaseException as exc:
+            self.observe(ctx, final_code(exc, ctx), started)
+            raise
+        self.observe(ctx, "ok", started)

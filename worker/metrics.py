@@ -40,12 +40,10 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,6 +51,7 @@ from prometheus_client.registry import Collector
 
 from jennah.logging import log_context
 from jennah.models import EventKind, Job, JobEvent, JobStatus
+from jennah.rpc import RequestMetrics
 from jennah.tracing import tracer
 from providers.base import BatchProvider, ProviderStatus, ProviderTask
 from worker.events import EventLog
@@ -178,56 +177,6 @@ def worker_metrics(registry: CollectorRegistry | None = None) -> WorkerMetrics:
         return metrics
 
 
-def _code_of(exc: BaseException) -> str:
-    if isinstance(exc, ConnectError):
-        return exc.code.value
-    return "canceled" if not isinstance(exc, Exception) else "internal"
-
-
-class RpcMetricsInterceptor:
-    """Counts and times every RPC by method and final code (put it before ErrorMapper)."""
-
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        self.metrics = metrics
-
-    def _observe(self, ctx: RequestContext[Any, Any], code: str, started: float) -> None:
-        method = ctx.method.name
-        self.metrics.requests.labels(method=method, code=code).inc()
-        self.metrics.request_seconds.labels(method=method).observe(time.perf_counter() - started)
-
-    async def intercept_unary(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-        /,
-    ) -> RES:
-        started = time.perf_counter()
-        try:
-            result = await call_next(request, ctx)
-        except BaseException as exc:
-            self._observe(ctx, _code_of(exc), started)
-            raise
-        self._observe(ctx, "ok", started)
-        return result
-
-    async def intercept_server_stream(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-        /,
-    ) -> AsyncIterator[RES]:
-        started = time.perf_counter()
-        try:
-            async for item in call_next(request, ctx):
-                yield item
-        except BaseException as exc:
-            self._observe(ctx, _code_of(exc), started)
-            raise
-        self._observe(ctx, "ok", started)
-
-
 class InstrumentedProvider:
     """A ``BatchProvider`` that times, counts, traces and log-binds the calls of another."""
 
@@ -313,7 +262,7 @@ class CountingEventLog:
 def instrument(
     jobs: JobService, leases: LeaseKeeper, poller: Poller, *, worker_id: str, store: str,
     registry: CollectorRegistry | None = None,
-) -> RpcMetricsInterceptor:
+) -> RequestMetrics:
     """Wire the metrics into one worker: wrap ``jobs.provider`` and ``jobs.events``, hook
     the poller's cycle, register the scrape-time source. Returns the RPC interceptor."""
     metrics = worker_metrics(registry)
@@ -324,4 +273,4 @@ def instrument(
     poller.on_cycle = metrics.observe_cycle
     metrics.state.add(_Source(worker_id, store, jobs.provider.name,
                               weakref.ref(leases), weakref.ref(poller)))
-    return RpcMetricsInterceptor(metrics)
+    return RequestMetrics(metrics.requests, metrics.request_seconds)
