@@ -218,7 +218,7 @@ def test_adopt_sends_another_workers_unsent_events_then_archives(tmp_path: Path)
         assert await b.adopt(["job-x"]) == ["job-x.0"]  # any previous owner
         assert await b.adopt(["job-x"], "w-a") == []  # already adopted
         assert await b.flush(5)
-        for _ in range(100):
+        for _ in range(1000):  # up to 10 s: the archive follows the ack asynchronously
             if (tmp_path / "archive" / "w-a" / "job-x.0.wal.zst").exists():
                 break
             await asyncio.sleep(0.01)
@@ -247,7 +247,7 @@ def test_job_finished_while_sink_down_archives_once_delivered(tmp_path: Path) ->
         assert (tmp_path / "wal" / "w1" / "job-1.0.wal").exists()
         sink.down = False
         assert await log.flush(5)
-        for _ in range(200):
+        for _ in range(1000):
             if archived.exists():
                 break
             await asyncio.sleep(0.01)
