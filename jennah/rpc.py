@@ -69,14 +69,25 @@ def retry_after_of(err: ConnectError) -> float | None:
     return None
 
 
+def encodable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates echoed from a request)
+    escaped, so that the error body can be written at all."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def to_connect_error(exc: BaseException) -> ConnectError:
     """The ConnectError a client should see for ``exc``."""
     if isinstance(exc, ConnectError):
-        return exc
+        clean = encodable(exc.message)
+        return exc if clean == exc.message else ConnectError(exc.code, clean, exc.details)
     if isinstance(exc, errors.JennahError):
         for cls, code in _CODES:
             if isinstance(exc, cls):
-                message = str(exc)
+                message = encodable(str(exc))
                 if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds:
                     wait = math.ceil(exc.retry_after_seconds * 10) / 10
                     message += f" (retry after {wait:.1f} s)"
@@ -134,7 +145,7 @@ class SafeDecodeCodec:
                 text = "the request is nested too deeply"
             elif _INTERNAL_TEXT.search(text):
                 text = f"the request is not a valid {message_class.__name__}"
-        raise ConnectError(Code.INVALID_ARGUMENT, f"unmarshal message: {text}") from None
+        raise ConnectError(Code.INVALID_ARGUMENT, f"unmarshal message: {encodable(text)}") from None
 
 
 def safe_codecs() -> list[Codec]:
