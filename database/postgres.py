@@ -12,6 +12,7 @@ connection problems and pool timeouts become ``StoreUnavailable``, unique violat
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from enum import Enum
@@ -20,7 +21,7 @@ from typing import Any, cast
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from database import _common as c
 from database._sql import SqlStore, Tx
@@ -30,6 +31,7 @@ from jennah.settings import StoreSettings
 TABLE_COLUMNS = c.TABLE_COLUMNS
 # pg_advisory_xact_lock key serializing migrate() across processes ("jennahmg").
 MIGRATION_LOCK_KEY = 0x6A656E6E61686D67
+DOWN_HOLD_SECONDS = 1.0
 
 
 def _to_db(value: Any) -> Any:
@@ -113,6 +115,7 @@ class PostgresStore(SqlStore):
         # in about 2 s instead of hanging; the pool keeps reconnecting in the background
         # and the store recovers by itself when the server returns. 2 s is far above the
         # wait for a free connection under load (queries take about a millisecond).
+        self._down_until = 0.0  # see _tx: fail fast while the server is known to be down
         # Opening does not wait: a server that is down shows up as StoreUnavailable on
         # the first call (after ``timeout``), not as a crash at construction.
         self._pool.open(wait=False)
@@ -123,9 +126,18 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self, write: bool = True) -> Iterator[Tx]:
+        # Circuit breaker: once a call waited the whole pool timeout for a connection, the
+        # server is down (or hopelessly overloaded); for DOWN_HOLD_SECONDS every call fails
+        # at once instead of queueing for another timeout each. Under load those waits
+        # stacked up in the worker's threads and refusals took 4-7 s (bench.faults).
+        if time.monotonic() < self._down_until:
+            raise StoreUnavailable("postgres: no connection could be had just now; failing fast")
         try:
             with self._pool.connection() as conn, conn.transaction():
                 yield _PgTx(conn)
+        except PoolTimeout as exc:
+            self._down_until = time.monotonic() + DOWN_HOLD_SECONDS
+            raise StoreUnavailable(f"postgres: {exc}") from exc
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(f"postgres: {exc}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
