@@ -133,6 +133,7 @@ async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
                  "flushed" if flushed else "NOT flushed", time.monotonic() - t2)  # fmt: skip
     except JennahError as exc:
         log.warning("shutdown: could not release or flush: %s", exc)
+    await rt.jobs.drain(rt.settings.shutdown_grace_seconds)
     await rt.events.close()
     rt.provider.close()
     rt.store.close()

@@ -6,13 +6,15 @@ the event loop keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import ParamSpec, TypeVar
-
-import anyio.to_thread
 
 from database.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
 from jennah.errors import Conflict, FailedPrecondition, LeaseLost, ProviderError, ShuttingDown
@@ -34,6 +36,7 @@ from worker.events import EventLog
 
 log = logging.getLogger("jennah.worker.jobs")
 
+IO_THREADS = 32
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -54,9 +57,28 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+# Store and provider calls run here. A plain executor rather than anyio.to_thread: the
+# profile of SubmitJob (docs/benchmarks.md) showed anyio's per-call bookkeeping (capacity
+# limiter, run-vars, cancel scopes) as the largest cost of ours on the event loop.
+_IO_POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="jennah-io")
+
+
 async def blocking(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run a blocking store/provider call in a worker thread."""
-    return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+    """Run a blocking store/provider call in a worker thread.
+
+    Cancelling the caller does not abandon the call: a store write that has started is
+    waited for before the cancellation goes on (as anyio's shielded default did), so no
+    write can land after the code that cancelled it has moved on (e.g. a lease renewal
+    after the hand-over)."""
+    # Like asyncio.to_thread, run in a copy of our context: trace spans and log fields
+    # (contextvars) must follow the call into the thread.
+    call = partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    fut = asyncio.get_running_loop().run_in_executor(_IO_POOL, call)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
 
 
 class JobService:
@@ -84,6 +106,26 @@ class JobService:
         self.admission = admission or Admission.unlimited()
         # Set when shutdown begins: new jobs would get leases after the hand-over.
         self.draining = False
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    def _finished(self, job: Job) -> None:
+        """Hand a finished job's log to the event log in the background: delivering its
+        last events and archiving the log must not hold up the poll cycle (one wait per
+        completed job made a cycle with many completions take seconds)."""
+        task = asyncio.get_running_loop().create_task(self.events.job_finished(job))
+        self._finishing.add(task)
+        task.add_done_callback(self._finish_done)
+
+    def _finish_done(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("finishing the event log of a job failed: %s", task.exception())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait (bounded) for the background job_finished calls; True if none is left."""
+        if self._finishing:
+            await asyncio.wait(set(self._finishing), timeout=timeout)
+        return not self._finishing
 
     # --- tenant-facing -----------------------------------------------------------------
 
@@ -157,7 +199,7 @@ class JobService:
             return await blocking(self.store.update_job, job.job_id, job.lease, patch, reason)
         except LeaseLost:
             await self.events.emit(job, EventKind.LEASE_LOST, job.status, "lease lost")
-            await self.events.job_finished(job)
+            self._finished(job)
             raise
 
     async def start_execution(self, job: Job) -> Job:
@@ -229,7 +271,7 @@ class JobService:
         )
         updated = await self._update(job, patch, message)
         await self.events.emit(updated, _EVENT_FOR_STATUS[status], status, message)
-        await self.events.job_finished(updated)
+        self._finished(updated)
         return updated
 
     async def apply_status(self, job: Job, st: ProviderStatus) -> Job:
