@@ -28,10 +28,10 @@ from pathlib import Path
 BENCHES: tuple[tuple[str, list[str], str], ...] = (
     ("bench.ring", [], "Ring balance and remap"),
     ("bench.wal", [], "Event WAL"),
-    ("bench.submit", ["--seconds", "4", "--runs", "3"], "Submit throughput, gateway overhead, server choice"),  # noqa: E501
-    ("bench.failover", ["--runs", "3"], "Failover takeover"),
+    ("bench.submit", ["--seconds", "3", "--runs", "3"], "Submit throughput, gateway overhead, server choice"),  # noqa: E501
+    ("bench.failover", ["--runs", "3", "--jobs", "90", "--tenants", "9"], "Failover takeover"),
     ("bench.poller", [], "Poller cost with 10k active jobs"),
-    ("bench.providers_poll", [], "Cloud providers: polling cost"),
+    ("bench.providers_poll", ["--jobs", "2000"], "Cloud providers: polling cost (2,000 jobs)"),
     ("bench.faults", [], "Soak and faults"),
 )
 PACKAGES = ("connectrpc", "uvicorn", "hypercorn", "pyvoy", "protobuf", "psycopg", "zstandard",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import math
 import re
 import shutil
 import statistics
@@ -76,8 +77,29 @@ class Figure:
 
 
 def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+    """wrk's latency text (``412.00us``, ``1.23ms``, ``2.01s``) in ms; NaN if unreadable."""
+    found = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if found is None:
+        return math.nan
+    number, unit = found.groups()
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def settle(worker: str, timeout: float = 60.0) -> None:
+    """Wait until the worker has no active job left from the previous scenario, so that
+    one scenario's backlog (the poller still completing its jobs) does not load the next."""
+    from tests.helpers import call
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for status in ("JOB_STATUS_PENDING", "JOB_STATUS_SCHEDULED", "JOB_STATUS_RUNNING"):
+            code, resp = call(worker, "ListJobs", {"status": status, "page_size": 1},
+                              {"X-Tenant-Id": "bench"})  # fmt: skip
+            busy = busy or code != 200 or bool(resp.get("jobs"))
+        if not busy:
+            return
+        time.sleep(0.2)
 
 
 def run_python(name: str, url: str, body: str, seconds: float, connections: int) -> Result:
@@ -135,9 +157,11 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     Path(script).unlink()
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    found = {key: re.search(pattern, out) for key, pattern in (
+        ("rps", r"Requests/sec:\s+([\d.]+)"), ("p50", r"50%\s+(\S+)"), ("p99", r"99%\s+(\S+)"))}
+    rps = float(found["rps"].group(1)) if found["rps"] else 0.0
+    p50 = _ms(found["p50"].group(1)) if found["p50"] else math.nan
+    p99 = _ms(found["p99"].group(1)) if found["p99"] else math.nan
     errors = 0
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if non2xx:
@@ -196,27 +220,34 @@ def measure(seconds: float, runs: int, connections: int, postgres_url: str | Non
     run_load = run_wrk if load == "wrk" else run_python
 
     def rec(name: str, url: str, body: str, secs: float = seconds, conns: int = connections,
-            n: int = runs) -> None:  # fmt: skip
+            n: int = runs, worker: str = "") -> None:  # fmt: skip
         for _ in range(n):
             got.setdefault(name, []).append(run_load(name, url, body, secs, conns))
+            if worker:
+                settle(worker)
 
     stores = ["sqlite"] + (["postgres"] if postgres_url else [])
     for store in stores:
         with tempfile.TemporaryDirectory() as d, \
                 stack(Path(d), _db_env(store, Path(d), postgres_url), True) as (worker, gw):
             run_load("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
-            rec(f"floor ({store})", worker + PATH + "GetCurrentTenant", "{}")
-            rec(f"direct ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY)
-            rec(f"gateway ({store})", gw + PATH + "SubmitJob", SUBMIT_BODY)
+            settle(worker)
             if store == "sqlite":  # latency added by the gateway, one request at a time
-                rec("latency direct", worker + PATH + "SubmitJob", SUBMIT_BODY, conns=1)
-                rec("latency gateway", gw + PATH + "SubmitJob", SUBMIT_BODY, conns=1)
+                rec("latency direct", worker + PATH + "SubmitJob", SUBMIT_BODY, conns=1,
+                    worker=worker)
+                rec("latency gateway", gw + PATH + "SubmitJob", SUBMIT_BODY, conns=1,
+                    worker=worker)
+            rec(f"floor ({store})", worker + PATH + "GetCurrentTenant", "{}")
+            rec(f"direct ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY, worker=worker)
+            rec(f"gateway ({store})", gw + PATH + "SubmitJob", SUBMIT_BODY, worker=worker)
     for server in servers:
         with tempfile.TemporaryDirectory() as d, \
                 stack(Path(d), _db_env("sqlite", Path(d), None), False, server) as (worker, _):
             run_load("warm-up", worker + PATH + "SubmitJob", SUBMIT_BODY, 1, connections)
+            settle(worker)
             rec(f"server {server} floor", worker + PATH + "GetCurrentTenant", "{}")
-            rec(f"server {server} direct", worker + PATH + "SubmitJob", SUBMIT_BODY)
+            rec(f"server {server} direct", worker + PATH + "SubmitJob", SUBMIT_BODY,
+                worker=worker)
     return {name: Figure(name, rs) for name, rs in got.items()}
 
 
