@@ -47,6 +47,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from jennah.asgi import ASGIApp
@@ -71,7 +72,12 @@ def serve(
         return
     import uvicorn
 
-    uvicorn.run(
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            _run_stop_hooks()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -83,6 +89,32 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=int(grace) if grace else None,
     )
+    Server(config).run()
+
+
+# Called once when SIGTERM/SIGINT arrives, *before* the server drains its in-flight calls:
+# a worker uses it to hand its leases over at once instead of after the drain. Hooks run
+# in the signal handler: they must only schedule work (``loop.call_soon_threadsafe``).
+_STOP_HOOKS: list[Callable[[], None]] = []
+_stop_hooks_ran = False
+
+
+def on_stop_signal(hook: Callable[[], None]) -> None:
+    """Run ``hook`` (once) when the process is asked to stop (uvicorn and hypercorn; under
+    pyvoy the app lives in Envoy, which hears of the stop only after the drain)."""
+    _STOP_HOOKS.append(hook)
+
+
+def _run_stop_hooks() -> None:
+    global _stop_hooks_ran
+    if _stop_hooks_ran:
+        return
+    _stop_hooks_ran = True
+    for hook in list(_STOP_HOOKS):
+        try:
+            hook()
+        except Exception:  # a hook must never stop the shutdown itself
+            log.exception("stop hook failed")
 
 
 def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> None:
@@ -97,8 +129,12 @@ def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> Non
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        def stopping() -> None:
+            _run_stop_hooks()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     asyncio.run(main())

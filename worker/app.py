@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from database.base import JobStore
 from jennah.asgi import ASGIApp, Receive, Scope, Send, compose
 from jennah.errors import JennahError
 from jennah.rpc import ErrorMapper, safe_codecs
+from jennah.serve import on_stop_signal
 from jennah.settings import WorkerSettings
 from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
@@ -52,6 +53,7 @@ class WorkerRuntime:
     jobs: JobService
     leases: LeaseKeeper
     poller: Poller
+    lease_tasks: list[asyncio.Task[None]] = field(default_factory=list)  # renew + claim
 
 
 def build_runtime(
@@ -99,10 +101,30 @@ async def _heartbeat(rt: WorkerRuntime) -> None:
 async def start(rt: WorkerRuntime) -> list[asyncio.Task[None]]:
     await blocking(rt.store.migrate)
     await rt.events.start()
-    loops: list[Callable[[], Coroutine[Any, Any, None]]] = [
-        rt.poller.run, rt.leases.run_renewals, rt.leases.run_claims, lambda: _heartbeat(rt),
-    ]
-    return [asyncio.create_task(loop()) for loop in loops]
+    rt.lease_tasks = [asyncio.create_task(rt.leases.run_renewals()),
+                      asyncio.create_task(rt.leases.run_claims())]  # fmt: skip
+    others: list[Callable[[], Coroutine[Any, Any, None]]] = [rt.poller.run,
+                                                              lambda: _heartbeat(rt)]
+    return [*rt.lease_tasks, *(asyncio.create_task(loop()) for loop in others)]
+
+
+async def hand_over_early(rt: WorkerRuntime) -> None:
+    """On SIGTERM, before the server drains: refuse new jobs, stop claiming and renewing
+    (a renewal would re-extend a released lease; a claim could take our own jobs back),
+    release every lease and nudge the peers. The drain and ``stop`` follow as usual;
+    ``stop`` releases again whatever in-flight calls stored meanwhile."""
+    rt.jobs.draining = True
+    for task in rt.lease_tasks:
+        task.cancel()
+    try:
+        released, nudged = await release_and_nudge(
+            rt.leases, token=rt.settings.worker_token, self_url=rt.settings.advertise_url,
+            max_age_seconds=MEMBERSHIP_MAX_AGE_BEATS * rt.settings.claim_interval_seconds,
+        )
+        log.info("stop signal: released %d leases and nudged %d peers before the drain",
+                 released, nudged)
+    except JennahError as exc:
+        log.warning("stop signal: early hand-over failed (stop retries it): %s", exc)
 
 
 async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
@@ -153,6 +175,15 @@ def create_app(
 
     async def lifecycle() -> AsyncGenerator[WorkerService]:
         tasks = await start(rt)
+        loop = asyncio.get_running_loop()
+
+        def begin_hand_over() -> None:  # in the event loop, soon after the signal
+            tasks.append(loop.create_task(hand_over_early(rt)))
+
+        def on_signal() -> None:  # in the signal handler: only schedule
+            loop.call_soon_threadsafe(begin_hand_over)
+
+        on_stop_signal(on_signal)
         try:
             yield service
         finally:
