@@ -19,6 +19,8 @@ from enum import Enum
 from typing import Any, cast
 
 import psycopg
+import psycopg_pool.base
+import psycopg_pool.pool
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -29,6 +31,23 @@ from jennah.errors import Conflict, StoreError, StoreUnavailable
 from jennah.settings import StoreSettings
 
 TABLE_COLUMNS = c.TABLE_COLUMNS
+RECONNECT_DELAY_CAP = 1.0
+
+
+class _CappedBackoff(psycopg_pool.base.AttemptWithBackoff):
+    """psycopg_pool retries a lost server after 1, 2, 4, 8 ... s, so after a 10 s outage
+    the pool could stay empty for 8 s more with the server back. Capped at
+    RECONNECT_DELAY_CAP, the store recovers about a second after the server returns.
+    (psycopg_pool has no setting for this; the pool module's name for the class is
+    replaced below, so this depends on psycopg_pool 3.x internals, checked by
+    tests/test_store_outage.py, which times the recovery.)"""
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_DELAY_CAP)
+
+
+psycopg_pool.pool.AttemptWithBackoff = _CappedBackoff  # type: ignore[misc,attr-defined]
 # pg_advisory_xact_lock key serializing migrate() across processes ("jennahmg").
 MIGRATION_LOCK_KEY = 0x6A656E6E61686D67
 DOWN_HOLD_SECONDS = 1.0

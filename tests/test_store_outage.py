@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 ACME = {"X-Tenant-Id": "acme"}
 BODY = {"image_uri": "busybox", "commands": ["true"]}
+OUTAGE_SECONDS = 9.0
 
 
 def http_status(url: str) -> int:
@@ -74,6 +75,7 @@ def test_submit_fails_fast_while_the_store_is_down_and_recovers_after(
     assert job_ids(gw) == before
 
     private_postgres.halt()
+    halted = time.monotonic()
     try:
         for i in range(3):
             status, resp, took = submit(gw, f"during-{i}")
@@ -84,13 +86,18 @@ def test_submit_fails_fast_while_the_store_is_down_and_recovers_after(
         assert status == 503 and resp["code"] == "unavailable"
         assert http_status(f"{worker}/health") == 200  # the process keeps serving
         assert http_status(f"{worker}/ready") == 503
+        # Stay down long enough that an uncapped reconnect backoff (1, 2, 4, 8 s ...)
+        # would leave the pool empty for seconds after the server is back.
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - halted)))
     finally:
         private_postgres.resume()
+    back = time.monotonic()
 
-    # No restart: the pool reconnects by itself.
+    # No restart: the pool reconnects by itself, retrying at least every second.
     wait_until(lambda: http_status(f"{worker}/ready") == 200, timeout=20)
     status, resp, _ = submit(gw, "after-0")
     assert status == 200, resp
+    assert time.monotonic() - back < 4.0, "the store took too long to come back"
     # Nothing half-written: the refused submits left no job, and the retry of one of them
     # with its request id now makes exactly one.
     assert job_ids(gw) == before | {str(resp["jobId"])}
