@@ -23,6 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench._postgres import private_postgres
 from jennah.settings import StoreSettings
 from tests.cluster import Cluster
 
@@ -77,13 +78,9 @@ def main(argv: list[str] | None = None) -> str:
     cluster = None
     pg = args.postgres_url
     if not pg:
-        from tests.fixtures.postgres import _bindir, _Cluster
-
-        bindir = _bindir()
-        if bindir is None:
-            raise SystemExit("bench.failover needs PostgreSQL 15 binaries or --postgres-url")
-        cluster = _Cluster(bindir)
-        pg = cluster.start()
+        cluster = private_postgres("bench.failover", required=True)
+        assert cluster is not None
+        pg = cluster.url
     lines = [
         f"Failover: gateway + 3 workers on PostgreSQL, local provider, {args.jobs} jobs of 2 s "
         f"over {args.tenants} tenants, TTL {TTL:g} s, claim interval {CLAIM:g} s. Seconds, "

@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from bench._postgres import private_postgres
 from jennah.models import Job, JobFilter
 from jennah.settings import StoreSettings
 from tests.cluster import Cluster, Node, Submitted
@@ -831,13 +832,9 @@ def main(argv: list[str] | None = None) -> str:
     private = None
     pg = args.postgres_url
     if not pg:
-        from tests.fixtures.postgres import _bindir, _Cluster
-
-        bindir = _bindir()
-        if bindir is None:
-            raise SystemExit("bench.faults needs PostgreSQL 15 binaries or --postgres-url")
-        private = _Cluster(bindir)
-        pg = private.start()
+        private = private_postgres("bench.faults", required=True)
+        assert private is not None
+        pg = private.url
 
     def outage_for(db: str) -> tuple[Outage, str, Callable[[], None]]:
         if private is not None:

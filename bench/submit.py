@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._postgres import private_postgres
 from tests.helpers import free_port, start_jennah, stop, wait_http
 
 LUA = """
@@ -318,12 +319,8 @@ def main(argv: list[str] | None = None) -> str:
     pg = args.postgres_url or None
     cluster = None
     if pg is None and not args.no_postgres:
-        from tests.fixtures.postgres import _bindir, _Cluster
-
-        bindir = _bindir()
-        if bindir is not None:
-            cluster = _Cluster(bindir)
-            pg = cluster.start()
+        cluster = private_postgres("bench.submit", required=False)
+        pg = cluster.url if cluster is not None else None
     try:
         figs = measure(args.seconds, args.runs, args.connections, pg, servers, args.load)
     finally:

@@ -24,7 +24,7 @@ from typing import ClassVar, TypeVar
 import pytest
 
 from database.base import JobStore
-from jennah.errors import Conflict, InvalidArgument, LeaseLost, NotFound
+from jennah.errors import Conflict, InvalidArgument, LeaseLost, NotFound, StoreUnavailable
 from jennah.models import (
     EventKind,
     FailureClass,
@@ -555,3 +555,40 @@ class StoreContract:
         store.heartbeat_worker("w2", "http://127.0.0.1:2")
         assert [w.worker_id for w in store.list_workers(self.expiry_wait)] == ["w2"]
 
+
+
+class ReopenableContract(StoreContract):
+    """The contract for a store whose test module provides ``opener``: a factory of
+    handles on one fresh storage (a table prefix, a database), as separate workers hold."""
+
+    @pytest.fixture
+    def opener(self) -> Callable[[], JobStore]:
+        raise NotImplementedError("a subclass provides a factory of handles")
+
+    @pytest.fixture
+    def store(self, opener: Callable[[], JobStore]) -> Iterator[JobStore]:
+        store = opener()
+        store.migrate()
+        yield store
+
+    @pytest.fixture
+    def open_handle(
+        self, store: JobStore, opener: Callable[[], JobStore]
+    ) -> Iterator[Callable[[], JobStore]]:
+        yield opener
+
+
+def assert_fails_fast(store: JobStore, within: float = 5.0) -> None:
+    """Every kind of call on a store whose server is down raises ``StoreUnavailable``
+    within ``within`` seconds (issue 4: "a store that is down makes SubmitJob fail fast")."""
+    for call in (
+        store.ping,
+        lambda: store.create_job(make_job(), 30),
+        lambda: store.list_jobs("tenant-a", JobFilter(), 10, ""),
+        lambda: store.claim_expired("w2", 30, 10),
+        lambda: store.heartbeat_worker("w1", "http://127.0.0.1:1"),
+    ):
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            call()
+        assert time.monotonic() - start < within

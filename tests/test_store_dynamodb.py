@@ -7,7 +7,6 @@ skew to allow for, and the contract's short TTLs would otherwise never expire in
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -16,12 +15,10 @@ import pytest
 
 from database.base import JobStore
 from database.dynamodb import DynamoDBStore
-from jennah.errors import StoreUnavailable
-from jennah.models import JobFilter
 from jennah.settings import StoreSettings
 from tests.fixtures.moto import MOTO_CREDENTIALS
 from tests.helpers import free_port
-from tests.store_contract import StoreContract, make_job, run_threads
+from tests.store_contract import ReopenableContract, assert_fails_fast, make_job, run_threads
 
 
 def settings(endpoint: str, prefix: str) -> StoreSettings:
@@ -49,18 +46,10 @@ def open_dynamo(moto_endpoint: str) -> Iterator[Callable[[], DynamoDBStore]]:
         h.close()
 
 
-class TestDynamoDBStore(StoreContract):
+class TestDynamoDBStore(ReopenableContract):
     @pytest.fixture
-    def store(self, open_dynamo: Callable[[], DynamoDBStore]) -> Iterator[JobStore]:
-        store = open_dynamo()
-        store.migrate()
-        yield store
-
-    @pytest.fixture
-    def open_handle(
-        self, store: JobStore, open_dynamo: Callable[[], DynamoDBStore]
-    ) -> Iterator[Callable[[], JobStore]]:
-        yield open_dynamo
+    def opener(self, open_dynamo: Callable[[], DynamoDBStore]) -> Callable[[], JobStore]:
+        return open_dynamo
 
 
 def test_migrate_creates_the_table_once(open_dynamo: Callable[[], DynamoDBStore]) -> None:
@@ -73,15 +62,4 @@ def test_migrate_creates_the_table_once(open_dynamo: Callable[[], DynamoDBStore]
 
 
 def test_a_store_that_is_down_fails_fast() -> None:
-    store = open_store(f"http://127.0.0.1:{free_port()}", "down")
-    for call in (
-        store.ping,
-        lambda: store.create_job(make_job(), 30),
-        lambda: store.list_jobs("tenant-a", JobFilter(), 10, ""),
-        lambda: store.claim_expired("w2", 30, 10),
-        lambda: store.heartbeat_worker("w1", "http://127.0.0.1:1"),
-    ):
-        start = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            call()
-        assert time.monotonic() - start < 5
+    assert_fails_fast(open_store(f"http://127.0.0.1:{free_port()}", "down"))

@@ -14,7 +14,6 @@ import pytest
 from database.base import JobStore
 from database.spanner import SpannerStore
 from jennah.errors import StoreUnavailable
-from jennah.models import JobFilter
 from jennah.settings import StoreSettings
 from tests.fixtures.spanner import (
     SpannerEmulator,
@@ -23,7 +22,7 @@ from tests.fixtures.spanner import (
     running_emulator,
 )
 from tests.helpers import free_port
-from tests.store_contract import StoreContract, make_job, run_threads
+from tests.store_contract import ReopenableContract, assert_fails_fast, make_job, run_threads
 
 
 def settings(emulator: SpannerEmulator, database: str) -> StoreSettings:
@@ -55,18 +54,10 @@ def open_spanner(
         h.close()
 
 
-class TestSpannerStore(StoreContract):
+class TestSpannerStore(ReopenableContract):
     @pytest.fixture
-    def store(self, open_spanner: Callable[[], SpannerStore]) -> Iterator[JobStore]:
-        store = open_spanner()
-        store.migrate()
-        yield store
-
-    @pytest.fixture
-    def open_handle(
-        self, store: JobStore, open_spanner: Callable[[], SpannerStore]
-    ) -> Iterator[Callable[[], JobStore]]:
-        yield open_spanner
+    def opener(self, open_spanner: Callable[[], SpannerStore]) -> Callable[[], JobStore]:
+        return open_spanner
 
 
 def test_schema_interleaves_jobs_in_tenants(open_spanner: Callable[[], SpannerStore]) -> None:
@@ -104,17 +95,7 @@ def test_a_store_that_goes_down_fails_fast(spanner_emulator: SpannerEmulator) ->
         store.migrate()
         store.ping()
     try:
-        for call in (
-            store.ping,
-            lambda: store.create_job(make_job(), 30),
-            lambda: store.list_jobs("tenant-a", JobFilter(), 10, ""),
-            lambda: store.claim_expired("w2", 30, 10),
-            lambda: store.heartbeat_worker("w1", "http://127.0.0.1:1"),
-        ):
-            start = time.monotonic()
-            with pytest.raises(StoreUnavailable):
-                call()
-            assert time.monotonic() - start < 5
+        assert_fails_fast(store)
     finally:
         store.close()
 
