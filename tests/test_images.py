@@ -159,6 +159,8 @@ def _image_env(role: str, overrides: dict[str, str]) -> dict[str, str]:
         value = value.replace("/opt/jennah/bin", str(VENV_BIN))
         env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
     env.update(overrides)
+    # Not from the image: should a process abort, Python prints every thread's stack.
+    env["PYTHONFAULTHANDLER"] = "1"
     return env
 
 
@@ -223,8 +225,11 @@ def test_image_cmds_serve_health_on_port(tmp_path: Path, server: str) -> None:
         stop(worker)
     # A clean stop: uvicorn re-raises the SIGTERM it handled after draining (-15),
     # hypercorn returns 0; a crash or a kill after the timeout would be anything else.
-    assert worker.returncode in (0, -15)
-    assert gateway is not None and gateway.returncode in (0, -15)
+    def tail(name: str) -> str:  # the evidence, should a process die of something else
+        return (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    assert worker.returncode in (0, -15), tail("worker")
+    assert gateway is not None and gateway.returncode in (0, -15), tail("gateway")
     # JENNAH_LOG_FORMAT=json from the image: the shutdown line is a structured entry.
     entries = _json_lines(tmp_path / "worker.log")
     assert any(e.get("worker_id") == "img-w1" and e.get("severity") for e in entries), entries
