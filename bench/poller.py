@@ -17,13 +17,14 @@ leave the active set).
 
 Configurations, each on its own fresh store and provider:
 
-* **floor**: the in-memory store with a null event log (events are numbered, not kept).
-  Every ratio is to this floor, measured in the same run and the same mode, i.e. the
-  figure says what a real store plus a real event log add to the same cycle.
-* **sqlite + store events**: SQLite in a temp dir, each event appended to the store's
-  event table (``worker.store_events.StoreEventLog``).
-* **sqlite + WAL events**: the production worker's event log (``worker.wal``: fsync'd
-  local log, delivered to the store by a background sender).
+* **floor**: the in-memory store (lifecycle events are written with each transition, in
+  memory) and a null execution-event log. Every ratio is to this floor, measured in the
+  same run and the same mode, i.e. the figure says what a real store and a real WAL add
+  to the same cycle.
+* **sqlite + store events**: SQLite in a temp dir, execution events written straight to
+  the store (``worker.store_events.StoreExecutionLog``).
+* **sqlite + WAL events**: the production worker's execution-event log (``worker.wal``:
+  one fsync'd WAL per worker, delivered to the store by a background sender).
 
 Per cycle: provider ``status`` calls (``FakeProvider.calls``), store calls (every
 ``JobStore`` method call, counted by a wrapper), CPU seconds (``time.process_time``,
@@ -34,21 +35,11 @@ reported as median and min-max over the cycles. A last row times the bare
 Run: ``.venv/bin/python -m bench.poller [--jobs 10000] [--cycles 5] [--churn 0.01]``
 (about 30 s).
 
-What a profile of the cycle shows (py-spy over all threads, 10,000 jobs, SQLite):
-
-* steady: one store call per cycle (no per-job round trip), but ``list_owned_jobs``
-  re-reads and decodes every owned row each cycle, spec JSON included
-  (``job_from_row``, ``JobSpec.from_dict``, ``json.loads``): about two thirds of the
-  cycle's samples, ~27 µs per job against ~7 µs for the whole floor cycle. At the default
-  1 s interval that is roughly a third of a core for a fleet where nothing changes.
-* churn: each changed job is applied one at a time: a fenced ``update_job`` (its own
-  transaction and fsync), then ``emit`` (a WAL fsync, not grouped because the emits are
-  sequential), and for a terminal job ``WalEventLog.job_finished``, which waits inline
-  for the sender to deliver that job's events and archives its log. Wall time per
-  cycle therefore grows with the number of changes times these round trips.
-* artefacts of the direct fill, not of a real worker: the first event of each job here
-  creates its WAL file (a real job's file exists from its SUBMITTED event), and
-  ``StoreEventLog`` reads the job's events once to find its next ``seq``.
+What the cycle costs: one ``list_owned_jobs`` per cycle (no per-job round trip) plus
+one ``status`` call per provider batch; ``list_owned_jobs`` re-reads and decodes every
+owned row, spec included, which is most of a steady cycle on SQLite. In churn, the
+changed jobs' fenced updates (each with its transition and lifecycle event) go through
+the group committer, so up to ``APPLY_CONCURRENCY`` of them share one transaction.
 """
 
 from __future__ import annotations
@@ -63,7 +54,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,16 +63,16 @@ from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from database.base import JobStore
+from database.base import JobStore, OutputOffsets
 from database.memory import MemoryStore
 from database.sqlite import SQLiteStore
-from jennah.models import EventKind, Job, JobEvent, JobPatch, JobSpec, JobStatus
+from jennah.models import Job, JobEvent, JobPatch, JobSpec, JobStatus
 from providers.base import ProviderTask, provider_job_id
 from providers.memory import FakeProvider
-from worker.events import EventLog, first_seq
+from worker.events import ExecutionLog
 from worker.jobs import JobService
 from worker.poller import Poller
-from worker.store_events import StoreEventLog
+from worker.store_events import StoreExecutionLog
 
 WORKER = "bench-poller-1"
 TENANTS = ("acme", "globex", "initech", "umbrella")
@@ -115,34 +106,31 @@ class CountingStore:
             return sum(self.calls.values())
 
 
-class NullEventLog:
-    """An ``EventLog`` that numbers events and keeps nothing: the floor's event log."""
+class NullExecutionLog:
+    """An ``ExecutionLog`` that keeps nothing: the floor's."""
 
-    def __init__(self) -> None:
-        self._last: dict[str, tuple[int, int]] = {}  # job_id -> (lease_version, last seq)
-        self.emitted = 0
+    ready = True
 
     async def start(self) -> None:
         return None
 
-    async def adopt(self, job_ids: Collection[str], from_worker: str | None = None) -> list[str]:
-        return []
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        return None
 
-    async def emit(self, job: Job, kind: EventKind, status: JobStatus | None,
-                   message: str = "", output: str = "") -> JobEvent:
-        version, last = self._last.get(job.job_id, (-1, 0))
-        seq = (last if version == job.lease_version else first_seq(job.lease_version) - 1) + 1
-        self._last[job.job_id] = (job.lease_version, seq)
-        self.emitted += 1
-        return JobEvent(job_id=job.job_id, tenant_id=job.tenant_id, seq=seq, kind=kind,
-                        status=status, message=message, output=output,
-                        created_at=_utcnow(), worker_id=WORKER)
+    def pending_ends(self, job_id: str) -> OutputOffsets:
+        return {}
 
-    async def job_finished(self, job: Job) -> None:
-        self._last.pop(job.job_id, None)
+    def take_resync(self) -> set[str]:
+        return set()
+
+    async def flush_job(self, job_id: str, timeout: float) -> bool:
+        return True
 
     async def flush(self, timeout: float) -> bool:
         return True
+
+    async def health(self) -> tuple[bool, str]:
+        return True, "null"
 
     async def close(self) -> None:
         return None
@@ -253,19 +241,19 @@ def run_config(name: str, jobs: int, cycles: int, churn: float, tmp: Path,
     js = cast(JobStore, store)
 
     async def go() -> list[Result]:
-        events: EventLog
+        service = JobService(js, provider, worker_id=WORKER, lease_ttl=LEASE_TTL)
+        events: ExecutionLog
         if name == "floor":
-            events = NullEventLog()
+            events = NullExecutionLog()
         elif "WAL" in name:
-            from worker.wal import StoreSink, WalEventLog
+            from worker.wal import WalExecutionLog
 
-            events = WalEventLog(tmp / "wal", tmp / "archive", WORKER, StoreSink(js),
-                                 registry=CollectorRegistry())
+            events = WalExecutionLog(tmp / "wal", tmp / "archive", WORKER, service.committer,
+                                     registry=CollectorRegistry())
         else:
-            events = StoreEventLog(js, WORKER, clock=_utcnow)
+            events = StoreExecutionLog(service.committer)
         await events.start()
-        service = JobService(js, provider, events, worker_id=WORKER, lease_ttl=LEASE_TTL)
-        poller = Poller(service, 0.0)
+        poller = Poller(service, events, 0.0)
         await poller.cycle()  # warm-up, not counted
         steady = await _measure(poller, provider, store, lambda k: None, cycles)
         per_cycle = max(2, round(jobs * churn))
@@ -363,7 +351,7 @@ def main(argv: list[str] | None = None) -> str:
         f"Poll cycle of one worker: {args.jobs} active jobs, FakeProvider "
         f"(max_status_batch {batch}, so ceil(jobs / batch) = {math.ceil(args.jobs / batch)} "
         f"status calls), {args.cycles} cycles per mode after one warm-up cycle; floor = "
-        "in-memory store + null event log, same run, same mode.",
+        "in-memory store + null execution-event log, same run, same mode.",
         "",
         table(results),
         "",

@@ -1,4 +1,4 @@
-"""Ring balance and remap fraction for the gateway's tenant ring (DESIGN §10).
+"""Ring balance and remap fraction for the gateway's tenant ring (docs/design.md §10).
 
 For N = 3..10 workers and 10,000 tenants it reports, as a markdown table:
 

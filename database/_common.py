@@ -19,6 +19,7 @@ from typing import Any
 from jennah.errors import Conflict, InvalidArgument, LeaseLost
 from jennah.models import (
     ACTIVE_STATUSES,
+    EVENT_FOR_STATUS,
     EventKind,
     FailureClass,
     Job,
@@ -28,6 +29,7 @@ from jennah.models import (
     JobSpec,
     JobStatus,
     Lease,
+    Placed,
     Transition,
     WorkerInfo,
 )
@@ -46,18 +48,25 @@ TRANSITION_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 EVENT_COLUMNS: tuple[str, ...] = (
     "job_id", "seq", "tenant_id", "kind", "status", "message", "output", "created_at",
-    "worker_id",
+    "worker_id", "position", "attempt", "dedup_key",
 )  # fmt: skip
+# JobEvent fields that exist only in transit (an OUTPUT event's byte range).
+EVENT_TRANSIT_FIELDS = frozenset({"offset", "end"})
 WORKER_COLUMNS: tuple[str, ...] = ("worker_id", "endpoint", "heartbeat_at")
-TENANT_COLUMNS: tuple[str, ...] = ("tenant_id", "created_at")
+# event_position: the last position handed out to the tenant's events.
+TENANT_COLUMNS: tuple[str, ...] = ("tenant_id", "created_at", "event_position")
+# How far each output stream of each execution has been delivered (bytes).
+OUTPUT_COLUMNS: tuple[str, ...] = ("job_id", "attempt", "task_index", "stream", "delivered_end")
 MIGRATION_COLUMNS: tuple[str, ...] = ("name", "applied_at")
 
-# Every table a SQL store uses, with the columns its code writes and reads.
+# Every table a SQL store uses, with the columns its code writes and reads. ``jobs`` has
+# one column beyond the Job fields: ``event_seq``, the last seq given to its events.
 TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
     "tenants": TENANT_COLUMNS,
-    "jobs": JOB_COLUMNS,
+    "jobs": (*JOB_COLUMNS, "event_seq"),
     "job_transitions": TRANSITION_COLUMNS,
     "job_events": EVENT_COLUMNS,
+    "job_output": OUTPUT_COLUMNS,
     "workers": WORKER_COLUMNS,
     "schema_migrations": MIGRATION_COLUMNS,
 }
@@ -70,6 +79,8 @@ TIME_COLUMNS = JOB_TIME_COLUMNS | {"at", "heartbeat_at", "applied_at"}
 ACTIVE = tuple(sorted(s.value for s in ACTIVE_STATUSES))
 
 Row = dict[str, Any]
+# (attempt, task_index, stream) of one output stream of one execution.
+OutputKey = tuple[int, int, str]
 
 
 def utc(dt: datetime) -> datetime:
@@ -136,9 +147,11 @@ def matches(job: Job, flt: JobFilter) -> bool:
 # --- rows <-> domain -------------------------------------------------------------------
 
 
-def job_to_row(job: Job) -> Row:
+def job_to_row(job: Job, with_spec: bool = True) -> Row:
+    """The row of ``job``; without ``with_spec`` the spec is left out (updates never
+    write it: it is immutable)."""
     row: Row = {c: getattr(job, c) for c in JOB_COLUMNS}
-    row["spec"] = job.spec.to_dict()
+    row["spec"] = job.spec.to_dict() if with_spec else None
     row["status"] = job.status.value
     row["failure_class"] = job.failure_class.value if job.failure_class else None
     return row
@@ -188,6 +201,9 @@ def event_from_row(row: Mapping[str, Any]) -> JobEvent:
         output=row["output"],
         created_at=utc(row["created_at"]),
         worker_id=row["worker_id"],
+        position=int(row["position"] or 0),
+        attempt=int(row["attempt"] or 0),
+        dedup_key=row["dedup_key"] or "",
     )
 
 
@@ -223,19 +239,48 @@ def check_lease(job: Job | None, lease: Lease) -> Job:
     return job
 
 
+def lifecycle_event(
+    job: Job, kind: EventKind, message: str, now: datetime, worker_id: str
+) -> JobEvent:
+    """A lifecycle event of ``job`` (as it is after the change), not yet numbered."""
+    return JobEvent(job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=kind,
+                    status=job.status, message=message, created_at=now, worker_id=worker_id,
+                    attempt=job.attempt)  # fmt: skip
+
+
+def created(job: Job, now: datetime) -> tuple[Transition, JobEvent]:
+    """The first transition (None -> PENDING) and the SUBMITTED event of a new job."""
+    return (Transition(job.job_id, None, job.status, now, "created", job.owner_worker_id),
+            lifecycle_event(job, EventKind.SUBMITTED, "job submitted", now,
+                            job.owner_worker_id))  # fmt: skip
+
+
+def claimed_event(job: Job, previous_owner: str, now: datetime) -> JobEvent:
+    """LEASE_CLAIMED for ``job`` just claimed (its owner is the claimer)."""
+    return lifecycle_event(
+        job, EventKind.LEASE_CLAIMED,
+        f"claimed from {previous_owner or 'nobody'} at lease version {job.lease_version}",
+        now, job.owner_worker_id,
+    )  # fmt: skip
+
+
 def apply_patch(
     job: Job, lease: Lease, patch: JobPatch, now: datetime, reason: str
-) -> tuple[Job, Transition | None]:
-    """The job after ``patch`` and the transition to record; ``Conflict`` for a
-    backwards move. The store stamps only ``updated_at``: status times come from the
-    patch, set by the caller."""
-    transition = None
-    changes: dict[str, Any] = {"updated_at": now}
+) -> tuple[Job, list[Transition], list[JobEvent]]:
+    """The job after ``patch``, the transitions to record and their lifecycle events
+    (one per transition, not yet numbered); ``Conflict`` for a backwards move. The store
+    stamps only ``updated_at``: status times come from the patch, set by the caller."""
+    if patch.retry:
+        return _retry(job, lease, patch, now, reason)
+    steps: list[JobStatus] = []
     if patch.status is not None and patch.status != job.status:
         if not job.status.can_move_to(patch.status):
             raise Conflict(f"job {job.job_id}: {job.status.value} -> {patch.status.value}")
-        changes["status"] = patch.status
-        transition = Transition(job.job_id, job.status, patch.status, now, reason, lease.worker_id)
+        ran = patch.started_at is not None and patch.status.terminal
+        if ran and job.status.rank < JobStatus.RUNNING.rank:
+            steps.append(JobStatus.RUNNING)  # it ran, though no poll saw it running
+        steps.append(patch.status)
+    changes: dict[str, Any] = {"updated_at": now}
     if patch.clear_resource:
         changes["provider_job_id"] = ""
         changes["cloud_resource_path"] = ""
@@ -248,4 +293,115 @@ def apply_patch(
         value = getattr(patch, name)
         if value is not None:
             changes[name] = utc(value)
-    return dataclasses.replace(job, **changes), transition
+    updated = dataclasses.replace(job, **changes)
+    transitions: list[Transition] = []
+    events: list[JobEvent] = []
+    before = job.status
+    for status in steps:
+        message = reason if status == steps[-1] else "started (seen by the provider)"
+        transitions.append(Transition(job.job_id, before, status, now, message, lease.worker_id))
+        at = dataclasses.replace(updated, status=status)
+        events.append(lifecycle_event(at, EVENT_FOR_STATUS[status], message, now,
+                                      lease.worker_id))  # fmt: skip
+        before = status
+    if steps:
+        updated.status = steps[-1]
+    return updated, transitions, events
+
+
+def _retry(
+    job: Job, lease: Lease, patch: JobPatch, now: datetime, reason: str
+) -> tuple[Job, list[Transition], list[JobEvent]]:
+    """The next attempt: back to PENDING, resource cleared, one transition, RETRY."""
+    if job.status.terminal:
+        raise Conflict(f"job {job.job_id} is {job.status.value}: no retry")
+    if patch.attempt != job.attempt + 1:
+        raise Conflict(f"job {job.job_id}: retry must start attempt {job.attempt + 1}")
+    # The times are the current attempt's: a retry starts them afresh (scheduled_at and
+    # started_at are set again as the new attempt enters those states).
+    updated = dataclasses.replace(
+        job, status=JobStatus.PENDING, attempt=job.attempt + 1, provider_job_id="",
+        cloud_resource_path="", updated_at=now, scheduled_at=None, started_at=None,
+    )  # fmt: skip
+    t = Transition(job.job_id, job.status, JobStatus.PENDING, now, reason, lease.worker_id)
+    return updated, [t], [lifecycle_event(updated, EventKind.RETRY, reason, now,
+                                          lease.worker_id)]  # fmt: skip
+
+
+# --- execution events -------------------------------------------------------------------
+
+
+def output_key(event: JobEvent) -> OutputKey:
+    return (event.attempt, 0, event.message)
+
+
+def place(
+    job: Job | None,
+    event: JobEvent,
+    cursors: dict[OutputKey, int],
+    seen_keys: set[str],
+    *,
+    legacy: bool = False,
+) -> Placed:
+    """Where an execution event goes (docs/design.md §6 order rules), given the job row, the
+    delivered output ends and the dedup keys the job already has. On STORED the caller
+    inserts it; ``cursors`` and ``seen_keys`` are updated here.
+
+    ``legacy`` is the v1 upgrade: events of any kind, appended at the end of the stream
+    as they were in the v1 log; only their dedup key decides.
+    """
+    if job is None or job.tenant_id != event.tenant_id:
+        return Placed.STALE
+    if legacy:
+        if event.dedup_key in seen_keys:
+            return Placed.DUPLICATE
+        if event.kind is EventKind.OUTPUT:
+            key = output_key(event)
+            cursors[key] = cursors.get(key, 0) + len(event.output.encode())
+        seen_keys.add(event.dedup_key)
+        return Placed.STORED
+    if job.status.terminal or event.attempt != job.attempt:
+        return Placed.STALE
+    # Output is placed by its byte range (a resend with the same start but cut longer
+    # overlaps what is stored: OUT_OF_ORDER, not a duplicate); other events by their key.
+    if event.kind is not EventKind.OUTPUT and event.dedup_key in seen_keys:
+        return Placed.DUPLICATE
+    if event.kind is EventKind.OUTPUT:
+        if job.status is not JobStatus.RUNNING:
+            return Placed.OUT_OF_ORDER  # RUNNING of this attempt comes first
+        key = output_key(event)
+        have = cursors.get(key, 0)
+        if event.end <= have:
+            return Placed.DUPLICATE
+        if event.offset != have:
+            return Placed.OUT_OF_ORDER  # a gap, or an overlap cut differently
+        cursors[key] = event.end
+    if event.dedup_key:
+        seen_keys.add(event.dedup_key)
+    return Placed.STORED
+
+
+def output_dedup_key(attempt: int, task_index: int, stream: str, offset: int) -> str:
+    return f"out:{attempt}:{task_index}:{stream}:{offset}"
+
+
+# --- the v1 upgrade -----------------------------------------------------------------------
+
+
+def renumber_v1(events: list[JobEvent]) -> tuple[list[JobEvent], dict[OutputKey, int]]:
+    """One job's v1 events (v1 ``seq`` order) as v2 events: ``seq`` 1..n gapless, the
+    ``attempt`` counted from RETRY events, dedup key ``v1:<old seq>`` (so that a v1 log
+    delivering the same event later is recognised), and the delivered output ends that
+    their OUTPUT text implies. Positions are left for the caller to assign."""
+    out: list[JobEvent] = []
+    cursors: dict[OutputKey, int] = {}
+    attempt = 0
+    for n, ev in enumerate(sorted(events, key=lambda e: e.seq), start=1):
+        if ev.kind is EventKind.RETRY:
+            attempt += 1
+        new = dataclasses.replace(ev, seq=n, attempt=attempt, dedup_key=f"v1:{ev.seq}")
+        if ev.kind is EventKind.OUTPUT:
+            key = output_key(new)
+            cursors[key] = cursors.get(key, 0) + len(ev.output.encode())
+        out.append(new)
+    return out, cursors

@@ -11,9 +11,22 @@ every implementation must keep:
   job as not renewed) and changes nothing.
 * **Forward only.** A status change must satisfy ``JobStatus.can_move_to``; otherwise the
   update raises ``Conflict`` and changes nothing. Each status change writes a transition
-  row in the same transaction.
-* **Atomic.** Nothing half-written is ever visible: a job and its first transition are
-  inserted together, an update and its transition row commit together.
+  row in the same transaction. A retry (``JobPatch.retry``) re-enters PENDING at the next
+  attempt.
+* **Events are numbered by the store.** Every lifecycle event (SUBMITTED, SCHEDULED,
+  RUNNING, COMPLETED, FAILED, CANCELLED, RETRY, LEASE_CLAIMED) is written in the
+  transaction of the transition or claim it reports: one event per transition, none
+  without its transition. ``seq`` comes from a per-job counter (1-based, gapless) and
+  ``position`` from a per-tenant counter in the same transaction, so positions increase
+  in commit order and a watcher holding a position never misses a later commit.
+* **Execution events** (OUTPUT, STATUS_DETAIL) are placed by ``_common.place``: stored
+  once per dedup key, output only contiguous with what the store has and only once the
+  attempt is RUNNING, nothing after the terminal event.
+* **Atomic.** Nothing half-written is ever visible: a job, its first transition and its
+  SUBMITTED event are inserted together; an update, its transitions and their events
+  commit together.
+* **Group commit.** ``write_batch`` runs many writes in one transaction (one commit, one
+  fsync); a write that fails its own checks fails alone, with its error in its slot.
 * **Errors.** Driver errors are translated inside the store: a lost connection or a
   server that is down becomes ``StoreUnavailable``.
 * **Clock.** Lease expiry uses the database clock where there is one (PostgreSQL
@@ -24,12 +37,68 @@ every implementation must keep:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from jennah.models import Job, JobEvent, JobFilter, JobPatch, Lease, Page, Transition, WorkerInfo
+from jennah.errors import JennahError
+from jennah.models import (
+    Job,
+    JobEvent,
+    JobFilter,
+    JobPatch,
+    Lease,
+    Page,
+    Placed,
+    Transition,
+    WorkerInfo,
+)
 
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
+# (attempt, task_index, stream) -> bytes of that output stream the store has.
+OutputOffsets = dict[tuple[int, int, str], int]
+
+
+# --- writes that can share one transaction (``JobStore.write_batch``) --------------------
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    job: Job
+    lease_ttl: float
+
+
+@dataclass(frozen=True)
+class UpdateJob:
+    """A fenced update. ``expected`` (optional) is the caller's copy of the job: a store
+    may apply the patch to it without reading the row first, with a write conditional
+    on the row still being that copy (its ``updated_at``, lease and status), and falls
+    back to reading the row when it is not. Lease renewals do not count as changes."""
+
+    job_id: str
+    lease: Lease
+    patch: JobPatch
+    reason: str = ""
+    expected: Job | None = None
+
+
+@dataclass(frozen=True)
+class AppendEvents:
+    events: tuple[JobEvent, ...]
+    legacy: bool = False
+
+
+WriteOp = CreateJob | UpdateJob | AppendEvents
+# One slot per op: CreateJob -> (Job, bool); UpdateJob -> Job; AppendEvents ->
+# list[tuple[Placed, JobEvent]]; or the JennahError that op failed with.
+WriteResult = object
+
+
+def unwrap(result: WriteResult) -> object:
+    """The op's value, or raise the error in its slot."""
+    if isinstance(result, JennahError):
+        raise result
+    return result
 
 
 class JobStore(Protocol):
@@ -51,10 +120,17 @@ class JobStore(Protocol):
 
     # --- tenant-facing -----------------------------------------------------------------
 
+    def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        """Run ``ops`` in order in as few transactions as the store allows (SQL: one),
+        and return one slot per op. A ``JennahError`` an op raises from its own checks
+        (``LeaseLost``, ``Conflict``...) is returned in its slot and the others go on;
+        a failure of the transaction itself (the store is down) is raised."""
+        ...
+
     def create_job(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
         """Insert ``job`` as PENDING, owned by ``job.owner_worker_id`` with
         ``lease_version = 1`` and a lease expiring ``lease_ttl`` seconds from now, plus its
-        first transition (None → PENDING), atomically.
+        first transition (None → PENDING) and its SUBMITTED event (seq 1), atomically.
 
         If ``job.request_id`` is not empty and the tenant already has a job with that
         request id, write nothing and return ``(existing_job, False)``; otherwise return
@@ -91,16 +167,32 @@ class JobStore(Protocol):
         ...
 
     def list_events(
-        self, tenant_id: str, job_id: str | None, after_seq: int, limit: int
+        self, tenant_id: str, job_id: str, after_seq: int, limit: int
     ) -> list[JobEvent]:
-        """Events with ``seq > after_seq``. For one job: ascending ``seq``. For the whole
-        tenant (``job_id is None``; ``after_seq`` is then ignored): ascending
-        ``created_at``, ``job_id``, ``seq``. Unknown jobs yield an empty list."""
+        """The job's events with ``seq > after_seq``, ascending; unknown or foreign jobs
+        yield an empty list."""
         ...
 
-    def append_events(self, events: Sequence[JobEvent]) -> None:
-        """Store events idempotently on ``(job_id, seq)``: a repeated event is ignored.
-        Events of a job that no longer exists are dropped."""
+    def list_tenant_events(
+        self, tenant_id: str, after_position: int, limit: int
+    ) -> list[JobEvent]:
+        """The tenant's events with ``position > after_position``, ascending."""
+        ...
+
+    def has_active_jobs(self, tenant_id: str) -> bool:
+        """True if the tenant has a non-terminal job (an index lookup, not a scan)."""
+        ...
+
+    def output_offsets(self, job_id: str) -> OutputOffsets:
+        """How many bytes of each output stream of the job the store has."""
+        ...
+
+    def append_execution_events(
+        self, events: Sequence[JobEvent], legacy: bool = False
+    ) -> list[tuple[Placed, JobEvent]]:
+        """Place each execution event (``_common.place``) and insert the STORED ones,
+        numbered; return ``(placed, event)`` per input event, in input order (the event
+        as stored when STORED). ``legacy`` imports v1 WAL events (any kind)."""
         ...
 
     # --- owner-facing, fenced ----------------------------------------------------------
@@ -109,7 +201,8 @@ class JobStore(Protocol):
         """Apply ``patch`` if the job is still owned under ``lease``; else ``LeaseLost``.
 
         A status in the patch that differs from the stored one must be a forward move
-        (``Conflict`` otherwise) and writes a transition row with ``reason``.
+        (``Conflict`` otherwise) and writes a transition row and its event, with
+        ``reason`` (``_common.apply_patch``).
         """
         ...
 
@@ -120,8 +213,9 @@ class JobStore(Protocol):
 
     def claim_expired(self, worker_id: str, ttl: float, limit: int) -> list[Job]:
         """Take up to ``limit`` active jobs whose lease expired: set the owner to
-        ``worker_id``, bump ``lease_version`` and extend the lease. Concurrent claimers
-        never win the same job at the same version. Return the claimed jobs."""
+        ``worker_id``, bump ``lease_version``, extend the lease and write a LEASE_CLAIMED
+        event naming the previous owner. Concurrent claimers never win the same job at
+        the same version. Return the claimed jobs."""
         ...
 
     def release_leases(self, leases: Sequence[tuple[str, Lease]]) -> int:

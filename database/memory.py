@@ -11,10 +11,30 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import cast
 
 from database import _common as c
-from jennah.errors import Conflict, NotFound
-from jennah.models import Job, JobEvent, JobFilter, JobPatch, Lease, Page, Transition, WorkerInfo
+from database.base import (
+    AppendEvents,
+    CreateJob,
+    OutputOffsets,
+    UpdateJob,
+    WriteOp,
+    WriteResult,
+    unwrap,
+)
+from jennah.errors import Conflict, JennahError, NotFound
+from jennah.models import (
+    Job,
+    JobEvent,
+    JobFilter,
+    JobPatch,
+    Lease,
+    Page,
+    Placed,
+    Transition,
+    WorkerInfo,
+)
 from jennah.settings import StoreSettings
 
 
@@ -28,7 +48,11 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
         self._transitions: dict[str, list[Transition]] = {}
-        self._events: dict[str, dict[int, JobEvent]] = {}
+        self._events: dict[str, list[JobEvent]] = {}  # per job, in seq order
+        self._tenant_events: dict[str, list[JobEvent]] = {}  # per tenant, in position order
+        self._keys: dict[str, set[str]] = {}  # dedup keys per job
+        self._cursors: dict[str, OutputOffsets] = {}
+        self._positions: dict[str, int] = {}  # last position per tenant
         self._workers: dict[str, WorkerInfo] = {}
         self._tenants: dict[str, datetime] = {}
 
@@ -56,21 +80,55 @@ class MemoryStore:
             raise NotFound(f"job {job_id} not found")
         return job
 
-    def create_job(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
+    def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        results: list[WriteResult] = []
         with self._lock:
-            if job.request_id:
-                for existing in self._jobs.values():
-                    if (existing.tenant_id, existing.request_id) == (job.tenant_id, job.request_id):
-                        return dataclasses.replace(existing), False
-            if job.job_id in self._jobs:
-                raise Conflict(f"job {job.job_id} already exists")
-            now = self._now()
-            stored = c.new_job(copy.deepcopy(job), now, lease_ttl)
-            self._tenants.setdefault(job.tenant_id, now)
-            self._jobs[job.job_id] = stored
-            first = Transition(job.job_id, None, stored.status, now, "created", job.owner_worker_id)
-            self._transitions[job.job_id] = [first]
-            return dataclasses.replace(stored), True
+            for op in ops:
+                try:
+                    if isinstance(op, CreateJob):
+                        results.append(self._create(op.job, op.lease_ttl))
+                    elif isinstance(op, UpdateJob):
+                        results.append(self._update(op.job_id, op.lease, op.patch, op.reason))
+                    else:
+                        results.append(self._append(op.events, op.legacy))
+                except JennahError as exc:
+                    results.append(exc)
+        return results
+
+    def _add_events(self, events: Sequence[JobEvent]) -> list[JobEvent]:
+        """Number ``events`` (seq per job, position per tenant) and keep them."""
+        out = []
+        for ev in events:
+            per_job = self._events.setdefault(ev.job_id, [])
+            position = self._positions.get(ev.tenant_id, 0) + 1
+            self._positions[ev.tenant_id] = position
+            stored = dataclasses.replace(ev, seq=len(per_job) + 1, position=position,
+                                         created_at=c.utc(ev.created_at))  # fmt: skip
+            per_job.append(stored)
+            self._tenant_events.setdefault(ev.tenant_id, []).append(stored)
+            if ev.dedup_key:
+                self._keys.setdefault(ev.job_id, set()).add(ev.dedup_key)
+            out.append(stored)
+        return out
+
+    def create_job(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
+        return cast(tuple[Job, bool], unwrap(self.write_batch([CreateJob(job, lease_ttl)])[0]))
+
+    def _create(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
+        if job.request_id:
+            for existing in self._jobs.values():
+                if (existing.tenant_id, existing.request_id) == (job.tenant_id, job.request_id):
+                    return dataclasses.replace(existing), False
+        if job.job_id in self._jobs:
+            raise Conflict(f"job {job.job_id} already exists")
+        now = self._now()
+        stored = c.new_job(copy.deepcopy(job), now, lease_ttl)
+        self._tenants.setdefault(job.tenant_id, now)
+        self._jobs[job.job_id] = stored
+        first, submitted = c.created(stored, now)
+        self._transitions[job.job_id] = [first]
+        self._add_events([submitted])
+        return dataclasses.replace(stored), True
 
     def get_job(self, tenant_id: str, job_id: str) -> Job:
         with self._lock:
@@ -102,6 +160,10 @@ class MemoryStore:
             del self._jobs[job_id]
             self._transitions.pop(job_id, None)
             self._events.pop(job_id, None)
+            self._keys.pop(job_id, None)
+            self._cursors.pop(job_id, None)
+            events = self._tenant_events.get(tenant_id, [])
+            self._tenant_events[tenant_id] = [e for e in events if e.job_id != job_id]
 
     def list_transitions(self, tenant_id: str, job_id: str) -> list[Transition]:
         with self._lock:
@@ -109,43 +171,68 @@ class MemoryStore:
             return list(self._transitions.get(job_id, []))
 
     def list_events(
-        self, tenant_id: str, job_id: str | None, after_seq: int, limit: int
+        self, tenant_id: str, job_id: str, after_seq: int, limit: int
     ) -> list[JobEvent]:
         with self._lock:
-            if job_id is not None:
-                job = self._jobs.get(job_id)
-                if job is None or job.tenant_id != tenant_id:
-                    return []
-                events = [e for e in self._events.get(job_id, {}).values() if e.seq > after_seq]
-                return sorted(events, key=lambda e: e.seq)[:limit]
-            events = [
-                e
-                for per_job in self._events.values()
-                for e in per_job.values()
-                if e.tenant_id == tenant_id
-            ]
-        events.sort(key=lambda e: (e.created_at, e.job_id, e.seq))
-        return events[:limit]
+            job = self._jobs.get(job_id)
+            if job is None or job.tenant_id != tenant_id:
+                return []
+            return self._events.get(job_id, [])[max(after_seq, 0) : max(after_seq, 0) + limit]
 
-    def append_events(self, events: Sequence[JobEvent]) -> None:
+    def list_tenant_events(
+        self, tenant_id: str, after_position: int, limit: int
+    ) -> list[JobEvent]:
         with self._lock:
-            for e in events:
-                job = self._jobs.get(e.job_id)
-                if job is None or job.tenant_id != e.tenant_id:
-                    continue
-                per_job = self._events.setdefault(e.job_id, {})
-                per_job.setdefault(e.seq, dataclasses.replace(e, created_at=c.utc(e.created_at)))
+            events = self._tenant_events.get(tenant_id, [])
+            lo, hi = 0, len(events)  # binary search: positions are sorted
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if events[mid].position <= after_position:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return events[lo : lo + limit]
+
+    def has_active_jobs(self, tenant_id: str) -> bool:
+        with self._lock:
+            return any(j.tenant_id == tenant_id and not j.status.terminal
+                       for j in self._jobs.values())  # fmt: skip
+
+    def output_offsets(self, job_id: str) -> OutputOffsets:
+        with self._lock:
+            return dict(self._cursors.get(job_id, {}))
+
+    def append_execution_events(
+        self, events: Sequence[JobEvent], legacy: bool = False
+    ) -> list[tuple[Placed, JobEvent]]:
+        result = unwrap(self.write_batch([AppendEvents(tuple(events), legacy)])[0])
+        return cast(list[tuple[Placed, JobEvent]], result)
+
+    def _append(self, events: Sequence[JobEvent], legacy: bool) -> list[tuple[Placed, JobEvent]]:
+        out = []
+        for ev in events:
+            job = self._jobs.get(ev.job_id)
+            cursors = self._cursors.setdefault(ev.job_id, {}) if job else {}
+            placed = c.place(job, ev, cursors, self._keys.setdefault(ev.job_id, set()),
+                             legacy=legacy)  # fmt: skip
+            if placed is Placed.STORED:
+                ev = self._add_events([ev])[0]
+            out.append((placed, ev))
+        return out
 
     # --- owner-facing, fenced ----------------------------------------------------------
 
     def update_job(self, job_id: str, lease: Lease, patch: JobPatch, reason: str = "") -> Job:
-        with self._lock:
-            job = c.check_lease(self._jobs.get(job_id), lease)
-            updated, transition = c.apply_patch(job, lease, patch, self._now(), reason)
-            self._jobs[job_id] = updated
-            if transition is not None:
-                self._transitions.setdefault(job_id, []).append(transition)
-            return dataclasses.replace(updated)
+        op = UpdateJob(job_id, lease, patch, reason)
+        return cast(Job, unwrap(self.write_batch([op])[0]))
+
+    def _update(self, job_id: str, lease: Lease, patch: JobPatch, reason: str) -> Job:
+        job = c.check_lease(self._jobs.get(job_id), lease)
+        updated, transitions, events = c.apply_patch(job, lease, patch, self._now(), reason)
+        self._jobs[job_id] = updated
+        self._transitions.setdefault(job_id, []).extend(transitions)
+        self._add_events(events)
+        return dataclasses.replace(updated)
 
     def _held(self, job_id: str, lease: Lease) -> Job | None:
         job = self._jobs.get(job_id)
@@ -176,11 +263,13 @@ class MemoryStore:
             expired.sort(key=lambda j: (j.lease_expires_at or c.EPOCH, j.job_id))
             claimed = []
             for job in expired[: max(limit, 0)]:
+                previous = job.owner_worker_id
                 job.owner_worker_id = worker_id
                 job.lease_version += 1
                 job.lease_expires_at = now + timedelta(seconds=ttl)
                 job.last_heartbeat_at = now
                 job.updated_at = now
+                self._add_events([c.claimed_event(job, previous, now)])
                 claimed.append(dataclasses.replace(job))
             return claimed
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
@@ -93,6 +93,10 @@ class _PgTx:
         with self._execute(sql, params) as cur:
             return cur.rowcount
 
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cur:
+            cur.executemany(_sql(sql), [[_to_db(p) for p in row] for row in params])
+
 
 class PostgresStore(SqlStore):
     """A job store in PostgreSQL; any number of workers share it."""
@@ -103,7 +107,6 @@ class PostgresStore(SqlStore):
     name_prefix_sql = "starts_with(jobs.spec->>'name', ?)"
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
-    key_share = " FOR KEY SHARE"
     migrations_table_ddl = (
         "CREATE TABLE IF NOT EXISTS schema_migrations "
         "(name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
@@ -119,6 +122,7 @@ class PostgresStore(SqlStore):
         timeout: float = 2.0,
         connect_timeout: int = 2,
     ) -> None:
+        super().__init__()
         self._pool = ConnectionPool(
             url,
             min_size=min_size,

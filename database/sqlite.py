@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -29,7 +29,12 @@ from jennah.settings import StoreSettings
 TABLE_COLUMNS = c.TABLE_COLUMNS
 
 
+_PLAIN = (str, int, float, type(None))
+
+
 def _to_db(value: Any) -> Any:
+    if type(value) in _PLAIN:  # most values: no conversion (bool is not int's type)
+        return value
     if isinstance(value, datetime):
         return c.to_micros(value)
     if isinstance(value, Enum):
@@ -80,6 +85,9 @@ class _SQLiteTx:
     def run(self, sql: str, *params: Any) -> int:
         return self._conn.execute(sql, [_to_db(p) for p in params]).rowcount
 
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, [[_to_db(p) for p in row] for row in params])
+
 
 class SQLiteStore(SqlStore):
     """A job store in one SQLite file (WAL mode, one connection per thread)."""
@@ -103,6 +111,7 @@ class SQLiteStore(SqlStore):
         clock: Callable[[], datetime] = c.now_utc,
         busy_timeout: float = 30.0,
     ) -> None:
+        super().__init__()
         self.path = Path(path)
         self._clock = clock
         self._busy_timeout = busy_timeout

@@ -1,4 +1,4 @@
-"""Who is calling the gateway: the tenant id and how we know it (DESIGN §7, §8, §11).
+"""Who is calling the gateway: the tenant id and how we know it (docs/design.md §7, §8, §11).
 
 ``identify(headers, peer)`` returns ``(tenant_id, auth_method)``. The ways in, checked in
 this order:

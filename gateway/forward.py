@@ -1,4 +1,4 @@
-"""Forward a call to the tenant's worker, failing over along the ring (DESIGN §1).
+"""Forward a call to the tenant's worker, failing over along the ring (docs/design.md §1).
 
 Order of attempts: the ring's candidates for the tenant, minus the workers the health
 view says are down; if every candidate is down, all of them anyway, in ring order (the

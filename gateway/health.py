@@ -1,4 +1,4 @@
-"""The gateway's view of which workers exist and which answer (DESIGN §1).
+"""The gateway's view of which workers exist and which answer (docs/design.md §1).
 
 Two sources feed it:
 

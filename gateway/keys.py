@@ -1,4 +1,4 @@
-"""API keys and proxy identities: the file ``JENNAH_API_KEYS_FILE`` (DESIGN §7, §11).
+"""API keys and proxy identities: the file ``JENNAH_API_KEYS_FILE`` (docs/design.md §7, §11).
 
 **File format** (JSON, written only by ``jennah keys …``; hand edits are fine if they
 keep this shape)::
@@ -16,7 +16,7 @@ keep this shape)::
   ``revoked_at`` set, so ``jennah keys list`` shows the history; it is never accepted.
 * ``identities``: email → tenant, for the trusted-proxy mode (oauth2-proxy's
   ``X-Auth-Request-Email``). Emails are compared case-insensitively. The email itself is
-  never used as a tenant id (DESIGN §11).
+  never used as a tenant id (docs/design.md §11).
 
 **Keys** look like ``jk_<id>_<secret>``: ``jk_`` makes them recognisable (secret
 scanners, logs), ``<id>`` is 12 hex characters naming the entry (shown by ``list`` and

@@ -1,4 +1,4 @@
-"""Which worker serves a tenant: a consistent-hash ring keyed by ``tenant_id`` (DESIGN §1).
+"""Which worker serves a tenant: a consistent-hash ring keyed by ``tenant_id`` (docs/design.md §1).
 
 The ring is uhashring's ketama implementation over the workers' base URLs. A tenant's
 first candidate is the node that owns its hash; the failover order is the next *distinct*

@@ -1,4 +1,4 @@
-"""The gateway's ``DeploymentService``: authenticate, then forward (DESIGN §1, §2).
+"""The gateway's ``DeploymentService``: authenticate, then forward (docs/design.md §1, §2).
 
 Thin on purpose. ``GetCurrentTenant`` is the one RPC the gateway answers itself, since
 the gateway is what authenticated the caller. Everything else goes to the tenant's
@@ -7,7 +7,7 @@ worker through :class:`gateway.forward.Forwarder`.
 SubmitJob without a ``request_id`` gets one here (``gw-<uuid4>``), *before* the first
 attempt: if a worker stores the job and then dies before answering, the retry on the
 next worker carries the same key, and the shared store returns the job it already has
-instead of creating a second one (DESIGN §4).
+instead of creating a second one (docs/design.md §4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A tiny ASGI router: the Connect app, with ``/health``, ``/ready`` and ``/metrics`` beside it.
 
-Those three paths need no token or key (DESIGN §11). Lifespan events go to the Connect
+Those three paths need no token or key (docs/design.md §11). Lifespan events go to the Connect
 app, which drives the service's async-generator lifecycle (start-up and shutdown).
 """
 

@@ -1,7 +1,7 @@
 """The one error tree of Jennah.
 
 Adapters (stores, providers) translate their vendor errors into these classes inside
-themselves; only the RPC layer (``worker/rpc_errors.py``) turns them into Connect codes.
+themselves; only the RPC layer (``jennah/rpc.py``) turns them into Connect codes.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ unstructured entries. Passing ``log_config=None`` to ``uvicorn.run`` would route
 process's secret-looking variables (names containing TOKEN, SECRET, PASSWORD, KEY,
 CREDENTIAL, or ``DATABASE_URL``; values of 8+ characters) are replaced by ``[REDACTED]``
 in every formatted line. Job env var values never reach a log call at all (they are
-write-only in the API, DESIGN §2).
+write-only in the API, docs/design.md §2).
 """
 
 from __future__ import annotations

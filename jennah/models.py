@@ -6,7 +6,6 @@ and from the wire messages.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,7 +13,7 @@ from enum import StrEnum
 
 
 class JobStatus(StrEnum):
-    """The job state machine (DESIGN §3). Values are the stored spelling."""
+    """The job state machine (docs/design.md §3). Values are the stored spelling."""
 
     PENDING = "PENDING"
     SCHEDULED = "SCHEDULED"
@@ -51,7 +50,7 @@ _RANK = {
 
 
 class FailureClass(StrEnum):
-    """Why a job failed (DESIGN §3). Only PREEMPTED and INFRASTRUCTURE are retried."""
+    """Why a job failed (docs/design.md §3). Only PREEMPTED and INFRASTRUCTURE are retried."""
 
     USER_ERROR = "user_error"
     PREEMPTED = "preempted"
@@ -65,7 +64,13 @@ class FailureClass(StrEnum):
 
 
 class EventKind(StrEnum):
-    """Kinds of job events; the stored spelling is the name."""
+    """Kinds of job events; the stored spelling is the name.
+
+    *Lifecycle* kinds are written by the store in the transaction of the transition (or
+    claim) they report; *execution* kinds (``EXECUTION_KINDS``) are what an owner observes
+    while an execution runs, delivered through its WAL. ``LEASE_LOST`` is never stored (a
+    stale owner cannot write); it stays in the enum because the wire enum has it.
+    """
 
     SUBMITTED = "SUBMITTED"
     SCHEDULED = "SCHEDULED"
@@ -78,6 +83,19 @@ class EventKind(StrEnum):
     LEASE_LOST = "LEASE_LOST"
     RETRY = "RETRY"
     OUTPUT = "OUTPUT"
+
+
+EXECUTION_KINDS = frozenset({EventKind.OUTPUT, EventKind.STATUS_DETAIL})
+TERMINAL_KINDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.CANCELLED})
+# The event of each transition, by the status it enters (a retry re-enters PENDING).
+EVENT_FOR_STATUS: Mapping[JobStatus, EventKind] = {
+    JobStatus.PENDING: EventKind.SUBMITTED,
+    JobStatus.SCHEDULED: EventKind.SCHEDULED,
+    JobStatus.RUNNING: EventKind.RUNNING,
+    JobStatus.COMPLETED: EventKind.COMPLETED,
+    JobStatus.FAILED: EventKind.FAILED,
+    JobStatus.CANCELLED: EventKind.CANCELLED,
+}
 
 
 RESOURCE_PROFILES: Mapping[str, tuple[int, int]] = {
@@ -116,11 +134,24 @@ class JobSpec:
     max_retries: int = 0
 
     def to_dict(self) -> dict[str, object]:
-        d = dataclasses.asdict(self)
-        d["commands"] = list(self.commands)
-        d["env_vars"] = dict(self.env_vars)
-        d["labels"] = dict(self.labels)
-        return d
+        # Written out rather than dataclasses.asdict, whose recursive deep copy was a
+        # quarter of the store's CPU per submit (docs/performance.md).
+        ro = self.resource_override
+        return {
+            "image_uri": self.image_uri,
+            "commands": list(self.commands),
+            "env_vars": dict(self.env_vars),
+            "name": self.name,
+            "labels": dict(self.labels),
+            "resource_profile": self.resource_profile,
+            "resource_override": {"cpu_millis": ro.cpu_millis, "memory_mib": ro.memory_mib,
+                                  "max_run_duration_seconds": ro.max_run_duration_seconds},
+            "machine_type": self.machine_type,
+            "boot_disk_size_gb": self.boot_disk_size_gb,
+            "use_spot_vms": self.use_spot_vms,
+            "service_account": self.service_account,
+            "max_retries": self.max_retries,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> JobSpec:
@@ -178,7 +209,12 @@ class Job:
 class JobPatch:
     """Fields an owner may change in a fenced update; ``None`` leaves a field as is.
 
-    ``clear_resource`` empties provider_job_id and cloud_resource_path (for a retry).
+    ``clear_resource`` empties provider_job_id and cloud_resource_path. ``retry`` starts
+    attempt ``attempt`` (which must be the next one): the job re-enters PENDING with its
+    resource cleared and the attempt's times reset, and the store records a RETRY event.
+    A move to a terminal state from below RUNNING with ``started_at`` set (the provider
+    says the execution ran) is recorded as two transitions, RUNNING then the terminal
+    one, in one transaction.
     """
 
     status: JobStatus | None = None
@@ -192,6 +228,7 @@ class JobPatch:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     clear_resource: bool = False
+    retry: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +245,17 @@ class Transition:
 
 @dataclass(frozen=True)
 class JobEvent:
-    """One event of a job. ``seq`` starts at 1 and increases strictly within a job."""
+    """One event of a job.
+
+    The store numbers every event it inserts: ``seq`` starts at 1 and is gapless within a
+    job, ``position`` increases strictly in commit order within a tenant. An execution
+    event handed to the store carries ``seq = position = 0`` and a ``dedup_key`` built
+    from what was observed; the store inserts it only if the key is new for the job.
+
+    OUTPUT events carry the stream name in ``message`` and their text in ``output``;
+    ``offset`` and ``end`` are the byte range of that text in the stream of ``attempt``
+    (in transit only: the store keeps the delivered end per stream, not per event).
+    """
 
     job_id: str
     tenant_id: str
@@ -219,6 +266,25 @@ class JobEvent:
     created_at: datetime
     worker_id: str
     output: str = ""
+    position: int = 0
+    attempt: int = 0
+    dedup_key: str = ""
+    offset: int = -1
+    end: int = -1
+
+
+class Placed(StrEnum):
+    """What the store did with one execution event (``append_execution_events``)."""
+
+    STORED = "stored"
+    # Already stored (same dedup key, or output the store already has).
+    DUPLICATE = "duplicate"
+    # Cannot go in here: output not contiguous with what the store has (a gap, or an
+    # overlap cut differently), or output of an attempt that has not shown RUNNING. The
+    # producer drops it and re-reads from the store's offsets.
+    OUT_OF_ORDER = "out_of_order"
+    # The job is gone, terminal, or on another attempt: the event is stale.
+    STALE = "stale"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The RPC boundary: the only place where Jennah errors become Connect codes.
 
 ``ErrorMapper`` is a Connect interceptor for both unary and server-streaming methods.
-Domain errors map to their codes (DESIGN §11 table); any other exception becomes
+Domain errors map to their codes (docs/design.md §11 table); any other exception becomes
 ``internal`` with a generic message, so internals never reach clients (connectrpc would
 otherwise send the exception text).
 """
@@ -187,7 +187,7 @@ class ErrorMapper:
             raise _mapped(exc, ctx) from None
 
 
-# Headers shared by the gateway and the workers (DESIGN §7).
+# Headers shared by the gateway and the workers (docs/design.md §7).
 TENANT_HEADER = "x-tenant-id"
 WORKER_TOKEN_HEADER = "x-jennah-worker-token"
 # The message of the ``unavailable`` a draining worker answers; the gateway fails over on

@@ -1,4 +1,4 @@
-"""Serve an ASGI app with the configured server (DESIGN §11 "Serving").
+"""Serve an ASGI app with the configured server (docs/design.md §11 "Serving").
 
 uvicorn (default) speaks Connect and gRPC-Web over HTTP/1.1; hypercorn adds gRPC over h2c.
 On SIGTERM both stop accepting, let in-flight calls finish for ``grace`` seconds, then run

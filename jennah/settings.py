@@ -1,4 +1,4 @@
-"""Typed, frozen settings, read once from the environment at start-up (DESIGN §7, §11).
+"""Typed, frozen settings, read once from the environment at start-up (docs/design.md §7, §11).
 
 Nothing below ``main`` reads ``os.environ``: settings objects are passed in through
 constructors. Validation happens here, before any SDK import, network call or database
@@ -175,6 +175,11 @@ class WorkerSettings:
     store: StoreSettings
     provider: ProviderSettings
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    # WAL_SEGMENT_BYTES: a segment of the worker's WAL is rolled at this size.
+    wal_segment_bytes: int = 16 << 20
+    # WAL_MAX_PENDING_BYTES: above this many undelivered bytes, appends are refused (the
+    # producers keep their offsets and read again) instead of growing memory.
+    wal_max_pending_bytes: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,8 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         store=_store_settings(e, home),
         provider=_provider_settings(e, home),
         admission=_admission_settings(e),
+        wal_segment_bytes=e.number("WAL_SEGMENT_BYTES", 16 << 20, int, 4096),
+        wal_max_pending_bytes=e.number("WAL_MAX_PENDING_BYTES", 256 << 20, int, 1 << 20),
     )
     if not settings.dev_mode and not settings.worker_token:
         e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")

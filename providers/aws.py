@@ -4,7 +4,7 @@ container overrides.
 
 **Resource path**: the job ARN (``arn:aws:batch:R:A:job/<job id>``).
 
-**Exactly once** (DESIGN §4): AWS Batch does not dedupe job names, so before submitting
+**Exactly once** (docs/design.md §4): AWS Batch does not dedupe job names, so before submitting
 the provider looks the name (the deterministic provider job id) up in the queue
 (``ListJobs`` with a ``JOB_NAME`` filter), and adopts a job that carries our
 ``jennah-job-id`` tag. Within one process a striped lock serialises look-up and submit per
@@ -55,7 +55,7 @@ from providers.retry import RetryPolicy
 
 T = TypeVar("T")
 
-# DESIGN §3: AWS Batch job status → Jennah status (checked row by row by the tests).
+# docs/design.md §3: AWS Batch job status → Jennah status (checked row by row by the tests).
 AWS_STATES: Mapping[str, JobStatus] = {
     "SUBMITTED": JobStatus.SCHEDULED,
     "PENDING": JobStatus.SCHEDULED,

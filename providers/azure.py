@@ -12,7 +12,7 @@ counting against the account's active-job quota.
 or that failed may belong to a job we terminated, so for those the job is read too: a
 job terminated with Jennah's reason is CANCELLED. **Cancel**: ``begin_terminate_job``
 with that reason, waiting for the operation (``BatchJobTerminateOptions`` is required,
-DESIGN §9).
+docs/design.md §9).
 
 Resources: CPU and memory go to the container as ``--cpus``/``--memory`` run options, the
 run limit to the task's ``maxWallClockTime``. Machine type, spot and boot disk belong to
@@ -55,7 +55,7 @@ from providers.retry import RetryPolicy
 T = TypeVar("T")
 CANCEL_REASON = "JennahCancel"
 
-# DESIGN §3: Azure task state → Jennah status (checked row by row by the tests). A
+# docs/design.md §3: Azure task state → Jennah status (checked row by row by the tests). A
 # completed task is COMPLETED with exit code 0 and FAILED otherwise; any task of a job
 # terminated with CANCEL_REASON (except one that completed with 0) is CANCELLED.
 AZURE_TASK_STATES: Mapping[str, JobStatus] = {
@@ -69,7 +69,7 @@ _ENDPOINT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.(?P<region>[a-z0-9-]+)\.b
 
 
 def endpoint_region(endpoint: str) -> str:
-    """``https://acct.westeurope.batch.azure.com`` → ``westeurope`` (DESIGN §11)."""
+    """``https://acct.westeurope.batch.azure.com`` → ``westeurope`` (docs/design.md §11)."""
     match = _ENDPOINT_HOST.match(urlsplit(endpoint).hostname or "")
     return match.group("region") if match else ""
 

@@ -2,7 +2,7 @@
 
 **Resource path**: the job's full name, ``projects/P/locations/R/jobs/<provider job id>``.
 
-**Exactly once** (DESIGN §4, §11): the Batch job id is the deterministic provider job id
+**Exactly once** (docs/design.md §4, §11): the Batch job id is the deterministic provider job id
 (lowercase, starts with a letter, at most 63 characters), and ``request_id`` is a UUID5
 of the Jennah job id and attempt, never the tenant's own ``request_id``. A create that
 finds the job already there (ALREADY_EXISTS) adopts it.
@@ -53,7 +53,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 State = batch_v1.JobStatus.State
 
-# DESIGN §3: GCP job state → Jennah status (checked row by row by the tests).
+# docs/design.md §3: GCP job state → Jennah status (checked row by row by the tests).
 GCP_STATES: Mapping[str, JobStatus] = {
     "QUEUED": JobStatus.SCHEDULED,
     "SCHEDULED": JobStatus.SCHEDULED,
@@ -90,7 +90,7 @@ def request_uuid(job_id: str, attempt: int) -> str:
 
 
 def failure_class(exit_code: int | None, detail: str) -> FailureClass:
-    """Why a FAILED job failed (DESIGN §3, §11)."""
+    """Why a FAILED job failed (docs/design.md §3, §11)."""
     if exit_code is None or exit_code == 0:
         return FailureClass.QUOTA if "quota" in detail.lower() else FailureClass.INFRASTRUCTURE
     if exit_code in GCP_EXIT_CODES:

@@ -1,4 +1,4 @@
-"""The local provider: a real one-machine batch service (DESIGN §3b, §11).
+"""The local provider: a real one-machine batch service (docs/design.md §3b, §11).
 
 Each execution is a directory ``<base_dir>/<provider_job_id>/`` and a detached runner
 (``providers/local_runner.py``, whose docstring lists the files). All state is on disk,
@@ -62,7 +62,7 @@ class Observation:
 
 
 def map_state(obs: Observation) -> tuple[JobStatus | None, str, FailureClass | None]:
-    """The local state mapping (DESIGN §3), one rule per row, first match wins:
+    """The local state mapping (docs/design.md §3), one rule per row, first match wins:
 
     ============================================  ==========  ===========  ==============
     observed in the job directory                 state       raw state    failure class

@@ -17,7 +17,7 @@ file a reader could see half-written is written to a temp file and renamed):
   never starts the job again, so a directory is executed at most once.
 * ``executions``: one line appended per real start (audits and tests count them).
 * ``pid``: ``"<pgid> <starttime>"``. The job runs in its own session and process group
-  (setsid, DESIGN §11: its leader's pid is the group id), so cancel can kill all of it
+  (setsid, docs/design.md §11: its leader's pid is the group id), so cancel can kill all of it
   and nothing else; the leader's ``/proc`` start time guards signals against pid reuse.
 * ``completed_at`` then ``exit_code``: written when the job ends, *before* the runner
   exits and releases the lock. So "no runner alive and no exit code" means the runner

@@ -10,7 +10,7 @@ on a real machine:
 * otherwise ``exit N`` with N ≠ 0 ends FAILED with exit code N (``user_error``);
 * anything else ends COMPLETED with exit code 0.
 
-``DryProvider`` (``BATCH_PROVIDER=dry``, DESIGN §11) accepts and completes every job at
+``DryProvider`` (``BATCH_PROVIDER=dry``, docs/design.md §11) accepts and completes every job at
 once, starting nothing, so load tests measure Jennah rather than the jobs.
 """
 

@@ -15,7 +15,7 @@ ordinary meaning (an in-memory fake interprets them, see ``providers/memory.py``
 * ``["sh", "-c", "sleep 60"]``: stays RUNNING until cancelled.
 
 Class attributes a subclass may tune: ``state_timeout`` (seconds to reach a state) and
-``cancel_timeout`` (seconds from ``cancel`` to CANCELLED; DESIGN's acceptance is 2 s).
+``cancel_timeout`` (seconds from ``cancel`` to CANCELLED; the acceptance in docs/design.md is 2 s).
 """
 
 from __future__ import annotations

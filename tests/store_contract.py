@@ -23,7 +23,7 @@ from typing import ClassVar, TypeVar
 
 import pytest
 
-from database.base import JobStore
+from database.base import AppendEvents, CreateJob, JobStore, UpdateJob
 from jennah.errors import Conflict, InvalidArgument, LeaseLost, NotFound, StoreUnavailable
 from jennah.models import (
     EventKind,
@@ -35,6 +35,7 @@ from jennah.models import (
     JobSpec,
     JobStatus,
     Lease,
+    Placed,
     ResourceOverride,
 )
 
@@ -94,18 +95,30 @@ def run_threads(n: int, fn: Callable[[int], T], timeout: float = 30.0) -> list[T
     return [r for r in results if r is not None]
 
 
-def event(job: Job, seq: int, message: str = "", at: datetime | None = None) -> JobEvent:
+def output(job: Job, offset: int, text: str, *, attempt: int = 0,
+           stream: str = "stdout") -> JobEvent:
+    """An OUTPUT event of ``text`` at byte ``offset`` of ``stream``, as a producer sends it."""
+    end = offset + len(text.encode())
     return JobEvent(
-        job_id=job.job_id,
-        tenant_id=job.tenant_id,
-        seq=seq,
-        kind=EventKind.STATUS_DETAIL,
-        status=JobStatus.PENDING,
-        message=message or f"event {seq}",
-        created_at=at or BASE + timedelta(milliseconds=seq % 100_000),
-        worker_id="w1",
-        output="line\n",
-    )
+        job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
+        status=JobStatus.RUNNING, message=stream, output=text, created_at=BASE,
+        worker_id="w1", attempt=attempt, offset=offset, end=end,
+        dedup_key=f"out:{attempt}:0:{stream}:{offset}",
+    )  # fmt: skip
+
+
+def detail(job: Job, key: str, *, attempt: int = 0) -> JobEvent:
+    """A STATUS_DETAIL event with dedup key ``key``."""
+    return JobEvent(
+        job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.STATUS_DETAIL,
+        status=job.status, message=f"detail {key}", created_at=BASE, worker_id="w1",
+        attempt=attempt, dedup_key=key,
+    )  # fmt: skip
+
+
+def kinds(store: JobStore, job: Job) -> list[tuple[int, EventKind]]:
+    """``(seq, kind)`` of every stored event of ``job``, in seq order."""
+    return [(e.seq, e.kind) for e in store.list_events(job.tenant_id, job.job_id, 0, 10_000)]
 
 
 def assert_utc(*values: datetime | None) -> None:
@@ -235,7 +248,6 @@ class StoreContract:
 
     def test_tenant_isolation(self, store: JobStore) -> None:
         job = self._create(store, make_job("tenant-a"))
-        store.append_events([event(job, 1)])
         b = "tenant-b"
         self._create(store, make_job(b))
         with pytest.raises(NotFound):
@@ -247,9 +259,11 @@ class StoreContract:
         with pytest.raises(NotFound):
             store.list_transitions(b, job.job_id)
         assert store.list_events(b, job.job_id, 0, 100) == []
-        assert store.list_events(b, None, 0, 100) == []
+        assert {e.tenant_id for e in store.list_tenant_events(b, 0, 100)} == {b}
         assert [j.tenant_id for j in store.list_jobs(b, JobFilter(), 50, "").jobs] == [b]
-        store.append_events([dataclasses.replace(event(job, 2), tenant_id=b)])
+        forged = store.append_execution_events([dataclasses.replace(detail(job, "f"),
+                                                                    tenant_id=b)])  # fmt: skip
+        assert [p for p, _ in forged] == [Placed.STALE]
         assert [e.seq for e in store.list_events("tenant-a", job.job_id, 0, 100)] == [1]
         got = store.get_job("tenant-a", job.job_id)
         assert got == job and not got.cancel_requested
@@ -386,6 +400,31 @@ class StoreContract:
         assert store.get_job("tenant-a", job.job_id) == job
         assert store.list_transitions("tenant-a", job.job_id) == transitions
 
+    def test_an_update_from_a_stale_copy_keeps_what_changed_meanwhile(
+        self, store: JobStore
+    ) -> None:
+        """``UpdateJob.expected`` is only a hint: a renewal, a cancel request or another
+        update made since the caller's copy is neither undone nor ignored."""
+        job = self._create(store, make_job())
+        store.renew_leases([(job.job_id, job.lease)], LONG_TTL * 2)
+        renewed = store.get_job("tenant-a", job.job_id).lease_expires_at
+        (got,) = store.write_batch([UpdateJob(job.job_id, job.lease,
+                                              JobPatch(status=JobStatus.SCHEDULED), "s", job)])
+        assert isinstance(got, Job) and got.status is JobStatus.SCHEDULED
+        assert store.get_job("tenant-a", job.job_id).lease_expires_at == renewed
+        store.request_cancel("tenant-a", job.job_id)  # after the caller's copy
+        (got,) = store.write_batch([UpdateJob(job.job_id, job.lease,
+                                              JobPatch(status=JobStatus.RUNNING), "r", job)])
+        assert isinstance(got, Job) and got.cancel_requested and got.status is JobStatus.RUNNING
+        now = store.get_job("tenant-a", job.job_id)
+        assert now.cancel_requested and now.status is JobStatus.RUNNING
+        # A copy that is behind on the status: the move is judged on the stored row.
+        (stale,) = store.write_batch([UpdateJob(job.job_id, job.lease, JobPatch(
+            status=JobStatus.SCHEDULED), "back", job)])
+        assert isinstance(stale, Conflict)
+        assert [k for _, k in kinds(store, job)] == [
+            EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.RUNNING]
+
     def test_fenced_update_with_wrong_lease_is_lost(self, store: JobStore) -> None:
         job = self._create(store, make_job())
         patch = JobPatch(status=JobStatus.SCHEDULED, error_message="x")
@@ -399,34 +438,191 @@ class StoreContract:
 
     # --- events --------------------------------------------------------------------------
 
-    def test_events_are_idempotent_and_ordered(self, store: JobStore) -> None:
-        job = self._create(store, make_job())
-        store.append_events([event(job, 3), event(job, 1)])
-        store.append_events([event(job, 2), event(job, 1, "duplicate"), event(job, 1 << 40)])
-        got = store.list_events("tenant-a", job.job_id, 0, 100)
-        assert [e.seq for e in got] == [1, 2, 3, 1 << 40]
-        assert got[0] == event(job, 1)
-        assert_utc(*(e.created_at for e in got))
-        assert [e.seq for e in store.list_events("tenant-a", job.job_id, 2, 100)] == [3, 1 << 40]
-        assert [e.seq for e in store.list_events("tenant-a", job.job_id, 0, 2)] == [1, 2]
-        assert store.list_events("tenant-a", "unknown", 0, 10) == []
-        store.append_events([])
+    def _running(self, store: JobStore, job: Job) -> Job:
+        return store.update_job(job.job_id, job.lease,
+                                JobPatch(status=JobStatus.RUNNING, started_at=BASE), "runs")
 
-    def test_tenant_wide_events_and_unknown_jobs(self, store: JobStore) -> None:
+    def test_every_transition_writes_its_event_in_order(self, store: JobStore) -> None:
+        job = self._create(store, make_job())
+        assert kinds(store, job) == [(1, EventKind.SUBMITTED)]
+        for status in (JobStatus.SCHEDULED, JobStatus.RUNNING, JobStatus.COMPLETED):
+            job = store.update_job(job.job_id, job.lease, JobPatch(status=status), f"to {status}")
+        job = store.update_job(job.job_id, job.lease, JobPatch(error_message="x"))  # no event
+        got = store.list_events("tenant-a", job.job_id, 0, 100)
+        assert [(e.seq, e.kind, e.status, e.message) for e in got] == [
+            (1, EventKind.SUBMITTED, JobStatus.PENDING, "job submitted"),
+            (2, EventKind.SCHEDULED, JobStatus.SCHEDULED, "to SCHEDULED"),
+            (3, EventKind.RUNNING, JobStatus.RUNNING, "to RUNNING"),
+            (4, EventKind.COMPLETED, JobStatus.COMPLETED, "to COMPLETED"),
+        ]
+        assert len(store.list_transitions("tenant-a", job.job_id)) == 4
+        assert [e.position for e in got] == sorted({e.position for e in got})
+        assert all(e.worker_id == "w1" and e.attempt == 0 for e in got)
+        assert_utc(*(e.created_at for e in got))
+        assert [e.seq for e in store.list_events("tenant-a", job.job_id, 2, 100)] == [3, 4]
+        assert [e.seq for e in store.list_events("tenant-a", job.job_id, 0, 2)] == [1, 2]
+        assert store.list_events("tenant-b", job.job_id, 0, 10) == []
+        assert store.list_events("tenant-a", "unknown", 0, 10) == []
+
+    def test_a_terminal_state_seen_before_running_records_running_first(
+        self, store: JobStore
+    ) -> None:
+        job = self._create(store, make_job())
+        job = store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.SCHEDULED))
+        done = store.update_job(job.job_id, job.lease, JobPatch(
+            status=JobStatus.COMPLETED, started_at=BASE, completed_at=BASE, exit_code=0), "exit")
+        assert done.started_at == BASE
+        assert [k for _, k in kinds(store, job)] == [
+            EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.RUNNING, EventKind.COMPLETED]
+        steps = [(t.from_status, t.to_status) for t in store.list_transitions("tenant-a",
+                                                                                job.job_id)]
+        assert steps[-2:] == [(JobStatus.SCHEDULED, JobStatus.RUNNING),
+                              (JobStatus.RUNNING, JobStatus.COMPLETED)]  # fmt: skip
+        # Without a start time (never ran: rejected, cancelled while queued) no RUNNING.
+        other = self._create(store, make_job())
+        store.update_job(other.job_id, other.lease, JobPatch(status=JobStatus.FAILED), "no")
+        assert [k for _, k in kinds(store, other)] == [EventKind.SUBMITTED, EventKind.FAILED]
+
+    def test_retry_reenters_pending_with_one_retry_event(self, store: JobStore) -> None:
+        job = self._running(store, self._create(store, make_job()))
+        job = store.update_job(job.job_id, job.lease, JobPatch(
+            provider_job_id="p", cloud_resource_path="r"))
+        retried = store.update_job(job.job_id, job.lease,
+                                   JobPatch(attempt=1, retry=True), "preempted")  # fmt: skip
+        assert (retried.status, retried.attempt, retried.cloud_resource_path) == (
+            JobStatus.PENDING, 1, "")
+        events = store.list_events("tenant-a", job.job_id, 0, 100)
+        assert [(e.kind, e.status, e.attempt) for e in events][-1] == (
+            EventKind.RETRY, JobStatus.PENDING, 1)
+        assert store.list_transitions("tenant-a", job.job_id)[-1].to_status is JobStatus.PENDING
+        with pytest.raises(Conflict):  # attempts go one at a time
+            store.update_job(job.job_id, retried.lease, JobPatch(attempt=3, retry=True))
+        again = self._running(store, retried)
+        assert [e.kind for e in store.list_events("tenant-a", job.job_id, 0, 100)][-1] == (
+            EventKind.RUNNING)
+        assert again.status is JobStatus.RUNNING and again.attempt == 1
+
+    def test_status_details_are_stored_once_per_dedup_key(self, store: JobStore) -> None:
+        job = self._create(store, make_job())
+        first = store.append_execution_events([detail(job, "d1"), detail(job, "d1")])
+        assert [p for p, _ in first] == [Placed.STORED, Placed.DUPLICATE]
+        assert first[0][1].seq == 2 and first[0][1].position > 0
+        again = store.append_execution_events([detail(job, "d1"), detail(job, "d2")])
+        assert [p for p, _ in again] == [Placed.DUPLICATE, Placed.STORED]
+        assert kinds(store, job) == [(1, EventKind.SUBMITTED), (2, EventKind.STATUS_DETAIL),
+                                     (3, EventKind.STATUS_DETAIL)]  # fmt: skip
+        assert [p for p, _ in store.append_execution_events(
+            [detail(job, "old", attempt=1), detail(make_job(), "ghost")])] == [
+            Placed.STALE, Placed.STALE]  # fmt: skip
+
+    def test_output_goes_in_once_in_order_and_only_while_running(self, store: JobStore) -> None:
+        job = self._create(store, make_job())
+
+        def put(*events: JobEvent) -> list[Placed]:
+            return [p for p, _ in store.append_execution_events(events)]
+
+        assert put(output(job, 0, "a\n")) == [Placed.OUT_OF_ORDER]  # before RUNNING
+        job = self._running(store, job)
+        assert put(output(job, 0, "a\n"), output(job, 2, "bé\n")) == [Placed.STORED] * 2
+        assert put(output(job, 0, "a\n")) == [Placed.DUPLICATE]  # resent
+        assert put(output(job, 2, "bé\ncc\n")) == [Placed.OUT_OF_ORDER]  # cut differently
+        assert put(output(job, 9, "gap\n")) == [Placed.OUT_OF_ORDER]
+        assert put(output(job, 0, "e\n", stream="stderr")) == [Placed.STORED]
+        assert put(output(job, 0, "old\n", attempt=1)) == [Placed.STALE]
+        assert store.output_offsets(job.job_id) == {(0, 0, "stdout"): 6, (0, 0, "stderr"): 2}
+        job = store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.COMPLETED))
+        assert put(output(job, 6, "late\n")) == [Placed.STALE]  # nothing after the end
+        got = store.list_events("tenant-a", job.job_id, 0, 100)
+        assert [(e.kind, e.output) for e in got if e.kind is EventKind.OUTPUT] == [
+            (EventKind.OUTPUT, "a\n"), (EventKind.OUTPUT, "bé\n"), (EventKind.OUTPUT, "e\n")]
+        assert [e.seq for e in got] == list(range(1, len(got) + 1))
+        assert got[-1].kind is EventKind.COMPLETED
+
+    def test_tenant_events_follow_positions_in_commit_order(self, store: JobStore) -> None:
         a = self._create(store, make_job())
         b = self._create(store, make_job())
-        ghost = make_job()
-        store.append_events([event(b, 1, at=BASE), event(a, 2, at=BASE + timedelta(seconds=1)),
-                             event(a, 1, at=BASE), event(ghost, 1)])  # fmt: skip
-        got = store.list_events("tenant-a", None, 0, 100)
-        first_two = sorted([(a.job_id, 1), (b.job_id, 1)])
-        assert [(e.job_id, e.seq) for e in got] == [*first_two, (a.job_id, 2)]
-        assert store.list_events("tenant-a", ghost.job_id, 0, 10) == []
+        other = self._create(store, make_job("tenant-b"))
+        store.append_execution_events([detail(b, "x"), detail(a, "y"), detail(other, "z")])
+        store.update_job(a.job_id, a.lease, JobPatch(status=JobStatus.SCHEDULED))
+        got = store.list_tenant_events("tenant-a", 0, 100)
+        pairs = [(e.job_id, e.kind) for e in got]
+        assert pairs[:2] == [(a.job_id, EventKind.SUBMITTED), (b.job_id, EventKind.SUBMITTED)]
+        assert sorted(pairs[2:4]) == sorted([(a.job_id, EventKind.STATUS_DETAIL),
+                                             (b.job_id, EventKind.STATUS_DETAIL)])  # fmt: skip
+        assert pairs[4:] == [(a.job_id, EventKind.SCHEDULED)]
+        positions = [e.position for e in got]
+        assert positions == sorted(positions) and len(set(positions)) == len(positions)
+        after = store.list_tenant_events("tenant-a", positions[2], 100)
+        assert [e.position for e in after] == positions[3:]
+        assert [e.position for e in store.list_tenant_events("tenant-a", 0, 2)] == positions[:2]
+        assert [e.job_id for e in store.list_tenant_events("tenant-b", 0, 10)] == [
+            other.job_id, other.job_id]
+        assert store.list_tenant_events("tenant-c", 0, 10) == []
 
-    def test_delete_removes_job_transitions_and_events(self, store: JobStore) -> None:
+    def test_write_batch_fails_a_bad_op_alone(self, store: JobStore) -> None:
         job = self._create(store, make_job())
+        new = make_job(request_id="batch-1")
+        results = store.write_batch([
+            UpdateJob(job.job_id, Lease("w9", 7), JobPatch(status=JobStatus.RUNNING)),
+            CreateJob(new, LONG_TTL),
+            UpdateJob(job.job_id, job.lease, JobPatch(status=JobStatus.SCHEDULED), "ok"),
+            UpdateJob(job.job_id, job.lease, JobPatch(status=JobStatus.PENDING), "backwards"),
+            CreateJob(dataclasses.replace(new, job_id="another"), LONG_TTL),
+            AppendEvents((detail(job, "k"),)),
+        ])  # fmt: skip
+        assert isinstance(results[0], LeaseLost)
+        stored, created = results[1]  # type: ignore[misc]
+        assert created and stored.job_id == new.job_id
+        assert isinstance(results[2], Job) and results[2].status is JobStatus.SCHEDULED
+        assert isinstance(results[3], Conflict)
+        assert results[4] == (stored, False)  # same request id, same batch
+        assert [p for p, _ in results[5]] == [Placed.STORED]  # type: ignore[attr-defined]
+        assert [k for _, k in kinds(store, job)] == [
+            EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.STATUS_DETAIL]
+        assert [k for _, k in kinds(store, stored)] == [EventKind.SUBMITTED]
+
+    def test_concurrent_writers_get_gapless_seq_and_unique_positions(
+        self, store: JobStore, open_handle: Callable[[], JobStore]
+    ) -> None:
+        job = self._running(store, self._create(store, make_job()))
+        sibling = self._create(store, make_job())
+        n_threads, per_thread = 8, 6
+
+        def writer(i: int) -> int:
+            handle = open_handle()
+            for k in range(per_thread):
+                if k % 3 == 2:  # a fenced no-status update with a failing sibling op
+                    handle.write_batch([
+                        UpdateJob(job.job_id, job.lease, JobPatch(error_message=f"{i}.{k}")),
+                        AppendEvents((detail(sibling, f"s{i}.{k}"),)),
+                    ])  # fmt: skip
+                handle.append_execution_events([detail(job, f"d{i}.{k}"),
+                                                detail(job, f"d{i}.{k}")])  # fmt: skip
+            return i
+
+        run_threads(n_threads, writer)
+        done = store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.COMPLETED))
+        got = store.list_events("tenant-a", job.job_id, 0, 10_000)
+        assert [e.seq for e in got] == list(range(1, len(got) + 1))
+        assert len(got) == 2 + n_threads * per_thread + 1  # SUBMITTED, RUNNING, ..., end
+        assert len({e.dedup_key for e in got if e.dedup_key}) == n_threads * per_thread
+        assert got[-1].kind is EventKind.COMPLETED and done.status is JobStatus.COMPLETED
+        every = store.list_tenant_events("tenant-a", 0, 10_000)
+        positions = [e.position for e in every]
+        assert positions == sorted(positions) and len(set(positions)) == len(positions)
+        assert {(e.job_id, e.seq) for e in every} >= {(e.job_id, e.seq) for e in got}
+
+    def test_has_active_jobs(self, store: JobStore) -> None:
+        assert not store.has_active_jobs("tenant-a")
+        job = self._create(store, make_job())
+        assert store.has_active_jobs("tenant-a") and not store.has_active_jobs("tenant-b")
+        store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.CANCELLED))
+        assert not store.has_active_jobs("tenant-a")
+
+    def test_delete_removes_job_transitions_events_and_offsets(self, store: JobStore) -> None:
+        job = self._running(store, self._create(store, make_job()))
         keep = self._create(store, make_job())
-        store.append_events([event(job, 1), event(keep, 1)])
+        store.append_execution_events([output(job, 0, "x\n")])
         store.delete_job("tenant-a", job.job_id)
         with pytest.raises(NotFound):
             store.get_job("tenant-a", job.job_id)
@@ -435,9 +631,10 @@ class StoreContract:
         with pytest.raises(NotFound):
             store.delete_job("tenant-a", job.job_id)
         assert store.list_events("tenant-a", job.job_id, 0, 10) == []
-        assert [e.job_id for e in store.list_events("tenant-a", None, 0, 10)] == [keep.job_id]
-        store.append_events([event(job, 2)])
-        assert store.list_events("tenant-a", job.job_id, 0, 10) == []
+        assert store.output_offsets(job.job_id) == {}
+        assert {e.job_id for e in store.list_tenant_events("tenant-a", 0, 10)} == {keep.job_id}
+        placed = store.append_execution_events([output(job, 2, "y\n")])
+        assert [p for p, _ in placed] == [Placed.STALE]
         assert store.list_owned_jobs("w1") == [keep]
 
     def test_request_cancel_is_unfenced(self, store: JobStore) -> None:
@@ -471,6 +668,10 @@ class StoreContract:
             assert job.lease_expires_at > datetime.now(UTC) + timedelta(seconds=LONG_TTL / 2)
             assert_utc(job.lease_expires_at, job.last_heartbeat_at)
             assert store.get_job("tenant-a", job.job_id) == job
+            events = store.list_events("tenant-a", job.job_id, 0, 10)
+            assert [(e.seq, e.kind, e.worker_id) for e in events] == [
+                (1, EventKind.SUBMITTED, "w1"), (2, EventKind.LEASE_CLAIMED, "w2")]
+            assert "claimed from w1" in events[1].message
         assert store.claim_expired("w3", LONG_TTL, 10) == []
 
     def test_concurrent_claims_win_each_job_once(

@@ -22,7 +22,7 @@ def test_db_migrate_creates_the_schema_once(tmp_path: Path) -> None:
     env = {"DB_PROVIDER": "sqlite", "DB_PATH": str(db)}
     first = _jennah("db", "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "applied 1 migration(s)" in first.stdout and "0001_init.sql" in first.stdout
+    assert "applied 2 migration(s)" in first.stdout and "0002_events_v2.sql" in first.stdout
     second = _jennah("db", "migrate", env=env)
     assert second.returncode == 0 and "applied 0 migration(s)" in second.stdout
     with sqlite3.connect(db) as conn:

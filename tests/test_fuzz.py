@@ -600,7 +600,7 @@ def test_env_values_never_appear_in_responses_or_logs(stack: Stack) -> None:
     assert SECRET not in stack.logs.text()
 
 
-# --- DESIGN §8 limits at their boundaries, on both apps -------------------------------------
+# --- docs/design.md §8 limits at their boundaries, on both apps ---------------------------
 
 OK_BODY: dict[str, Any] = {"image_uri": "busybox", "commands": ["true"]}
 LIMIT_CASES: list[tuple[str, dict[str, Any], str | None]] = [

@@ -1,4 +1,4 @@
-"""LeaseKeeper (DESIGN §5) with an injected clock and an injected sleep: no real waiting.
+"""LeaseKeeper (docs/design.md §5) with an injected clock and an injected sleep: no real waiting.
 
 The store is the in-memory one on the test's clock; the provider is scripted and counts
 executions, so "exactly once" is checked directly.
@@ -18,7 +18,6 @@ from jennah.models import EventKind, JobStatus
 from providers.base import provider_job_id
 from tests.test_worker_jobs import SPEC, Env
 from worker.leases import NUDGE_PATH, LeaseKeeper, nudge_handler
-from worker.poller import Poller
 
 TTL = 30.0
 CLAIM_EVERY = 5.0
@@ -65,7 +64,8 @@ def test_an_expired_lease_is_claimed_once_with_a_new_version_and_the_old_owner_l
         assert await w1.renew_once() == set()  # the old owner finds it lost …
         assert w1.lost_total == 1 and w1.held == 0
         kinds = [e.kind for e in env.store.list_events("acme", job.job_id, 0, 100)]
-        assert EventKind.LEASE_CLAIMED in kinds and EventKind.LEASE_LOST in kinds
+        # LEASE_CLAIMED is in the stream; the loss is a log line and a metric only.
+        assert kinds == [EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.LEASE_CLAIMED]
         assert await w2.renew_once() == {job.job_id}  # … and the new one keeps it
 
     asyncio.run(go())
@@ -79,7 +79,7 @@ def test_a_claimed_job_without_a_resource_path_is_submitted_exactly_once(env: En
         env.clock.tick(TTL + 1)  # w1 died before its poller could retry
         w2 = keeper(env, "w2")
         assert [j.job_id for j in await w2.claim_once()] == [job.job_id]
-        await Poller(w2.jobs, 0.01).cycle()
+        await env.poller_of(w2.jobs).cycle()
         after = env.store.get_job("acme", job.job_id)
         assert after.status is JobStatus.SCHEDULED and after.owner_worker_id == "w2"
         pid = provider_job_id(job.job_id, 0)  # the same deterministic id as w1 used
@@ -97,7 +97,7 @@ def test_a_claimed_job_that_reached_the_provider_is_not_submitted_again(env: Env
         w2 = keeper(env, "w2")
         await w2.claim_once()
         for _ in range(3):
-            await Poller(w2.jobs, 0.01).cycle()
+            await env.poller_of(w2.jobs).cycle()
         assert env.provider.executions == {job.provider_job_id: 1}
         assert env.store.get_job("acme", job.job_id).owner_worker_id == "w2"
 

@@ -180,7 +180,7 @@ def test_real_worker_logs_json_and_never_a_secret(tmp_path: Path) -> None:
 
         wait_until(finished, timeout=20)
         _, got = call(base, "GetJob", {"job_id": job_id}, headers)
-        assert secret not in json.dumps(got)  # values are write-only (DESIGN §2)
+        assert secret not in json.dumps(got)  # values are write-only (docs/design.md §2)
         # Refused calls log nothing secret either.
         status, _ = call(base, "GetJob", {"job_id": job_id}, {"X-Tenant-Id": "acme",
                                                              "X-Jennah-Worker-Token": "wrong"})

@@ -1,6 +1,6 @@
 """AWS Batch provider: the provider contract and intermediate states against the stateful
 REST fake (``tests/fakes/aws_batch.py``); request shapes and idempotency also against a
-real moto server process (``use_docker: false``, DESIGN §9)."""
+real moto server process (``use_docker: false``, docs/design.md §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cloud provider settings (DESIGN §7, §11) and the pieces the three cloud providers share:
+"""Cloud provider settings (docs/design.md §7, §11) and the pieces the three cloud providers share:
 start-up validation naming every missing variable, the region rules, building each
 provider from settings through the registry, the retry policy and resource resolution."""
 

@@ -206,7 +206,7 @@ def test_from_settings(tmp_path: Path) -> None:
     store = create_store(StoreSettings(kind="sqlite", sqlite_path=path))
     try:
         assert isinstance(store, SQLiteStore) and path.parent.is_dir()
-        assert store.migrate() == ["0001_init.sql"]
+        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
     finally:
         store.close()
     assert isinstance(create_store(StoreSettings(kind="memory")), MemoryStore)
@@ -217,7 +217,7 @@ def test_postgres_from_settings(postgres_db_url: str) -> None:
     store = create_store(StoreSettings(kind="postgres", database_url=postgres_db_url))
     try:
         assert isinstance(store, PostgresStore)
-        assert store.migrate() == ["0001_init.sql"]
+        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
         store.ping()
     finally:
         store.close()

@@ -1,4 +1,4 @@
-"""Validation rules of DESIGN §8: good input passes, each bad field is named."""
+"""Validation rules of docs/design.md §8: good input passes, each bad field is named."""
 
 from __future__ import annotations
 

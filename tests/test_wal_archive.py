@@ -1,4 +1,5 @@
-"""Archive (zstd, durable order), retention cleanup and the startup sweep (DESIGN §6, §11)."""
+"""Archive (zstd, durable order), retention cleanup, and the archiving of done segments by
+the worker (docs/design.md §6, §11)."""
 
 from __future__ import annotations
 
@@ -7,54 +8,28 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from jennah.models import EventKind, Job, JobEvent, JobSpec, JobStatus
+from database.memory import MemoryStore
 from tests.fixtures.deps import missing_dependency
-from worker.wal import WalEventLog
-from worker.wal.archive import (
-    archive_file,
-    archive_finished,
-    cleanup,
-    last_archived_seq,
-    read_archive,
+from tests.test_wal_support import (
+    RecordingSink,
+    Stream,
+    metric,
+    new_log,
+    running_job,
+    segment_paths,
+    stored,
+    wait_for,
 )
-from worker.wal.format import scan
-from worker.wal.joblog import JobLog
-from worker.wal.metrics import wal_metrics
-
-T0 = datetime(2025, 5, 1, tzinfo=UTC)
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.events: list[JobEvent] = []
-
-    async def deliver(self, events: Sequence[JobEvent]) -> None:
-        self.events.extend(events)
-
-
-def _job(job_id: str = "job-1") -> Job:
-    return Job(job_id=job_id, tenant_id="acme", spec=JobSpec(image_uri="busybox"),
-               lease_version=1)
-
-
-def _write_log(path: Path, job_id: str, n: int, terminal: bool, acked: bool) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    jl = JobLog.create(path, _job(job_id), path.parent.name, wal_metrics(CollectorRegistry()))
-    for i in range(n):
-        jl.append(1, EventKind.OUTPUT, None, "", f"epoch {i} loss=0.{i:04d}\n" * 5, T0, "w1")
-    if terminal:
-        jl.append(1, EventKind.COMPLETED, JobStatus.COMPLETED, "exit 0", "", T0, "w1")
-    if acked:
-        jl.checkpoint(jl.last_seq)
-    jl.close()
-    return path.read_bytes()
+from worker.wal import archive as archive_mod
+from worker.wal.archive import archive_file, cleanup, read_archive
+from worker.wal.format import KIND_CHECKPOINT, scan
+from worker.wal.segments import list_segments
 
 
 def _zstd() -> str:
@@ -64,12 +39,30 @@ def _zstd() -> str:
     return path
 
 
+def _segments_of_output(base: Path, n: int = 300, segment_bytes: int = 1 << 20) -> list[Path]:
+    """A stopped worker's WAL holding ``n`` realistic output events, all delivered."""
+    store = MemoryStore()
+    running_job(store, "job-1")
+    out = Stream("job-1")
+
+    async def main() -> None:
+        log = new_log(base, RecordingSink(store), segment_bytes=segment_bytes)
+        for i in range(n):
+            await log.append([out.next(f"epoch {i // 10} step {i} loss=0.{i * 7919 % 10000:04d}"
+                                       f" lr=3.0e-04\n" * 3)])
+        assert await log.flush(5)
+        await log.close()
+
+    asyncio.run(main())
+    return segment_paths(base / "wal" / "w1")
+
+
 def test_archive_decompresses_with_the_zstd_tool_to_the_exact_bytes(tmp_path: Path) -> None:
-    wal = tmp_path / "wal" / "w1" / "job-1.0.wal"
-    original = _write_log(wal, "job-1", 300, terminal=True, acked=True)
-    out = archive_file(wal, tmp_path / "archive" / "w1")
-    assert out == tmp_path / "archive" / "w1" / "job-1.0.wal.zst"
-    assert not wal.exists()
+    [segment] = _segments_of_output(tmp_path)
+    original = segment.read_bytes()
+    out = archive_file(segment, tmp_path / "elsewhere" / "w1")
+    assert out == tmp_path / "elsewhere" / "w1" / (segment.name + ".zst")
+    assert not segment.exists()
     assert not list(out.parent.glob("*.tmp"))
     plain = subprocess.run([_zstd(), "-d", "-c", str(out)], capture_output=True, check=True,
                            timeout=30).stdout
@@ -78,141 +71,178 @@ def test_archive_decompresses_with_the_zstd_tool_to_the_exact_bytes(tmp_path: Pa
     assert out.stat().st_size < len(original) / 4
 
 
-def test_a_failed_archive_keeps_the_log(tmp_path: Path) -> None:
-    wal = tmp_path / "wal" / "w1" / "job-1.0.wal"
-    original = _write_log(wal, "job-1", 5, terminal=True, acked=True)
-    blocker = tmp_path / "archive"
+def test_a_failed_archive_keeps_the_segment(tmp_path: Path) -> None:
+    [segment] = _segments_of_output(tmp_path, n=5)
+    original = segment.read_bytes()
+    blocker = tmp_path / "blocked"
     blocker.write_text("a file where the archive directory should be")
     with pytest.raises(OSError):
-        archive_file(wal, blocker / "w1")
-    assert wal.read_bytes() == original
+        archive_file(segment, blocker / "w1")
+    assert segment.read_bytes() == original
 
 
 def test_archiving_the_same_name_twice_never_overwrites(tmp_path: Path) -> None:
     a = tmp_path / "archive"
-    first = _write_log(tmp_path / "w1" / "job-1.0.wal", "job-1", 3, True, True)
-    out1 = archive_file(tmp_path / "w1" / "job-1.0.wal", a)
-    second = _write_log(tmp_path / "w1" / "job-1.0.wal", "job-1", 4, True, True)
-    out2 = archive_file(tmp_path / "w1" / "job-1.0.wal", a)
-    assert out1 != out2 and out2.name == "job-1.0~2.wal.zst"
-    assert read_archive(out1) == first and read_archive(out2) == second
-    assert last_archived_seq(a, "job-1.0") == 5
+    first = tmp_path / "w" / "00000000000000000001.wal"
+    first.parent.mkdir()
+    first.write_bytes(b"first")
+    out1 = archive_file(first, a)
+    first.write_bytes(b"second")
+    out2 = archive_file(first, a)
+    assert out1 != out2 and out2.name == "00000000000000000001~2.wal.zst"
+    assert read_archive(out1) == b"first" and read_archive(out2) == b"second"
 
 
 def test_cleanup_deletes_only_archives_past_retention(tmp_path: Path) -> None:
     a = tmp_path / "archive" / "w1"
     a.mkdir(parents=True)
     now = time.time()
-    old, new = a / "old.0.wal.zst", a / "new.0.wal.zst"
+    old, new = a / "00000000000000000001.wal.zst", a / "00000000000000000100.wal.zst"
+    stray_tmp = a / "00000000000000000200.wal.zst.tmp"
     other = a / "notes.txt"
-    for p in (old, new, other):
+    for p in (old, new, other, stray_tmp):
         p.write_bytes(b"x")
     os.utime(old, (now - 31 * 86400, now - 31 * 86400))
+    os.utime(stray_tmp, (now - 31 * 86400, now - 31 * 86400))
     os.utime(other, (now - 99 * 86400, now - 99 * 86400))
     os.utime(new, (now - 29 * 86400, now - 29 * 86400))
-    assert cleanup(tmp_path / "archive", 30 * 86400, now) == [old]
+    assert cleanup(tmp_path / "archive", 30 * 86400, now) == sorted([old, stray_tmp])
     assert not old.exists() and new.exists() and other.exists()
 
 
-def test_job_finished_archives_after_flush_and_cleanup_uses_the_clock(tmp_path: Path) -> None:
-    sink = ListSink()
-    now = [datetime.now(UTC)]
+def test_done_segments_are_archived_with_identical_bytes_and_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemoryStore()
+    running_job(store, "job-1")
+    sink = RecordingSink(store)
     registry = CollectorRegistry()
+    before: dict[str, bytes] = {}
+    real = archive_mod.archive_file
+
+    def spy(path: Path, archive_dir: Path) -> Path:
+        before[path.name] = path.read_bytes()
+        return real(path, archive_dir)
+
+    monkeypatch.setattr(archive_mod, "archive_file", spy)
+    out = Stream("job-1")
 
     async def main() -> None:
-        log = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", sink,
-                          clock=lambda: now[0], retention_days=7, registry=registry)
-        job = _job()
-        for i in range(50):
-            await log.emit(job, EventKind.OUTPUT, None, output=f"line {i}\n")
-        await log.emit(job, EventKind.COMPLETED, JobStatus.COMPLETED, "exit 0")
-        await log.job_finished(job)
-        out = tmp_path / "archive" / "w1" / "job-1.0.wal.zst"
-        assert out.exists()
-        assert not (tmp_path / "wal" / "w1" / "job-1.0.wal").exists()
-        assert registry.get_sample_value("wal_archive_size_bytes") == out.stat().st_size
-        records = scan(read_archive(out)).records
-        assert [r.seq for r in records if r.kind < 0x80] == list(range(1, 52))
-        assert max(r.seq for r in records if r.kind == 0x81) == 51  # fully acknowledged
-        # Events for this execution after the archive continue the sequence.
-        ev = await log.emit(job, EventKind.STATUS_DETAIL, None, "late")
-        assert ev.seq == 52
+        log = new_log(tmp_path, sink, registry=registry, segment_bytes=4096)
+        for i in range(200):
+            await log.append([out.next(f"step {i} loss=0.{i:04d}\n")])
+        assert await log.flush(5)
+        await wait_for(lambda: not log.wal.done_segments())
         await log.close()
-        now[0] += timedelta(days=8)
-        os.utime(out, (time.time() - 8 * 86400,) * 2)
-        log2 = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", sink,
-                           clock=lambda: now[0], retention_days=7, registry=registry)
-        assert await log2.cleanup() == [out]
-        await log2.close()
 
     asyncio.run(main())
-    assert [e.seq for e in sink.events] == list(range(1, 53))
+    archives = sorted((tmp_path / "archive" / "w1").glob("*.wal.zst"))
+    assert len(archives) >= 3
+    assert sorted(a.name.removesuffix(".zst") for a in archives) == sorted(before)
+    lsns: list[int] = []
+    for a in archives:
+        data = read_archive(a)
+        assert data == before[a.name.removesuffix(".zst")]
+        recs = scan(data).records
+        assert recs[0].kind == KIND_CHECKPOINT
+        events = [r.lsn for r in recs if r.kind != KIND_CHECKPOINT]
+        assert int(a.name[:20]) == events[0]  # named by its first LSN
+        lsns += events
+    left = list_segments(tmp_path / "wal" / "w1")
+    assert len(left) == 1  # only the open segment stays on disk
+    assert lsns == list(range(1, left[0][0]))
+    assert metric(registry, "wal_archive_size_bytes") == sum(a.stat().st_size for a in archives)
+    assert "".join(e.output for e in stored(store, "job-1")) == "".join(
+        f"step {i} loss=0.{i:04d}\n" for i in range(200))
 
 
-def test_seq_continues_from_the_archive_after_a_restart(tmp_path: Path) -> None:
-    sink = ListSink()
+def test_done_segments_left_by_the_last_run_are_archived_once(tmp_path: Path) -> None:
+    """Run 1 delivers everything but cannot archive (the archive directory is a file),
+    then stops with a few events undelivered. Run 2 archives the done segments at start
+    while its sender delivers the rest (and finds the same segments done): each is
+    archived exactly once, without a failure."""
+    store = MemoryStore()
+    running_job(store, "x")
+    out = Stream("x")
+    sink = RecordingSink(store)
+    (tmp_path / "archive").write_text("not a directory")
 
-    async def run(emit_kind: EventKind, finish: bool) -> int:
-        log = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", sink,
-                          registry=CollectorRegistry())
-        ev = await log.emit(_job(), emit_kind, None)
-        if finish:
-            await log.job_finished(_job())
+    async def first() -> None:
+        log = new_log(tmp_path, sink, segment_bytes=2048, close_timeout=0.01)
+        for i in range(120):
+            await log.append([out.next(f"line {i}\n")])
+        assert await log.flush(5)
+        sink.down = True
+        await log.append([out.next("last\n")])
         await log.close()
-        return ev.seq
 
-    assert asyncio.run(run(EventKind.OUTPUT, finish=True)) == 1
-    assert (tmp_path / "archive" / "w1" / "job-1.0.wal.zst").exists()
-    assert asyncio.run(run(EventKind.STATUS_DETAIL, finish=False)) == 2
-
-
-def test_startup_sweep_resumes_archives_and_skips_foreign_files(tmp_path: Path) -> None:
-    wal_dir = tmp_path / "wal" / "w1"
-    _write_log(wal_dir / "done.0.wal", "done", 3, terminal=True, acked=False)
-    _write_log(wal_dir / "busy.0.wal", "busy", 4, terminal=False, acked=False)
-    (wal_dir / "crashed.0.wal.tmp").write_bytes(b"JNWAL001")
-    foreign = wal_dir / "foreign.0.wal"
-    foreign.write_bytes(b"definitely not a WAL")
-    _write_log(tmp_path / "wal" / "w2" / "theirs.0.wal", "theirs", 2, True, False)
-    sink = ListSink()
+    asyncio.run(first())
+    done = segment_paths(tmp_path / "wal" / "w1")[:-1]
+    assert len(done) >= 3
+    (tmp_path / "archive").unlink()
+    sink.down = False
     registry = CollectorRegistry()
 
-    async def main() -> list[str]:
-        log = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", sink, registry=registry)
-        opened = await log.sweep()
+    async def second() -> None:
+        log = new_log(tmp_path, sink, registry=registry, segment_bytes=2048)
+        await log.start()
         assert await log.flush(5)
-        for _ in range(200):
-            if (tmp_path / "archive" / "w1" / "done.0.wal.zst").exists():
-                break
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: not log.wal.done_segments())
         await log.close()
-        return opened
 
-    opened = asyncio.run(main())
-    assert sorted(opened) == ["busy.0", "done.0"]
-    assert sorted((e.job_id, e.seq) for e in sink.events) == sorted(
-        [("done", s) for s in range(1, 5)] + [("busy", s) for s in range(1, 5)])
-    assert (tmp_path / "archive" / "w1" / "done.0.wal.zst").exists()
-    assert (wal_dir / "busy.0.wal").exists()  # not terminal: stays until job_finished
-    assert foreign.read_bytes() == b"definitely not a WAL"
-    assert not (wal_dir / "crashed.0.wal.tmp").exists()
-    assert (tmp_path / "wal" / "w2" / "theirs.0.wal").exists()  # another worker's log
-    assert registry.get_sample_value("wal_failures_total", {"op": "recover"}) == 1
+    asyncio.run(second())
+    names = sorted(a.name for a in (tmp_path / "archive" / "w1").iterdir())
+    assert names == sorted(p.name + ".zst" for p in done)
+    assert metric(registry, "wal_failures_total", {"op": "archive"}) == 0
+    assert not any(p.exists() for p in done)
+    assert stored(store, "x")[-1].output == "last\n"
 
 
-def test_archive_finished_rule(tmp_path: Path) -> None:
-    wal = tmp_path / "wal"
-    _write_log(wal / "w1" / "a.0.wal", "a", 2, terminal=True, acked=True)
-    _write_log(wal / "w1" / "b.0.wal", "b", 2, terminal=True, acked=False)
-    _write_log(wal / "w2" / "c.0.wal", "c", 2, terminal=False, acked=True)
-    held = JobLog.open(wal / "w2" / "c.0.wal", wal_metrics(CollectorRegistry()))
-    _write_log(wal / "w2" / "d.0.wal", "d", 1, terminal=True, acked=True)
-    try:
-        report = archive_finished(wal, tmp_path / "archive", wal_metrics(CollectorRegistry()))
-    finally:
-        held.close()
-    assert report.archived == [tmp_path / "archive" / "w1" / "a.0.wal.zst",
-                               tmp_path / "archive" / "w2" / "d.0.wal.zst"]
-    reasons = {p.name: why for p, why in report.kept}
-    assert "not yet sent" in reasons["b.0.wal"]
-    assert "running worker" in reasons["c.0.wal"]
+def test_cleanup_uses_the_clock_and_the_retention(tmp_path: Path) -> None:
+    now = [datetime.now(UTC)]
+    registry = CollectorRegistry()
+    _segments_of_output(tmp_path, n=50, segment_bytes=2048)
+    archives = sorted((tmp_path / "archive" / "w1").glob("*.wal.zst"))
+    assert archives
+
+    async def main() -> None:
+        log = new_log(tmp_path, RecordingSink(), clock=lambda: now[0], retention_days=7,
+                      registry=registry)
+        assert await log.cleanup() == []
+        assert metric(registry, "wal_archive_size_bytes") == sum(
+            a.stat().st_size for a in archives)
+        now[0] += timedelta(days=8)
+        assert await log.cleanup() == archives
+        assert metric(registry, "wal_archive_size_bytes") == 0
+        await log.close()
+
+    asyncio.run(main())
+
+
+def test_a_running_worker_deletes_archives_past_retention_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    running_job(store, "x")
+    now = [datetime.now(UTC)]
+    old = tmp_path / "archive" / "w0" / "00000000000000000001.wal.zst"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    week = 7 * 86400
+    os.utime(old, (time.time() - week + 600,) * 2)  # expires in 10 minutes
+    out = Stream("x")
+
+    async def main() -> None:
+        log = new_log(tmp_path, RecordingSink(store), clock=lambda: now[0], retention_days=7,
+                      segment_bytes=2048)
+        await log.start()
+        assert old.exists()  # not expired at start
+        now[0] += timedelta(hours=2)  # the worker runs on
+        for i in range(40):  # segments fill up, are delivered and archived
+            await log.append([out.next(f"line {i}\n" * 5)])
+        assert await log.flush(5)
+        await wait_for(lambda: not old.exists())
+        assert list((tmp_path / "archive" / "w1").glob("*.wal.zst"))  # new ones are kept
+        await log.close()
+
+    asyncio.run(main())

@@ -1,4 +1,5 @@
-"""The WAL byte format (DESIGN §6): header, record layout, CRC-64/NVME, the scanner."""
+"""The WAL byte format (docs/design.md §6): header, record layout, CRC-64/NVME, the scanner, and
+the record payloads (v2 ``WalEvent``, v1 ``JobEvent`` and META)."""
 
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ def test_foreign_headers_are_refused_naming_the_file(data: bytes, words: str) ->
 
 def test_record_layout_is_exactly_the_contract() -> None:
     payload = b"hello payload"
-    rec = encode_record(seq=-5, kind=11, unix_ms=1_700_000_000_123, payload=payload)
+    rec = encode_record(lsn=-5, kind=11, unix_ms=1_700_000_000_123, payload=payload)
     n = len(payload)
     assert len(rec) == 32 + n
-    total, seq, kind = struct.unpack_from("<IqB", rec, 0)
-    assert (total, seq, kind) == (32 + n, -5, 11)
+    total, lsn, kind = struct.unpack_from("<IqB", rec, 0)
+    assert (total, lsn, kind) == (32 + n, -5, 11)
     assert rec[13:16] == b"\0\0\0"
     assert struct.unpack_from("<q", rec, 16)[0] == 1_700_000_000_123
     assert rec[24 : 24 + n] == payload
@@ -85,7 +86,7 @@ def test_scan_returns_every_valid_record() -> None:
     recs = [encode_record(i, 11, i * 10, b"p" * i) for i in range(1, 6)]
     result = scan(_log(*recs))
     assert result.error == ""
-    assert [r.seq for r in result.records] == [1, 2, 3, 4, 5]
+    assert [r.lsn for r in result.records] == [1, 2, 3, 4, 5]
     assert [r.payload for r in result.records] == [b"p" * i for i in range(1, 6)]
     assert result.records[0].offset == HEADER_SIZE
     assert result.end == HEADER_SIZE + sum(map(len, recs))
@@ -96,7 +97,7 @@ def test_scan_stops_at_a_short_record() -> None:
     bad = encode_record(2, 11, 0, b"bb")
     for cut in (1, 3, 4, 20, len(bad) - 1):
         result = scan(_log(good, bad[:cut]))
-        assert [r.seq for r in result.records] == [1]
+        assert [r.lsn for r in result.records] == [1]
         assert result.end == HEADER_SIZE + len(good)
         assert "short" in result.error
 
@@ -107,7 +108,7 @@ def test_scan_stops_at_an_impossible_length(length: int) -> None:
     bad = bytearray(encode_record(2, 11, 0, b"b"))
     struct.pack_into("<I", bad, 0, length)
     result = scan(_log(good, bytes(bad), encode_record(3, 11, 0, b"c")))
-    assert [r.seq for r in result.records] == [1]
+    assert [r.lsn for r in result.records] == [1]
     assert "length" in result.error
 
 
@@ -116,7 +117,7 @@ def test_scan_stops_at_a_crc_mismatch_and_keeps_the_prefix() -> None:
     data = bytearray(_log(*recs))
     data[HEADER_SIZE + len(recs[0]) + 30] ^= 0x01  # inside record 2's payload
     result = scan(bytes(data))
-    assert [r.seq for r in result.records] == [1]
+    assert [r.lsn for r in result.records] == [1]
     assert result.end == HEADER_SIZE + len(recs[0])
     assert "CRC" in result.error
 
@@ -161,3 +162,26 @@ def test_undecodable_payloads_raise_payload_error() -> None:
         codec.event_from_payload(b"\xff\xff\xff", "t")
     with pytest.raises(codec.PayloadError):
         codec.event_from_payload(pb.JobEvent(kind=99).SerializeToString(), "t")  # type: ignore[arg-type]
+
+
+def test_v2_payload_round_trips_every_field_of_an_execution_event() -> None:
+    ev = JobEvent(
+        job_id="j1", tenant_id="acme", seq=0, kind=EventKind.OUTPUT,
+        status=JobStatus.RUNNING, message="stderr", output="héllo\n",
+        created_at=datetime(2025, 5, 1, 12, 0, 0, 123000, tzinfo=UTC), worker_id="w1",
+        attempt=2, dedup_key="out:2:0:stderr:40", offset=40, end=47,
+    )
+    assert codec.wal_event(codec.wal_payload(ev)) == ev
+    detail = JobEvent("j2", "t", 0, EventKind.STATUS_DETAIL, None, "QUEUED -> SCHEDULED",
+                      datetime(2025, 1, 1, tzinfo=UTC), "w", dedup_key="detail:x")
+    assert codec.wal_event(codec.wal_payload(detail)) == detail
+    with pytest.raises(codec.PayloadError):
+        codec.wal_event(b"\xff\xff\xff")
+
+
+def test_scan_from_an_offset_and_of_an_empty_log() -> None:
+    assert scan(encode_header()) == ([], HEADER_SIZE, "")
+    recs = [encode_record(i, 11, 0, b"z") for i in range(1, 4)]
+    data = _log(*recs)
+    second = HEADER_SIZE + len(recs[0])
+    assert [r.lsn for r in scan(data, second).records] == [2, 3]

@@ -1,4 +1,6 @@
-"""One WAL file: durable appends, group commit (threads and asyncio), recovery, refusal."""
+"""One WAL file (``WalFile``, the unit a segment is made of): durable appends, group commit
+(threads and asyncio), recovery of a torn tail, refusal of foreign files, and what a
+failed write or fsync does to the file."""
 
 from __future__ import annotations
 
@@ -6,19 +8,12 @@ import asyncio
 import os
 import struct
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from jennah.models import EventKind, Job, JobSpec
 from worker.wal.format import HEADER_SIZE, WalError, WalFormatError, encode_record, scan
-from worker.wal.joblog import JobLog
 from worker.wal.log import AsyncCommit, WalFile, WalLocked
-from worker.wal.metrics import wal_metrics
-
-T0 = datetime(2025, 5, 1, tzinfo=UTC)
 
 
 class CountingFsync:
@@ -37,11 +32,6 @@ class CountingFsync:
             self.durable = max(self.durable, size)
 
 
-def _job(job_id: str = "job-1", lease_version: int = 1) -> Job:
-    return Job(job_id=job_id, tenant_id="acme", spec=JobSpec(image_uri="busybox"),
-               lease_version=lease_version)
-
-
 def test_append_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "a.wal"
     wal = WalFile.create(path)
@@ -50,7 +40,7 @@ def test_append_survives_reopen(tmp_path: Path) -> None:
     wal.close()
     wal2, result = WalFile.open(path)
     wal2.close()
-    assert [r.seq for r in result.records] == [1, 2, 3, 4, 5]
+    assert [r.lsn for r in result.records] == [1, 2, 3, 4, 5]
     assert not result.error
 
 
@@ -93,41 +83,14 @@ def test_group_commit_32_threads_shares_fsyncs(tmp_path: Path) -> None:
         t.join()
     wal.close()
     records = scan(path.read_bytes()).records
-    assert sorted(r.seq for r in records) == sorted(
+    assert sorted(r.lsn for r in records) == sorted(
         i * 1000 + j for i in range(32) for j in range(per_thread))
     # Each thread's records are in its own order.
     for i in range(32):
-        mine = [r.seq for r in records if r.seq // 1000 == i]
+        mine = [r.lsn for r in records if r.lsn // 1000 == i]
         assert mine == sorted(mine)
     assert fsync.calls < 32 * per_thread
-    assert wal.fsyncs == fsync.calls
-
-
-def test_group_commit_32_asyncio_tasks_shares_fsyncs(tmp_path: Path) -> None:
-    fsync = CountingFsync()
-    path = tmp_path / "t.0.wal"
-    jl = JobLog.create(path, _job(), "w1", wal_metrics(CollectorRegistry()), fsync=fsync)
-
-    async def appender(i: int) -> list[int]:
-        seqs = []
-        for j in range(20):
-            ev = await jl.append_async(1, EventKind.OUTPUT, None, "", f"{i}:{j}\n", T0, "w1")
-            seqs.append(ev.seq)
-            # durable_pending lists only events whose bytes an fsync already covered.
-            assert ev.seq in {p.seq for p in jl.durable_pending(10_000, 1 << 30)}
-        return seqs
-
-    async def main() -> list[list[int]]:
-        return await asyncio.gather(*(appender(i) for i in range(32)))
-
-    per_task = asyncio.run(main())
-    jl.close()
-    reopened = JobLog.open(path, wal_metrics(CollectorRegistry()))
-    got = [p.seq for p in reopened.durable_pending(10_000, 1 << 30)]
-    reopened.close()
-    assert got == list(range(1, 32 * 20 + 1))
-    assert sorted(s for seqs in per_task for s in seqs) == got
-    assert fsync.calls < 32 * 20 / 4
+    assert wal.fsyncs == fsync.calls - 1  # one more: the creation of the file
 
 
 def test_async_commit_waits_for_durability(tmp_path: Path) -> None:
@@ -157,12 +120,12 @@ def test_torn_tail_is_truncated_on_open(tmp_path: Path) -> None:
     with open(path, "ab") as f:
         f.write(encode_record(4, 11, 0, b"abcdef")[:20])
     wal2, result = WalFile.open(path)
-    assert [r.seq for r in result.records] == [1, 2, 3]
+    assert [r.lsn for r in result.records] == [1, 2, 3]
     assert "short" in result.error
     assert path.stat().st_size == good
     wal2.append(encode_record(4, 11, 0, b"new"))
     wal2.close()
-    assert [r.seq for r in scan(path.read_bytes()).records] == [1, 2, 3, 4]
+    assert [r.lsn for r in scan(path.read_bytes()).records] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -180,8 +143,6 @@ def test_foreign_file_is_refused_and_untouched(tmp_path: Path, content: bytes) -
     path.write_bytes(content)
     with pytest.raises(WalFormatError, match=str(path)):
         WalFile.open(path)
-    with pytest.raises(WalFormatError):
-        JobLog.open(path, wal_metrics(CollectorRegistry()))
     assert path.read_bytes() == content
 
 
@@ -208,7 +169,7 @@ def test_failed_fsync_stops_the_file(tmp_path: Path) -> None:
     def flaky(fd: int) -> None:
         nonlocal calls
         calls += 1
-        if calls == 2:
+        if calls == 3:  # the creation, the first append, then this
             raise OSError(5, "Input/output error")
         os.fdatasync(fd)
 
@@ -222,103 +183,123 @@ def test_failed_fsync_stops_the_file(tmp_path: Path) -> None:
     wal.close()
     wal2, result = WalFile.open(path)
     wal2.close()
-    assert [r.seq for r in result.records][:1] == [1]
+    assert [r.lsn for r in result.records][:1] == [1]
 
 
-def test_joblog_numbers_events_and_persists_the_watermark(tmp_path: Path) -> None:
-    path = tmp_path / "job-1.0.wal"
-    reg = CollectorRegistry()
-    jl = JobLog.create(path, _job(lease_version=3), "w1", wal_metrics(reg))
-    min_seq = (3 - 1) * (1 << 32) + 1
-    evs = [jl.append(min_seq, EventKind.OUTPUT, None, "", f"l{i}", T0, "w1") for i in range(5)]
-    assert [e.seq for e in evs] == [min_seq + i for i in range(5)]
-    assert all(e.tenant_id == "acme" for e in evs)
-    jl.checkpoint(evs[2].seq)
-    assert jl.unacked == 2
-    assert reg.get_sample_value("wal_pending_events") == 2
-    assert reg.get_sample_value("wal_appends_total") == 5
-    assert reg.get_sample_value("wal_append_duration_seconds_count") == 5
-    jl.close()
-    again = JobLog.open(path, wal_metrics(CollectorRegistry()))
-    assert again.watermark == evs[2].seq
-    assert [p.event for p in again.durable_pending(100, 1 << 20)] == evs[3:]
-    assert again.last_seq == evs[-1].seq
-    assert again.meta.tenant_id == "acme"
-    again.close()
 
 
-def test_header_is_written_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "job-9.0.wal"
-    jl = JobLog.create(path, _job("job-9"), "w1", wal_metrics(CollectorRegistry()))
-    jl.close()
-    data = path.read_bytes()
-    assert data[:8] == b"JNWAL001"
-    assert len(scan(data).records) == 1  # the META record
-    assert not (tmp_path / "job-9.0.wal.tmp").exists()
-    assert scan(data).records[0].offset == HEADER_SIZE
+def test_group_commit_32_asyncio_tasks_shares_fsyncs(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+    path = tmp_path / "t.wal"
+    wal = WalFile.create(path, fsync=fsync)
+    commit = AsyncCommit(wal)
+    violations: list[int] = []
+
+    async def appender(i: int) -> None:
+        for j in range(20):
+            end = wal.write(encode_record(i * 1000 + j, 11, 0, b"a" * 100))
+            await commit.wait(end)
+            if end > fsync.durable:
+                violations.append(end)
+
+    async def main() -> None:
+        await asyncio.gather(*(appender(i) for i in range(32)))
+
+    asyncio.run(main())
+    wal.close()
+    assert violations == []
+    records = scan(path.read_bytes()).records
+    assert sorted(r.lsn for r in records) == sorted(
+        i * 1000 + j for i in range(32) for j in range(20))
+    assert wal.fsyncs < 32 * 20 / 4, "32 tasks must share fsyncs"
 
 
-def test_emit_reopens_the_log_after_a_failed_fsync(tmp_path: Path) -> None:
-    from worker.wal import WalEventLog
+def test_create_syncs_with_the_injected_fsync_and_leaves_nothing_when_it_fails(
+    tmp_path: Path,
+) -> None:
+    fsync = CountingFsync()
+    WalFile.create(tmp_path / "ok.wal", encode_record(1, 0x81, 0, b""), fsync=fsync).close()
+    assert fsync.calls == 1 and fsync.durable == HEADER_SIZE + 32
 
-    failures = {"left": 0}
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
 
-    def fsync(fd: int) -> None:
-        if failures["left"]:
-            failures["left"] -= 1
+    with pytest.raises(OSError, match="No space"):
+        WalFile.create(tmp_path / "full.wal", fsync=full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.wal"]
+
+
+def test_any_error_in_a_batch_breaks_the_file(tmp_path: Path) -> None:
+    """Not only OSError: whatever interrupts a batch leaves it not durable, so the file
+    must refuse everything after it, or later appends would be acknowledged at offsets
+    the lost batch was meant to fill."""
+    calls = 0
+
+    def odd(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # creation, first append, then this one
+            raise RuntimeError("not an OSError")
+        os.fdatasync(fd)
+
+    path = tmp_path / "r.wal"
+    wal = WalFile.create(path, fsync=odd)
+    wal.append(encode_record(1, 11, 0, b"one"))
+    with pytest.raises(WalError, match="not an OSError"):
+        wal.append(encode_record(2, 11, 0, b"two"))
+    assert wal.broken
+    with pytest.raises(WalError):
+        wal.append(encode_record(3, 11, 0, b"three"))
+    wal.cut_to_synced()
+    wal.close()
+    result = scan(path.read_bytes())
+    assert [r.lsn for r in result.records] == [1] and not result.error
+
+
+def test_close_refuses_writes_it_will_not_write(tmp_path: Path) -> None:
+    """A record queued while close() makes the last batch durable would never be
+    written: write() must refuse it instead of returning an offset."""
+    entered, release = threading.Event(), threading.Event()
+    hold = threading.Event()
+
+    def slow(fd: int) -> None:
+        if hold.is_set():
+            entered.set()
+            assert release.wait(10)
+        os.fdatasync(fd)
+
+    path = tmp_path / "c.wal"
+    wal = WalFile.create(path, fsync=slow)
+    wal.write(encode_record(1, 11, 0, b"queued before close"))
+    hold.set()
+    closer = threading.Thread(target=wal.close)
+    closer.start()
+    assert entered.wait(10)  # close() is syncing the last batch
+    try:
+        with pytest.raises(WalError, match="closed"):
+            wal.write(encode_record(2, 11, 0, b"too late"))
+    finally:
+        release.set()
+        closer.join()
+    assert [r.lsn for r in scan(path.read_bytes()).records] == [1]
+
+
+def test_cut_to_synced_drops_what_was_written_but_never_synced(tmp_path: Path) -> None:
+    calls = 0
+
+    def fail_second(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
             raise OSError(5, "Input/output error")
         os.fdatasync(fd)
 
-    class Sink:
-        async def deliver(self, events: object) -> None:
-            pass
-
-    async def main() -> list[int]:
-        log = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", Sink(),
-                          registry=CollectorRegistry(), fsync=fsync)
-        seqs = [(await log.emit(_job(), EventKind.OUTPUT, None, output="a")).seq]
-        failures["left"] = 1
-        with pytest.raises(WalError, match="Input/output"):
-            await log.emit(_job(), EventKind.OUTPUT, None, output="b")
-        seqs.append((await log.emit(_job(), EventKind.OUTPUT, None, output="c")).seq)
-        assert await log.flush(5)
-        await log.close()
-        return seqs
-
-    seqs = asyncio.run(main())
-    # The unacknowledged "b" may or may not have reached the disk; "c" follows it either way.
-    assert seqs[0] == 1 and seqs[1] in (2, 3)
-    records = scan((tmp_path / "wal" / "w1" / "job-1.0.wal").read_bytes()).records
-    events = [r.seq for r in records if r.kind < 0x80]
-    assert events == sorted(events) and seqs[1] == events[-1]
-
-
-def test_metric_names_are_the_contract(tmp_path: Path) -> None:
-    from prometheus_client import generate_latest
-
-    from worker.events import EventLog
-    from worker.wal import WalEventLog
-
-    assert wal_metrics() is wal_metrics()  # the process registry is registered once
-    registry = CollectorRegistry()
-
-    class Sink:
-        async def deliver(self, events: object) -> None:
-            pass
-
-    async def main() -> None:
-        log: EventLog = WalEventLog(tmp_path / "wal", tmp_path / "archive", "w1", Sink(),
-                                    registry=registry)
-        await log.emit(_job(), EventKind.SUBMITTED, None)
-        assert await log.flush(5)
-        await log.job_finished(_job())
-        await log.close()
-
-    asyncio.run(main())
-    text = generate_latest(registry).decode()
-    for name in ("wal_appends_total 1.0", "wal_append_duration_seconds_bucket",
-                 "wal_append_duration_seconds_count 1.0", "wal_pending_events 0.0",
-                 "wal_retries_total 0.0", "wal_archive_size_bytes"):
-        assert name in text, name
-    assert "# TYPE wal_failures_total counter" in text
-    assert registry.get_sample_value("wal_archive_size_bytes") > 0  # type: ignore[operator]
+    path = tmp_path / "t.wal"
+    wal = WalFile.create(path, fsync=fail_second)
+    good = wal.append(encode_record(1, 11, 0, b"durable"))
+    with pytest.raises(WalError):
+        wal.append(encode_record(2, 11, 0, b"written, fsync failed"))
+    assert path.stat().st_size > good  # pwrite got there, the fsync did not
+    wal.cut_to_synced()
+    assert path.stat().st_size == good == wal.synced
+    wal.close()

@@ -1,4 +1,4 @@
-"""JobService and Poller rules (DESIGN §3, §4), on the in-memory store and a scripted
+"""JobService and Poller rules (docs/design.md §3, §4), on the in-memory store and a scripted
 provider whose answers each test sets explicitly."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from database.base import UpdateJob, WriteOp, WriteResult
 from database.memory import MemoryStore
 from jennah.errors import (
     FailedPrecondition,
@@ -17,12 +18,21 @@ from jennah.errors import (
     NotFound,
     ProviderRejected,
     ProviderUnavailable,
+    StoreUnavailable,
 )
-from jennah.models import EventKind, FailureClass, Job, JobSpec, JobStatus
-from providers.base import Capabilities, ProviderStatus, ProviderTask, provider_job_id
+from jennah.models import EventKind, FailureClass, Job, JobEvent, JobFilter, JobSpec, JobStatus
+from providers.base import (
+    Capabilities,
+    OutputChunk,
+    ProviderStatus,
+    ProviderTask,
+    provider_job_id,
+)
+from worker import poller as poller_module
 from worker.jobs import JobService
 from worker.poller import Poller
-from worker.store_events import StoreEventLog
+from worker.store_events import StoreExecutionLog
+from worker.wal.format import WalError
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -80,14 +90,18 @@ class Env:
         self.provider = ScriptedProvider()
         ids = (f"00000000-0000-4000-8000-{n:012d}" for n in itertools.count(1))
         self.jobs = self.service("w1", lambda: next(ids))
-        self.poller = Poller(self.jobs, 0.01)
+        self.poller = self.poller_of(self.jobs)
 
     def service(self, worker_id: str, new_id: object = None) -> JobService:
         kwargs = {"new_id": new_id} if new_id else {}
         return JobService(
-            self.store, self.provider, StoreEventLog(self.store, worker_id, self.clock),
+            self.store, self.provider,
             worker_id=worker_id, lease_ttl=30, clock=self.clock, **kwargs,  # type: ignore[arg-type]
         )
+
+    @staticmethod
+    def poller_of(jobs: JobService) -> Poller:
+        return Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
 
     def kinds(self, job: Job) -> list[EventKind]:
         return [e.kind for e in self.store.list_events(job.tenant_id, job.job_id, 0, 100)]
@@ -266,12 +280,16 @@ def test_a_stale_owner_stops_touching_a_claimed_job(env: Env) -> None:
             await env.jobs.apply_status(job, env.provider.states[job.cloud_resource_path])
         await env.poller.cycle()  # w1 owns nothing now
         assert env.store.get_job("acme", job.job_id).status is JobStatus.SCHEDULED
-        peer = Poller(env.service("w2"), 0.01)
+        peer = env.poller_of(env.service("w2"))
         await peer.cycle()
         done = env.store.get_job("acme", job.job_id)
         assert done.status is JobStatus.COMPLETED and done.owner_worker_id == "w2"
-        seqs = [e.seq for e in env.store.list_events("acme", job.job_id, 0, 100)]
-        assert seqs == sorted(seqs) and seqs[-1] > 1 << 32  # w2 numbers in its own block
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))  # one numbering
+        assert [(e.kind, e.worker_id) for e in events] == [
+            (EventKind.SUBMITTED, "w1"), (EventKind.SCHEDULED, "w1"),
+            (EventKind.LEASE_CLAIMED, "w2"), (EventKind.RUNNING, "w2"),
+            (EventKind.COMPLETED, "w2")]  # the end came without a poll seeing it run
 
     run(go())
 
@@ -298,5 +316,198 @@ def test_provider_detail_without_a_status_change_is_a_status_detail_event(env: E
         details = [e.message for e in events if e.kind is EventKind.STATUS_DETAIL]
         assert details == ["provider state QUEUED -> SCHEDULED: vm booting"]
         assert events[-1].kind is EventKind.RUNNING
+
+    run(go())
+
+
+# --- v2: a submit always finishes; order of a job's events --------------------------------
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose next ``fail`` fenced updates fail as if the store were down."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.fail = 0
+
+    def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
+        if self.fail and any(isinstance(op, UpdateJob) for op in ops):
+            self.fail -= 1
+            raise StoreUnavailable("store down (test)")
+        return super().write_batch(ops)
+
+
+def test_a_stored_job_is_the_answer_even_if_scheduling_fails(env: Env) -> None:
+    store = FlakyStore(env.clock)
+    jobs = JobService(store, env.provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+
+    async def go() -> None:
+        store.fail = 1
+        job = await jobs.submit("acme", SPEC, "r-flaky")
+        assert job.status is JobStatus.PENDING  # recorded; SCHEDULED could not be stored
+        assert store.get_job("acme", job.job_id).status is JobStatus.PENDING
+        await env.poller_of(jobs).cycle()  # submits again under the same provider id
+        after = store.get_job("acme", job.job_id)
+        assert after.status is JobStatus.SCHEDULED
+        assert env.provider.executions == {after.provider_job_id: 1}
+        assert [e.kind for e in store.list_events("acme", job.job_id, 0, 10)] == [
+            EventKind.SUBMITTED, EventKind.SCHEDULED]
+
+    run(go())
+
+
+def test_a_cancelled_submit_call_still_finishes_its_server_side_steps(env: Env) -> None:
+    async def go() -> None:
+        call = asyncio.ensure_future(env.jobs.submit("acme", SPEC, "r-cancel"))
+        await asyncio.sleep(0)  # the call is under way (admitted, its write queued)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await env.jobs.drain(5)
+        (job,) = env.store.list_jobs("acme", JobFilter(), 10, "").jobs
+        assert job.status is JobStatus.SCHEDULED and job.request_id == "r-cancel"
+        retried = await env.jobs.submit("acme", SPEC, "r-cancel")  # the client's retry
+        assert retried.job_id == job.job_id
+        assert env.provider.executions == {job.provider_job_id: 1}
+
+    run(go())
+
+
+class OutputProvider(ScriptedProvider):
+    """A scripted provider whose jobs print what the test writes into ``out``."""
+
+    capabilities = Capabilities(max_status_batch=2, poll_interval_seconds=0.01,
+                                supports_output=True)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: dict[str, dict[str, bytes]] = {}
+
+    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
+        streams = self.out.get(resource_path, {})
+        got = [streams.get(name, b"")[start:] for name, start in zip(("stdout", "stderr"),
+                                                                      offsets, strict=True)]
+        return OutputChunk(stdout=got[0].decode(), stderr=got[1].decode(),
+                           offsets=(offsets[0] + len(got[0]), offsets[1] + len(got[1])))
+
+
+class FailingLog(StoreExecutionLog):
+    """Appends fail while ``down`` (a full disk): nothing is acknowledged."""
+
+    down = False
+
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        if self.down:
+            raise WalError("no space left on device (test)")
+        await super().append(events)
+
+
+def test_running_comes_before_output_and_the_end_comes_last(env: Env) -> None:
+    provider = OutputProvider()
+    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+    log = FailingLog(jobs.committer)
+    poller = Poller(jobs, log, 0.01)
+
+    async def go() -> None:
+        job = await jobs.submit("acme", SPEC, "")
+        path = job.cloud_resource_path
+        # The job already printed and finished before any poll saw it running.
+        provider.out[path] = {"stdout": b"a\nb\n", "stderr": b"oops\n"}
+        provider.states[path] = ProviderStatus(JobStatus.COMPLETED, "SUCCEEDED", exit_code=0,
+                                               started_at=T0, completed_at=T0)
+        log.down = True
+        await poller.cycle()  # the output cannot be made durable: the job must not end
+        assert env.store.get_job("acme", job.job_id).status is JobStatus.RUNNING
+        log.down = False
+        await poller.cycle()
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        assert [e.kind for e in events] == [
+            EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.RUNNING,
+            EventKind.OUTPUT, EventKind.OUTPUT, EventKind.COMPLETED]
+        assert sorted((e.message, e.output) for e in events if e.kind is EventKind.OUTPUT) == [
+            ("stderr", "oops\n"), ("stdout", "a\nb\n")]
+        assert [e.seq for e in events] == list(range(1, 7))
+
+    run(go())
+
+
+def test_a_new_owner_reads_output_on_from_the_store(env: Env) -> None:
+    provider = OutputProvider()
+    w1 = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+    w2 = JobService(env.store, provider, worker_id="w2", lease_ttl=30, clock=env.clock)
+
+    async def go() -> None:
+        job = await w1.submit("acme", SPEC, "")
+        path = job.cloud_resource_path
+        provider.states[path] = ProviderStatus(JobStatus.RUNNING, "RUNNING", started_at=T0)
+        provider.out[path] = {"stdout": b"one\n"}
+        await Poller(w1, StoreExecutionLog(w1.committer), 0.01).cycle()
+        env.store.release_leases([(job.job_id, env.store.get_job("acme", job.job_id).lease)])
+        env.store.claim_expired("w2", 30, 10)
+        provider.out[path] = {"stdout": b"one\ntwo\n"}
+        provider.states[path] = ProviderStatus(JobStatus.COMPLETED, "SUCCEEDED", exit_code=0,
+                                               started_at=T0, completed_at=T0)
+        await Poller(w2, StoreExecutionLog(w2.committer), 0.01).cycle()
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        assert [(e.kind, e.output) for e in events if e.kind is EventKind.OUTPUT] == [
+            (EventKind.OUTPUT, "one\n"), (EventKind.OUTPUT, "two\n")]  # no line twice
+        assert events[-1].kind is EventKind.COMPLETED and events[-1].worker_id == "w2"
+
+    run(go())
+
+
+class _OneLinePerRead(OutputProvider):
+    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
+        chunk = super().read_output(resource_path, offsets)
+        first = chunk.stdout.split("\n", 1)[0] + "\n" if chunk.stdout else ""
+        return OutputChunk(stdout=first, offsets=(offsets[0] + len(first.encode()), offsets[1]))
+
+
+def test_the_end_waits_for_output_beyond_one_cycles_budget(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that printed more than a cycle reads ends only after all of it is stored
+    (found by bench.events: a 64 MiB job ended with 32 MiB of its output)."""
+    monkeypatch.setattr(poller_module, "OUTPUT_BUDGET_BYTES", 10)
+    provider = _OneLinePerRead()
+    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+    lines = [f"line {i}\n" for i in range(12)]
+
+    async def go() -> int:
+        job = await jobs.submit("acme", SPEC, "")
+        provider.out[job.cloud_resource_path] = {"stdout": "".join(lines).encode()}
+        provider.states[job.cloud_resource_path] = ProviderStatus(
+            JobStatus.COMPLETED, "SUCCEEDED", exit_code=0, started_at=T0, completed_at=T0)
+        cycles = 0
+        while env.store.get_job("acme", job.job_id).status is not JobStatus.COMPLETED:
+            await poller.cycle()
+            cycles += 1
+            assert cycles < 50
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        assert "".join(e.output for e in events) == "".join(lines)
+        assert events[-1].kind is EventKind.COMPLETED
+        return cycles
+
+    assert run(go()) > 1  # it did take several cycles
+
+
+def test_a_cancel_ends_the_stream_after_the_output_printed_before_it(env: Env) -> None:
+    provider = OutputProvider()
+    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+
+    async def go() -> None:
+        job = await jobs.submit("acme", SPEC, "")
+        path = job.cloud_resource_path
+        provider.states[path] = ProviderStatus(JobStatus.RUNNING, "RUNNING", started_at=T0)
+        provider.out[path] = {"stdout": b"a\n"}
+        await poller.cycle()
+        provider.out[path] = {"stdout": b"a\nb\n"}  # printed more, then the cancel came
+        done = await jobs.cancel("acme", job.job_id)
+        assert done.status is JobStatus.CANCELLED
+        events = env.store.list_events("acme", job.job_id, 0, 100)
+        assert [(e.kind, e.output) for e in events][-3:] == [
+            (EventKind.OUTPUT, "a\n"), (EventKind.OUTPUT, "b\n"), (EventKind.CANCELLED, "")]
 
     run(go())

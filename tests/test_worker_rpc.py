@@ -32,10 +32,10 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailable("job store unreachable")
         return super().get_job(tenant_id, job_id)
 
-    def create_job(self, job: Any, lease_ttl: float) -> Any:
+    def write_batch(self, ops: Any) -> Any:
         if self.mode == "down":
             raise StoreUnavailable("job store unreachable")
-        return super().create_job(job, lease_ttl)
+        return super().write_batch(ops)
 
 
 def _server(token: str = "", dev: bool = True) -> tuple[ThreadServer, FlakyStore]:

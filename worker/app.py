@@ -1,8 +1,9 @@
-"""Assemble a worker: store + provider + event log + JobService, served as an ASGI app.
+"""Assemble a worker: store + group committer + provider + execution-event WAL +
+JobService, served as an ASGI app.
 
 Background work (poller, lease renewal and claims, membership heartbeat) starts in the
-app's lifespan and stops on shutdown, after which the event log is flushed and the
-worker's leases are released so a peer takes over at once (DESIGN §5).
+app's lifespan and stops on shutdown, after which the worker's leases are released so a
+peer takes over at once (docs/design.md §5) and the WAL is flushed.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ from providers import create_provider
 from providers.base import BatchProvider
 from worker.admission import Admission, store_active_counter
 from worker.auth import CallerAuth
-from worker.events import EventLog
+from worker.commit import GroupCommitter
+from worker.events import ExecutionLog
 from worker.jobs import JobService, blocking, utcnow
 from worker.leases import NUDGE_PATH, LeaseKeeper, nudge_handler, release_and_nudge
 from worker.metrics import instrument
+from worker.notify import Notifier
 from worker.poller import Poller
 from worker.service import WorkerService
-from worker.wal import StoreSink, WalEventLog
+from worker.store_events import StoreExecutionLog
+from worker.wal import WalExecutionLog
 
 log = logging.getLogger("jennah.worker")
 # Peers that heartbeated within this many claim intervals are nudged on shutdown.
@@ -49,7 +53,9 @@ class WorkerRuntime:
     settings: WorkerSettings
     store: JobStore
     provider: BatchProvider
-    events: EventLog
+    committer: GroupCommitter
+    notifier: Notifier
+    events: ExecutionLog
     jobs: JobService
     leases: LeaseKeeper
     poller: Poller
@@ -61,27 +67,36 @@ def build_runtime(
     *,
     store: JobStore | None = None,
     provider: BatchProvider | None = None,
-    events: EventLog | None = None,
+    events: ExecutionLog | None = None,
     clock: Callable[[], datetime] = utcnow,
     registry: CollectorRegistry | None = None,
 ) -> WorkerRuntime:
     store = store or create_store(settings.store)
     provider = provider or create_provider(settings.provider)
-    events = events or WalEventLog(
-        settings.wal_dir, settings.archive_dir, settings.worker_id, StoreSink(store),
+    notifier = Notifier()
+    committer = GroupCommitter(store, notify=notifier.notify)
+    if events is None and store.name == "memory":
+        events = StoreExecutionLog(committer)  # a local WAL would protect nothing
+    events = events or WalExecutionLog(
+        settings.wal_dir, settings.archive_dir, settings.worker_id, committer,
         clock=clock, retention_days=settings.wal_retention_days, registry=registry,
         close_timeout=max(1.0, settings.shutdown_grace_seconds / 2),
-    )
+        segment_bytes=settings.wal_segment_bytes,
+        max_pending_bytes=settings.wal_max_pending_bytes,
+    )  # fmt: skip
     admission = Admission(settings.admission, provider=settings.provider.kind,
                           counter=store_active_counter(store))
     jobs = JobService(
-        store, provider, events,
+        store, provider, committer=committer,
         worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
         admission=admission,
-    )
+    )  # fmt: skip
     leases = LeaseKeeper(jobs, settings.lease_ttl_seconds, settings.claim_interval_seconds)
+    leases.on_claimed = notifier.notify
+    leases.may_claim = lambda: events.ready  # the v1 upgrade's events go in first
     interval = min(settings.poll_interval_seconds, provider.capabilities.poll_interval_seconds)
-    return WorkerRuntime(settings, store, provider, events, jobs, leases, Poller(jobs, interval))
+    return WorkerRuntime(settings, store, provider, committer, notifier, events, jobs, leases,
+                         Poller(jobs, events, interval))  # fmt: skip
 
 
 async def _heartbeat(rt: WorkerRuntime) -> None:
@@ -128,12 +143,12 @@ async def hand_over_early(rt: WorkerRuntime) -> None:
 
 
 async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
-    """Stop the loops, hand the leases over (release + nudge), then flush the event log.
+    """Stop the loops, hand the leases over (release + nudge), then flush the WAL.
 
-    The hand-over goes first because peers wait for it; the flush after it is safe: a
-    new owner numbers its events in its own block (lease version) and the sink is
-    idempotent, so our late events can neither collide with its nor be lost (the WAL
-    keeps them until they are acknowledged). Each phase's duration is logged."""
+    The hand-over goes first because peers wait for it; the flush after it is safe: the
+    store places our late events by their dedup keys and byte ranges, so they can
+    neither collide with the new owner's nor go in twice, and the WAL keeps whatever is
+    not delivered for the next start. Each phase's duration is logged."""
     t0 = time.monotonic()
     rt.jobs.draining = True
     log.info("shutdown: stopping background loops")
@@ -157,6 +172,7 @@ async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
         log.warning("shutdown: could not release or flush: %s", exc)
     await rt.jobs.drain(rt.settings.shutdown_grace_seconds)
     await rt.events.close()
+    await rt.committer.close()
     rt.provider.close()
     rt.store.close()
 
@@ -171,7 +187,8 @@ def create_app(
     rpc_metrics = instrument(rt.jobs, rt.leases, rt.poller, worker_id=settings.worker_id,
                              store=rt.store.name, registry=registry)
     service = WorkerService(rt.jobs, CallerAuth(dev_mode=settings.dev_mode,
-                                                worker_token=settings.worker_token))
+                                                worker_token=settings.worker_token),
+                            rt.notifier)  # fmt: skip
 
     async def lifecycle() -> AsyncGenerator[WorkerService]:
         tasks = await start(rt)
@@ -199,7 +216,10 @@ def create_app(
             await blocking(rt.store.ping)
         except JennahError as exc:
             return False, f"store: {exc}"
-        return True, f"store {rt.store.name} ok"
+        wal_ok, wal = await rt.events.health()
+        if not wal_ok:  # it still serves reads; new output waits (docs/design.md §6)
+            return False, wal
+        return True, f"store {rt.store.name} ok; {wal}"
 
     def info() -> dict[str, Any]:
         return {
@@ -208,7 +228,7 @@ def create_app(
             "provider": rt.provider.name,
             "leases_held": rt.leases.held,
             "leases_claimed_total": rt.leases.claimed_total,
-            "leases_lost_total": rt.leases.lost_total,
+            "leases_lost_total": rt.leases.lost_total + rt.jobs.leases_lost,
             "nudges_received": rt.leases.nudges_received,
             "poll_cycles": rt.poller.cycles,
         }

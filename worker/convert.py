@@ -136,4 +136,6 @@ def event_to_pb(ev: JobEvent) -> pb.JobEvent:
         output=ev.output,
         created_at=ts(ev.created_at),
         worker_id=ev.worker_id,
+        position=ev.position,
+        attempt=ev.attempt,
     )

@@ -1,68 +1,71 @@
-"""The event log port, and the sequence-number scheme every implementation follows.
+"""The execution-event port: what an owner observes while an execution runs.
 
-Every job event is made durable by ``EventLog.emit`` before the caller goes on.
+docs/design.md §6 splits events in two. *Lifecycle* events are written by the store in the
+transaction of the transition they report (``worker/jobs.py`` never writes them
+itself). *Execution* events (OUTPUT, STATUS_DETAIL) are observations: they go through an
+``ExecutionLog``, which makes them durable locally (the worker's WAL) and delivers them
+to the store, where their dedup keys make delivery exactly once.
 
-**Sequence numbers.** ``seq`` must increase strictly within a job, across owners, without
-the new owner of a job having to know what the old owner's log still holds. Each owner
-therefore numbers its events inside a block keyed by its lease version::
+The poller relies on three promises:
 
-    seq = (lease_version - 1) * SEQ_BLOCK + n        n = 1, 2, 3, ...
-
-A job's first owner (lease version 1) emits 1, 2, 3, ...; whoever claims it next (version
-2, 3, ...) starts at the next block, so it can never collide with an event the old
-owner's log still has to deliver, and the store's idempotent ``(job_id, seq)`` key never
-drops a real event as a duplicate.
+* ``append`` returns only once the events are durable; if it raises, nothing of them is
+  acknowledged, and the poller keeps its output offsets and reads the same bytes again.
+* Output the store refuses as out of order (another producer cut it differently, or a
+  WAL was lost) is dropped, and the job is reported by ``take_resync``: the poller then
+  reloads the job's offsets from the store and reads on from there.
+* ``flush_job`` waits until every event of the job is in the store, so the poller can
+  record the terminal transition after all of the job's output (the terminal event is
+  last).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Sequence
 from typing import Protocol
 
-from jennah.models import EventKind, Job, JobEvent, JobStatus
-
-SEQ_BLOCK = 1 << 32
-
-
-def first_seq(lease_version: int) -> int:
-    """The first sequence number an owner at ``lease_version`` may use."""
-    return (max(lease_version, 1) - 1) * SEQ_BLOCK + 1
+from database.base import OutputOffsets
+from jennah.models import JobEvent
 
 
-class EventLog(Protocol):
-    """Durable, ordered job events: WAL first, then delivery to the store's event table."""
+class ExecutionLog(Protocol):
+    """Durable, exactly-once delivery of execution events to the store."""
+
+    @property
+    def ready(self) -> bool:
+        """False until start-up work the poller must wait for is done (the upgrade of
+        v1 logs: their events go in before any new ones)."""
+        ...
 
     async def start(self) -> None:
-        """Resume delivery of anything left undelivered by an earlier run."""
+        """Recover and resume delivery of anything left undelivered by an earlier run."""
         ...
 
-    async def adopt(
-        self, job_ids: Collection[str], from_worker: str | None = None
-    ) -> list[str]:
-        """Take over undelivered events of ``job_ids`` (just claimed) that another worker
-        left behind on a shared disk; return the logs adopted."""
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        """Make ``events`` (not numbered; with dedup keys) durable and queue them for
+        delivery; ``WalError`` when they could not be made durable."""
         ...
 
-    async def emit(
-        self,
-        job: Job,
-        kind: EventKind,
-        status: JobStatus | None,
-        message: str = "",
-        output: str = "",
-    ) -> JobEvent:
-        """Assign the next ``seq`` for ``job`` (under ``job.lease_version``), make the event
-        durable and return it. Delivery to the store may happen later (at least once)."""
+    def pending_ends(self, job_id: str) -> OutputOffsets:
+        """For each output stream of the job: the end of the output durable here but not
+        yet in the store (empty when everything was delivered)."""
         ...
 
-    async def job_finished(self, job: Job) -> None:
-        """The job is terminal (or no longer ours): flush its events, then archive."""
+    def take_resync(self) -> set[str]:
+        """Jobs whose output the store refused as out of order since the last call."""
+        ...
+
+    async def flush_job(self, job_id: str, timeout: float) -> bool:
+        """True once every event of the job appended so far is in the store."""
         ...
 
     async def flush(self, timeout: float) -> bool:
-        """Wait until every event emitted so far is delivered; False on timeout."""
+        """True once every event appended so far is in the store."""
+        ...
+
+    async def health(self) -> tuple[bool, str]:
+        """``(False, why)`` while appends fail (a full disk); for ``/ready``."""
         ...
 
     async def close(self) -> None:
-        """Flush what can be flushed and stop background work."""
+        """Flush what can be flushed (bounded) and stop background work."""
         ...

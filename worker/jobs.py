@@ -1,7 +1,16 @@
-"""JobService: the worker's domain rules (DESIGN §3, §4). RPC handlers stay thin and call in.
+"""JobService: the worker's domain rules (docs/design.md §3, §4, §6). RPC handlers stay thin and
+call in.
 
-The store and provider are blocking; every call to them goes through a worker thread so
-the event loop keeps serving.
+Every job write goes through the worker's group committer (``worker/commit.py``), so the
+writes of concurrent calls share transactions; the store writes each transition's
+lifecycle event in that same transaction (this module never writes events itself).
+Provider calls, which block, run in a worker thread.
+
+**A submit always finishes.** Once the job row is committed, SubmitJob answers with the
+job: a provider error after that point leaves the job PENDING for the poller (or FAILED
+with its reason), and is never returned as an RPC error. The server-side steps run in a
+task of their own, so a client that gives up (deadline, disconnect) does not cut them
+short; the client retries with its ``request_id`` and gets the job.
 """
 
 from __future__ import annotations
@@ -9,16 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
+import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from database.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
-from jennah.errors import Conflict, FailedPrecondition, LeaseLost, ProviderError, ShuttingDown
+from jennah.errors import (
+    Conflict,
+    FailedPrecondition,
+    JennahError,
+    LeaseLost,
+    ProviderError,
+    ShuttingDown,
+)
 from jennah.models import (
+    EVENT_FOR_STATUS,
     EventKind,
     FailureClass,
     Job,
@@ -31,8 +50,8 @@ from jennah.models import (
 )
 from jennah.rpc import DRAINING_MESSAGE
 from providers.base import BatchProvider, ProviderStatus, ProviderTask, provider_job_id
-from worker.admission import Admission
-from worker.events import EventLog
+from worker.admission import Admission, Ticket
+from worker.commit import GroupCommitter
 
 log = logging.getLogger("jennah.worker.jobs")
 
@@ -40,21 +59,19 @@ IO_THREADS = 32
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_EVENT_FOR_STATUS = {
-    JobStatus.SCHEDULED: EventKind.SCHEDULED,
-    JobStatus.RUNNING: EventKind.RUNNING,
-    JobStatus.COMPLETED: EventKind.COMPLETED,
-    JobStatus.FAILED: EventKind.FAILED,
-    JobStatus.CANCELLED: EventKind.CANCELLED,
-}
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Job ids are random UUIDs (version 4) from a generator seeded once from the OS: they
+# must be unique, not secret (every lookup is keyed by tenant too), and uuid4() costs a
+# getrandom(2) system call per job, 2 % of a submit's CPU.
+_IDS = random.Random(os.urandom(32))
+
+
 def new_job_id() -> str:
-    return str(uuid.uuid4())
+    return str(uuid.UUID(int=_IDS.getrandbits(128), version=4))
 
 
 # Store and provider calls run here. A plain executor rather than anyio.to_thread: the
@@ -88,17 +105,17 @@ class JobService:
         self,
         store: JobStore,
         provider: BatchProvider,
-        events: EventLog,
         *,
         worker_id: str,
         lease_ttl: float,
+        committer: GroupCommitter | None = None,
         clock: Callable[[], datetime] = utcnow,
         new_id: Callable[[], str] = new_job_id,
         admission: Admission | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
-        self.events = events
+        self.committer = committer or GroupCommitter(store)
         self.worker_id = worker_id
         self.lease_ttl = lease_ttl
         self.clock = clock
@@ -106,31 +123,33 @@ class JobService:
         self.admission = admission or Admission.unlimited()
         # Set when shutdown begins: new jobs would get leases after the hand-over.
         self.draining = False
-        self._finishing: set[asyncio.Task[None]] = set()
-
-    def _finished(self, job: Job) -> None:
-        """Hand a finished job's log to the event log in the background: delivering its
-        last events and archiving the log must not hold up the poll cycle (one wait per
-        completed job made a cycle with many completions take seconds)."""
-        task = asyncio.get_running_loop().create_task(self.events.job_finished(job))
-        self._finishing.add(task)
-        task.add_done_callback(self._finish_done)
-
-    def _finish_done(self, task: asyncio.Task[None]) -> None:
-        self._finishing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("finishing the event log of a job failed: %s", task.exception())
+        self.leases_lost = 0
+        # Told of each lifecycle event this worker's writes store (metrics).
+        self.on_events: Callable[[EventKind, int], None] | None = None
+        # Before a cancel is recorded: read the execution's last output and wait until
+        # all its events are in the store; False if that cannot be done now (the poller
+        # sets it: it owns the output offsets).
+        self.before_end: Callable[[Job], Awaitable[bool]] | None = None
+        # Server-side work that outlives its call (a submit whose client gave up).
+        self._detached: set[asyncio.Task[Any]] = set()
 
     async def drain(self, timeout: float) -> bool:
-        """Wait (bounded) for the background job_finished calls; True if none is left."""
-        if self._finishing:
-            await asyncio.wait(set(self._finishing), timeout=timeout)
-        return not self._finishing
+        """Wait (bounded) for detached server-side work; True if none is left."""
+        if self._detached:
+            await asyncio.wait(set(self._detached), timeout=timeout)
+        return not self._detached
+
+    async def _finish_even_if_cancelled(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run ``coro`` in its own task: cancelling the caller does not cancel it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        return await asyncio.shield(task)
 
     # --- tenant-facing -----------------------------------------------------------------
 
     async def submit(self, tenant_id: str, spec: JobSpec, request_id: str) -> Job:
-        """DESIGN §4: record (idempotent on request_id), then submit to the provider.
+        """docs/design.md §4: record (idempotent on request_id), then submit to the provider.
 
         Admission control (``worker/admission.py``) comes first: a refused submit raises
         ``ResourceExhausted`` before anything is stored or sent to the provider.
@@ -146,19 +165,25 @@ class JobService:
             provider=self.provider.name,
             owner_worker_id=self.worker_id,
         )
+        return await self._finish_even_if_cancelled(self._submit(job, ticket))
+
+    async def _submit(self, job: Job, ticket: Ticket) -> Job:
         try:
-            stored, created = await blocking(self.store.create_job, job, self.lease_ttl)
+            stored, created = await self.committer.create(job, self.lease_ttl)
         except BaseException:
             ticket.abandon()
             raise
         ticket.stored(created)
         if not created:
             return stored
-        await self.events.emit(stored, EventKind.SUBMITTED, JobStatus.PENDING, "job submitted")
+        self.count(EventKind.SUBMITTED)
         try:
             return await self.start_execution(stored)
-        except LeaseLost:
-            return await self.get(tenant_id, stored.job_id)
+        except JennahError as exc:
+            # The job is recorded: it is the answer. The poller submits it again (same
+            # provider id) or records what went wrong.
+            log.warning("job %s stored; submitting it failed for now: %s", stored.job_id, exc)
+            return stored
 
     async def get(self, tenant_id: str, job_id: str) -> Job:
         return await blocking(self.store.get_job, tenant_id, job_id)
@@ -188,19 +213,42 @@ class JobService:
         await blocking(self.store.delete_job, tenant_id, job_id)
 
     async def list_events(
-        self, tenant_id: str, job_id: str | None, after_seq: int, limit: int
+        self, tenant_id: str, job_id: str, after_seq: int, limit: int
     ) -> list[JobEvent]:
         return await blocking(self.store.list_events, tenant_id, job_id, after_seq, limit)
 
+    async def list_tenant_events(
+        self, tenant_id: str, after_position: int, limit: int
+    ) -> list[JobEvent]:
+        return await blocking(self.store.list_tenant_events, tenant_id, after_position, limit)
+
+    async def has_active_jobs(self, tenant_id: str) -> bool:
+        return await blocking(self.store.has_active_jobs, tenant_id)
+
     # --- owner operations (fenced) -----------------------------------------------------
+
+    def count(self, kind: EventKind, n: int = 1) -> None:
+        """Report ``n`` stored events of ``kind`` (metrics)."""
+        if self.on_events is not None:
+            self.on_events(kind, n)
 
     async def _update(self, job: Job, patch: JobPatch, reason: str) -> Job:
         try:
-            return await blocking(self.store.update_job, job.job_id, job.lease, patch, reason)
+            updated = await self.committer.update(job, job.lease, patch, reason)
         except LeaseLost:
-            await self.events.emit(job, EventKind.LEASE_LOST, job.status, "lease lost")
-            self._finished(job)
+            # Not a stream event: a stale owner cannot write one (docs/design.md §6).
+            self.leases_lost += 1
+            log.warning("lease on job %s lost (held at version %d): leaving it",
+                        job.job_id, job.lease_version)
             raise
+        if patch.retry:
+            self.count(EventKind.RETRY)
+        elif updated.status is not job.status:
+            if updated.status.terminal and job.status.rank < JobStatus.RUNNING.rank and (
+                    patch.started_at is not None):
+                self.count(EventKind.RUNNING)  # recorded on the way (_common.apply_patch)
+            self.count(EVENT_FOR_STATUS[updated.status])
+        return updated
 
     async def start_execution(self, job: Job) -> Job:
         """Submit the job's current attempt under its deterministic provider id (steps 4-5).
@@ -233,18 +281,21 @@ class JobService:
             scheduled_at=now if job.scheduled_at is None else None,
         )
         try:
-            updated = await self._update(job, patch, "submitted to provider")
+            return await self._update(job, patch, f"submitted to {self.provider.name} as "
+                                                  f"{task.provider_job_id}")  # fmt: skip
         except Conflict:
             # Cancelled while we were submitting: do not leave the execution running.
             await blocking(self.provider.cancel, path)
             return await self.get(job.tenant_id, job.job_id)
-        if patch.status is not None:
-            await self.events.emit(updated, EventKind.SCHEDULED, updated.status, path)
-        return updated
 
     async def finish_cancel(self, job: Job) -> Job:
+        """Stop the execution and record CANCELLED, once what it printed is in the store
+        (``before_end``); if that cannot be done now, the job stays marked and the poller
+        finishes the cancel at its next cycle."""
         if job.cloud_resource_path:
             await blocking(self.provider.cancel, job.cloud_resource_path)
+            if self.before_end is not None and not await self.before_end(job):
+                return job
         try:
             return await self._finish(job, JobStatus.CANCELLED, "cancelled by request")
         except Conflict:
@@ -269,13 +320,23 @@ class JobService:
             started_at=started_at if job.started_at is None else None,
             completed_at=completed_at or self.clock(),
         )
-        updated = await self._update(job, patch, message)
-        await self.events.emit(updated, _EVENT_FOR_STATUS[status], status, message)
-        self._finished(updated)
-        return updated
+        return await self._update(job, patch, message)
+
+    async def mark_running(self, job: Job, st: ProviderStatus) -> Job:
+        """Record RUNNING for the current attempt (before any of its output goes in)."""
+        if not job.status.can_move_to(JobStatus.RUNNING):
+            return job
+        now = self.clock()
+        patch = JobPatch(status=JobStatus.RUNNING,
+                         scheduled_at=now if job.scheduled_at is None else None,
+                         started_at=st.started_at or now)  # fmt: skip
+        return await self._update(job, patch, f"provider: {st.raw_state}")
 
     async def apply_status(self, job: Job, st: ProviderStatus) -> Job:
-        """Move ``job`` forward to what the provider reports; never backwards (DESIGN §3)."""
+        """Move ``job`` forward to what the provider reports; never backwards (docs/design.md §3).
+
+        A terminal state for an execution that ran, seen before any poll saw it running,
+        is recorded as RUNNING then the terminal state, in one transaction."""
         new = st.state
         if new is None or not job.status.can_move_to(new):
             return job
@@ -283,38 +344,32 @@ class JobService:
             return await self.retry(job, st)
         if new.terminal:
             message = st.message or f"job {new.value.lower()}"
+            ran = st.started_at is not None or (new is not JobStatus.CANCELLED
+                                                and st.exit_code is not None)  # fmt: skip
             return await self._finish(
                 job,
                 new,
                 message,
                 failure_class=st.failure_class if new is JobStatus.FAILED else None,
                 exit_code=st.exit_code,
-                started_at=st.started_at or st.completed_at or self.clock(),
+                started_at=(st.started_at or st.completed_at or self.clock()) if ran else None,
                 completed_at=st.completed_at,
             )
+        if new is JobStatus.RUNNING:
+            return await self.mark_running(job, st)
         now = self.clock()
-        patch = JobPatch(
-            status=new,
-            scheduled_at=now if job.scheduled_at is None else None,
-            started_at=(st.started_at or now) if new is JobStatus.RUNNING else None,
-        )
-        updated = await self._update(job, patch, st.message or f"provider: {st.raw_state}")
-        await self.events.emit(updated, _EVENT_FOR_STATUS[new], new, st.raw_state)
-        return updated
+        patch = JobPatch(status=new, scheduled_at=now if job.scheduled_at is None else None)
+        return await self._update(job, patch, st.message or f"provider: {st.raw_state}")
 
     @staticmethod
     def _should_retry(job: Job, fc: FailureClass | None) -> bool:
         return fc is not None and fc.retryable and job.attempt < job.spec.max_retries
 
     async def retry(self, job: Job, st: ProviderStatus) -> Job:
-        """Start the next attempt under a new deterministic provider id."""
+        """Start the next attempt (back to PENDING, RETRY event) under a new provider id."""
+        why = st.failure_class.value if st.failure_class else "failure"
         updated = await self._update(
-            job,
-            JobPatch(attempt=job.attempt + 1, clear_resource=True),
-            f"retry after {st.failure_class.value if st.failure_class else 'failure'}",
-        )
-        await self.events.emit(
-            updated, EventKind.RETRY, updated.status,
-            f"attempt {updated.attempt} after: {st.message or st.raw_state}",
+            job, JobPatch(attempt=job.attempt + 1, retry=True),
+            f"attempt {job.attempt + 1} after {why}: {st.message or st.raw_state}",
         )
         return await self.start_execution(updated)

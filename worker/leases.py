@@ -1,6 +1,6 @@
 """LeaseKeeper: renew this worker's leases, claim expired ones, release them on shutdown.
 
-DESIGN §5. Renewal runs every TTL/3, so a lease survives two missed renewals. Claims run
+docs/design.md §5. Renewal runs every TTL/3, so a lease survives two missed renewals. Claims run
 every ``claim_interval``: a claimed job keeps its resource path, and the poller resubmits
 it under the same deterministic provider id only if it never reached the provider.
 
@@ -62,6 +62,10 @@ class LeaseKeeper:
         self.claimed_total = 0
         self.lost_total = 0
         self.nudges_received = 0
+        # Told which tenants got LEASE_CLAIMED events (wakes this worker's watchers).
+        self.on_claimed: Callable[[set[str]], None] | None = None
+        # Claims wait until this says yes (the worker's own v1 events are delivered).
+        self.may_claim: Callable[[], bool] = lambda: True
 
     # --- one step of each loop (the tests call these directly) ------------------------
 
@@ -93,28 +97,27 @@ class LeaseKeeper:
         return renewed
 
     async def _lost(self, job: Job) -> None:
+        # A log line and a metric, not a stream event: a stale owner cannot write one.
         self.lost_total += 1
-        log.warning("lease on %s lost", job.job_id)
-        await self.jobs.events.emit(job, EventKind.LEASE_LOST, job.status, "lease not renewed")
-        await self.jobs.events.job_finished(job)
+        log.warning("lease on %s lost (held at version %d)", job.job_id, job.lease_version)
 
     async def claim_once(self) -> list[Job]:
+        """Claim expired leases; the store writes each job's LEASE_CLAIMED event."""
         claimed = await blocking(
             self.jobs.store.claim_expired, self.jobs.worker_id, self.ttl, CLAIM_BATCH
         )
         if claimed:
-            await self.jobs.events.adopt([j.job_id for j in claimed])
             log.info("claimed %d jobs", len(claimed))
-        for job in claimed:
-            self.claimed_total += 1
-            await self.jobs.events.emit(
-                job, EventKind.LEASE_CLAIMED, job.status,
-                f"claimed at lease version {job.lease_version}",
-            )
+            self.claimed_total += len(claimed)
+            self.jobs.count(EventKind.LEASE_CLAIMED, len(claimed))
+            if self.on_claimed is not None:
+                self.on_claimed({j.tenant_id for j in claimed})
         return claimed
 
     async def claim_all(self) -> int:
         """Claim until a batch comes back short; return how many were claimed."""
+        if not self.may_claim():
+            return 0
         total = 0
         while True:
             batch = len(await self.claim_once())

@@ -11,11 +11,13 @@ several workers in one process (tests) share the counters and each adds its own
   outside the error mapper;
 * ``jennah_worker_jobs{worker,status}``: active jobs the worker owns, by status
   (PENDING, SCHEDULED, RUNNING), as of its last poll cycle;
-* ``jennah_worker_job_events_total{kind}``: job events emitted (SUBMITTED, SCHEDULED,
-  RUNNING, COMPLETED, FAILED, CANCELLED, RETRY, LEASE_CLAIMED, LEASE_LOST, ...);
+* ``jennah_worker_job_events_total{kind}``: job events this worker's writes stored
+  (SUBMITTED, SCHEDULED, RUNNING, COMPLETED, FAILED, CANCELLED, RETRY, LEASE_CLAIMED,
+  OUTPUT, STATUS_DETAIL); a lost lease is not an event (``leases_lost`` below);
 * ``jennah_worker_leases_held{worker}``: leases renewed at the last renewal round;
 * ``jennah_worker_lease_claims_total{worker}``: expired leases claimed from peers;
-* ``jennah_worker_leases_lost_total{worker}``: leases this worker failed to renew;
+* ``jennah_worker_leases_lost_total{worker}``: leases this worker lost (a renewal or a
+  fenced write refused: a peer holds the job now);
 * ``jennah_worker_poll_cycle_duration_seconds``: time of one poll cycle (histogram);
 * ``jennah_worker_poll_cycle_failures_total``: poll cycles that failed (store or
   provider down);
@@ -40,7 +42,7 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -50,11 +52,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from jennah.logging import log_context
-from jennah.models import EventKind, Job, JobEvent, JobStatus
+from jennah.models import EventKind, JobStatus
 from jennah.rpc import RequestMetrics
 from jennah.tracing import tracer
 from providers.base import BatchProvider, ProviderStatus, ProviderTask
-from worker.events import EventLog
 from worker.jobs import JobService
 from worker.leases import LeaseKeeper
 from worker.poller import Poller
@@ -114,7 +115,8 @@ class WorkerStateCollector(Collector):
                 jobs.add_metric([src.worker_id, status.value], by_status.get(status.value, 0))
             held.add_metric([src.worker_id], float(leases.held))
             claims.add_metric([src.worker_id], float(leases.claimed_total))
-            lost.add_metric([src.worker_id], float(getattr(leases, "lost_total", 0)))
+            lost.add_metric([src.worker_id], float(getattr(leases, "lost_total", 0)
+                                                   + leases.jobs.leases_lost))
             info.add_metric([src.worker_id, src.store, src.provider], 1.0)
         yield from (jobs, held, claims, lost, info)
 
@@ -230,46 +232,21 @@ class InstrumentedProvider:
         self.inner.close()
 
 
-class CountingEventLog:
-    """An ``EventLog`` that counts emitted events by kind, then delegates."""
-
-    def __init__(self, inner: EventLog, metrics: WorkerMetrics) -> None:
-        self.inner = inner
-        self.metrics = metrics
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def adopt(self, job_ids: Collection[str], from_worker: str | None = None) -> list[str]:
-        return await self.inner.adopt(job_ids, from_worker)
-
-    async def emit(self, job: Job, kind: EventKind, status: JobStatus | None,
-                   message: str = "", output: str = "") -> JobEvent:
-        event = await self.inner.emit(job, kind, status, message, output)
-        self.metrics.job_events.labels(kind=kind.value).inc()
-        return event
-
-    async def job_finished(self, job: Job) -> None:
-        await self.inner.job_finished(job)
-
-    async def flush(self, timeout: float) -> bool:
-        return await self.inner.flush(timeout)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
 def instrument(
     jobs: JobService, leases: LeaseKeeper, poller: Poller, *, worker_id: str, store: str,
     registry: CollectorRegistry | None = None,
 ) -> RequestMetrics:
-    """Wire the metrics into one worker: wrap ``jobs.provider`` and ``jobs.events``, hook
-    the poller's cycle, register the scrape-time source. Returns the RPC interceptor."""
+    """Wire the metrics into one worker: wrap ``jobs.provider``, count the events its
+    writes store, hook the poller's cycle, register the scrape-time source. Returns the
+    RPC interceptor."""
     metrics = worker_metrics(registry)
     if not isinstance(jobs.provider, InstrumentedProvider):
         jobs.provider = InstrumentedProvider(jobs.provider, metrics)
-    if not isinstance(jobs.events, CountingEventLog):
-        jobs.events = CountingEventLog(jobs.events, metrics)
+
+    def count(kind: EventKind, n: int) -> None:
+        metrics.job_events.labels(kind=kind.value).inc(n)
+
+    jobs.on_events = jobs.committer.on_stored = count
     poller.on_cycle = metrics.observe_cycle
     metrics.state.add(_Source(worker_id, store, jobs.provider.name,
                               weakref.ref(leases), weakref.ref(poller)))

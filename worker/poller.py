@@ -5,9 +5,22 @@ the truth: a lease lost to a peer simply drops out of the list), then:
 
 * a job marked ``cancel_requested`` is cancelled at the provider and recorded CANCELLED;
 * a job without a resource path (a crash between recording and submitting, a deferred
-  submit, or a job just claimed from a dead peer) is submitted again under the same
-  deterministic provider id, which the provider dedupes;
+  submit, a retry, or a job just claimed from a dead peer) is submitted again under the
+  same deterministic provider id, which the provider dedupes;
 * every other job's status is fetched in provider-sized batches and applied, forward only.
+
+**Order within a job** (docs/design.md §6), one job's steps always in this order:
+
+1. a provider state change that maps to no new status is a STATUS_DETAIL (execution
+   event, through the WAL);
+2. if the execution has started (the provider says running, or finished after running),
+   RUNNING is recorded first, before any output of the attempt;
+3. new output is read from where the store (or this worker's WAL) has it, appended to the
+   WAL, and only then are the offsets advanced: an append that fails (a full disk) leaves
+   them, and the same bytes are read again next cycle;
+4. a terminal state is recorded only once every execution event of the job is in the
+   store (``ExecutionLog.flush_job``), so the terminal event is the last of the stream;
+   if the store is slow, the job simply waits for the next cycle.
 """
 
 from __future__ import annotations
@@ -20,22 +33,33 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
+from database._common import output_dedup_key
+from database.base import OutputOffsets
 from jennah.errors import JennahError, LeaseLost
-from jennah.models import EventKind, Job
+from jennah.models import EventKind, Job, JobEvent, JobStatus
 from providers.base import ProviderStatus
+from worker.events import ExecutionLog
 from worker.jobs import JobService, blocking
+from worker.wal.format import WalError
 
 log = logging.getLogger("jennah.worker.poller")
 
-# Jobs a cycle works on at once (their store writes and event fsyncs overlap).
+# Jobs a cycle works on at once (their store writes and WAL appends overlap and share
+# commits).
 APPLY_CONCURRENCY = 16
+# Output read per job per cycle, at most (a job printing faster catches up next cycle).
+OUTPUT_BUDGET_BYTES = 32 << 20
+# How long a terminal state waits for the job's events to reach the store in one cycle.
+FLUSH_TIMEOUT_SECONDS = 2.0
+STREAMS = ("stdout", "stderr")
 
 
 class Poller:
     """Polls owned jobs every ``interval`` seconds."""
 
-    def __init__(self, jobs: JobService, interval: float) -> None:
+    def __init__(self, jobs: JobService, events: ExecutionLog, interval: float) -> None:
         self.jobs = jobs
+        self.events = events
         self.interval = interval
         self.last_cycle_seconds = 0.0
         self.cycles = 0
@@ -43,11 +67,25 @@ class Poller:
         # (seconds, ok), both for the worker's metrics (worker/metrics.py).
         self.owned_by_status: dict[str, int] = {}
         self.on_cycle: Callable[[float, bool], None] | None = None
-        # Output offsets per provider job (stdout, stderr), for providers that stream output.
-        self._offsets: dict[str, tuple[int, int]] = {}
+        # Where to read each job's output next: durable here (WAL) or in the store.
+        self._offsets: dict[str, OutputOffsets] = {}
         # The provider's last raw state per job, to report changes that map to no new status
         # (GCP QUEUED -> SCHEDULED are both SCHEDULED) as STATUS_DETAIL events.
-        self._raw: dict[str, str] = {}
+        self._raw: dict[str, tuple[int, str]] = {}
+        jobs.before_end = self.drain
+
+    async def drain(self, job: Job) -> bool:
+        """Before an end the provider did not report (a cancel): read the execution's
+        last output and wait for the job's events to reach the store. False if that
+        cannot be done now (nothing is recorded then; the next cycle tries again)."""
+        if self.jobs.provider.capabilities.supports_output and job.status is JobStatus.RUNNING:
+            try:
+                if not await self._read_output(job, final=True):
+                    return False
+            except WalError as exc:
+                log.warning("output of %s not read before its cancel: %s", job.job_id, exc)
+                return False
+        return await self.events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS)
 
     async def run(self) -> None:
         while True:
@@ -67,8 +105,17 @@ class Poller:
             await anyio.sleep(max(0.0, self.interval - self.last_cycle_seconds))
 
     async def cycle(self) -> None:
+        if not self.events.ready:  # the v1 upgrade delivers its events first
+            return
         owned = await blocking(self.jobs.store.list_owned_jobs, self.jobs.worker_id)
         self.owned_by_status = dict(Counter(j.status.value for j in owned))
+        mine = {j.job_id for j in owned}
+        for job_id in [j for j in self._offsets if j not in mine]:
+            del self._offsets[job_id]  # finished, deleted or taken over
+        for job_id in [j for j in self._raw if j not in mine]:
+            del self._raw[job_id]
+        for job_id in self.events.take_resync():
+            self._offsets.pop(job_id, None)  # re-read from the store's offsets
         to_poll = [j for j in owned if j.cloud_resource_path and not j.cancel_requested]
 
         async def act(job: Job) -> None:
@@ -88,10 +135,9 @@ class Poller:
         """Run ``fn`` for every job, up to APPLY_CONCURRENCY at a time.
 
         Each job's own steps stay in order (one ``fn`` call); different jobs overlap, so
-        their store writes and event-log fsyncs (one log file per job) proceed together
-        instead of one job after another: recording completions one at a time could not
-        keep up with 200 submits/s (bench.faults). A lost lease skips that job; any other
-        error is raised once every job has been tried (the cycle then counts as failed)."""
+        their store writes share group commits and their WAL appends share fsyncs. A lost
+        lease skips that job; any other error is raised once every job has been tried (the
+        cycle then counts as failed)."""
         if not jobs:
             return
         gate = asyncio.Semaphore(APPLY_CONCURRENCY)
@@ -116,41 +162,98 @@ class Poller:
 
         async def apply(job: Job) -> None:
             st = statuses.get(job.cloud_resource_path)
-            if st is None:
-                return
-            if self.jobs.provider.capabilities.supports_output:
-                await self._emit_output(job, final=bool(st.state and st.state.terminal))
-            await self._status_detail(job, st)
-            await self.jobs.apply_status(job, st)
-            if st.state is not None and st.state.terminal:
-                self._offsets.pop(job.cloud_resource_path, None)
-                self._raw.pop(job.cloud_resource_path, None)
+            if st is not None:
+                await self.advance(job, st)
 
         await self._each(jobs, apply)
 
-    async def _status_detail(self, job: Job, st: ProviderStatus) -> None:
-        path = job.cloud_resource_path
-        previous = self._raw.get(path)
-        self._raw[path] = st.raw_state
-        moves = st.state is not None and job.status.can_move_to(st.state)
-        if previous is not None and st.raw_state != previous and not moves:
-            detail = f"provider state {previous} -> {st.raw_state}"
-            if st.message:
-                detail += f": {st.message}"
-            await self.jobs.events.emit(job, EventKind.STATUS_DETAIL, job.status, detail)
+    async def advance(self, job: Job, st: ProviderStatus) -> None:
+        """One job's steps for one provider status, in the order of the module docstring."""
+        await self._status_detail(job, st)
+        new = st.state
+        if new is None:
+            return
+        ran = new is JobStatus.RUNNING or (new.terminal and st.started_at is not None)
+        outputs = self.jobs.provider.capabilities.supports_output
+        if ran and outputs and job.status.can_move_to(JobStatus.RUNNING):
+            job = await self.jobs.mark_running(job, st)
+        if outputs and job.status is JobStatus.RUNNING:
+            try:
+                drained = await self._read_output(job, final=new.terminal)
+            except WalError as exc:
+                log.warning("output of %s not read this cycle: %s", job.job_id, exc)
+                return  # offsets kept: read again next cycle; never end before the output
+            if new.terminal and not drained:
+                return  # more output than one cycle reads: the end comes after all of it
+        flushed = not (new.terminal and job.status.can_move_to(new)) or (
+            await self.events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS))
+        if flushed:  # else the job's events are still on their way: end it next cycle
+            await self.jobs.apply_status(job, st)
 
-    async def _emit_output(self, job: Job, *, final: bool) -> None:
+    async def _status_detail(self, job: Job, st: ProviderStatus) -> None:
+        previous = self._raw.get(job.job_id)
+        self._raw[job.job_id] = (job.attempt, st.raw_state)
+        if previous is None or previous[0] != job.attempt or previous[1] == st.raw_state:
+            return
+        if st.state is not None and job.status.can_move_to(st.state):
+            return  # a transition will report it
+        if job.status.terminal:
+            return
+        detail = f"provider state {previous[1]} -> {st.raw_state}"
+        if st.message:
+            detail += f": {st.message}"
+        event = JobEvent(
+            job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.STATUS_DETAIL,
+            status=job.status, message=detail, created_at=self.jobs.clock(),
+            worker_id=self.jobs.worker_id, attempt=job.attempt,
+            dedup_key=f"detail:{job.attempt}:{previous[1]}->{st.raw_state}",
+        )  # fmt: skip
+        try:
+            await self.events.append([event])
+        except WalError as exc:
+            log.warning("status detail of %s not recorded: %s", job.job_id, exc)
+
+    async def _offsets_of(self, job: Job) -> OutputOffsets:
+        offsets = self._offsets.get(job.job_id)
+        if offsets is None:
+            offsets = await blocking(self.jobs.store.output_offsets, job.job_id)
+            for key, end in self.events.pending_ends(job.job_id).items():
+                offsets[key] = max(offsets.get(key, 0), end)
+            self._offsets[job.job_id] = offsets
+        return offsets
+
+    async def _read_output(self, job: Job, *, final: bool) -> bool:
+        """Read what the job printed since the offsets, append it durably, advance.
+        Return True when everything there was to read is read (False: the cycle's budget
+        ran out first)."""
         read = getattr(self.jobs.provider, "read_output", None)
         if read is None:
-            return
-        path = job.cloud_resource_path
-        while True:
-            chunk = await blocking(read, path, self._offsets.get(path, (0, 0)))
-            self._offsets[path] = chunk.offsets
-            if not (chunk.stdout or chunk.stderr):
-                return
-            for stream, text in (("stdout", chunk.stdout), ("stderr", chunk.stderr)):
-                if text:
-                    await self.jobs.events.emit(job, EventKind.OUTPUT, job.status, stream, text)
-            if not final:
-                return
+            return True
+        offsets = await self._offsets_of(job)
+        keys = [(job.attempt, 0, stream) for stream in STREAMS]
+        budget = OUTPUT_BUDGET_BYTES
+        while budget > 0:
+            start = tuple(offsets.get(k, 0) for k in keys)
+            chunk = await blocking(read, job.cloud_resource_path, start)
+            texts = (chunk.stdout, chunk.stderr)
+            events = [
+                JobEvent(
+                    job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
+                    status=JobStatus.RUNNING, message=stream, output=text,
+                    created_at=self.jobs.clock(), worker_id=self.jobs.worker_id,
+                    attempt=job.attempt, offset=begin, end=end,
+                    dedup_key=output_dedup_key(job.attempt, 0, stream, begin),
+                )
+                for stream, text, begin, end in zip(STREAMS, texts, start, chunk.offsets,
+                                                    strict=True)
+                if end > begin
+            ]
+            if not events:
+                return True
+            await self.events.append(events)  # durable, or raises and offsets stay
+            for k, end in zip(keys, chunk.offsets, strict=True):
+                offsets[k] = end
+            budget -= sum(e.end - e.offset for e in events)
+            if not final and sum(e.end - e.offset for e in events) < 64 * 1024:
+                return True  # caught up with a running job
+        return False

@@ -1,4 +1,4 @@
-"""Request validation (DESIGN §8): every field is checked before anything is stored.
+"""Request validation (docs/design.md §8): every field is checked before anything is stored.
 
 Each check raises ``InvalidArgument`` with a message naming the field, so a client can
 fix its request without reading our code.

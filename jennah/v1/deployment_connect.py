@@ -70,8 +70,9 @@ class DeploymentService(Protocol):
 
     def watch_job_events(self, request: WatchJobEventsRequest, ctx: RequestContext[WatchJobEventsRequest, JobEvent], /) -> AsyncIterator[JobEvent]:
         """
-        Streams events in ascending seq, resuming after after_seq. Ends when the job
-        is terminal, unless follow is set (tenant-wide watch).
+        One job: its events in ascending seq after after_seq, ending with its terminal
+        event. Tenant-wide (no job_id): every event in ascending position after
+        after_position, ending when no job is active unless follow is set.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -361,8 +362,9 @@ class DeploymentServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> AsyncIterator[JobEvent]:
         """
-        Streams events in ascending seq, resuming after after_seq. Ends when the job
-        is terminal, unless follow is set (tenant-wide watch).
+        One job: its events in ascending seq after after_seq, ending with its terminal
+        event. Tenant-wide (no job_id): every event in ascending position after
+        after_position, ending when no job is active unless follow is set.
         """
         return self.execute_server_stream(
             request=request,
@@ -434,8 +436,9 @@ class DeploymentServiceSync(Protocol):
 
     def watch_job_events(self, request: WatchJobEventsRequest, ctx: RequestContext[WatchJobEventsRequest, JobEvent], /) -> Iterator[JobEvent]:
         """
-        Streams events in ascending seq, resuming after after_seq. Ends when the job
-        is terminal, unless follow is set (tenant-wide watch).
+        One job: its events in ascending seq after after_seq, ending with its terminal
+        event. Tenant-wide (no job_id): every event in ascending position after
+        after_position, ending when no job is active unless follow is set.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -723,8 +726,9 @@ class DeploymentServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> Iterator[JobEvent]:
         """
-        Streams events in ascending seq, resuming after after_seq. Ends when the job
-        is terminal, unless follow is set (tenant-wide watch).
+        One job: its events in ascending seq after after_seq, ending with its terminal
+        event. Tenant-wide (no job_id): every event in ascending position after
+        after_position, ending when no job is active unless follow is set.
         """
         return self.execute_server_stream(
             request=request,

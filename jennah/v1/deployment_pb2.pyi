@@ -284,7 +284,7 @@ class GetCurrentTenantResponse(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., auth_method: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "kind", "status", "message", "output", "created_at", "worker_id")
+    __slots__ = ("job_id", "seq", "kind", "status", "message", "output", "created_at", "worker_id", "position", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,8 @@ class JobEvent(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     kind: EventKind
@@ -301,17 +303,21 @@ class JobEvent(_message.Message):
     output: str
     created_at: _timestamp_pb2.Timestamp
     worker_id: str
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., message: _Optional[str] = ..., output: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    position: int
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., message: _Optional[str] = ..., output: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., position: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class WatchJobEventsRequest(_message.Message):
-    __slots__ = ("job_id", "after_seq", "follow")
+    __slots__ = ("job_id", "after_seq", "follow", "after_position")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    AFTER_POSITION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_seq: int
     follow: bool
-    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    after_position: int
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., follow: _Optional[bool] = ..., after_position: _Optional[int] = ...) -> None: ...
 
 class ListJobEventsRequest(_message.Message):
     __slots__ = ("job_id", "after_seq", "page_size")

@@ -1,6 +1,6 @@
 """A stateful fake of the AWS Batch REST-JSON API: the four calls Jennah makes.
 
-moto's Batch (DESIGN §9) checks request shapes and idempotency well, but its jobs jump
+moto's Batch (docs/design.md §9) checks request shapes and idempotency well, but its jobs jump
 straight to SUCCEEDED. This fake walks them through every state instead, one step per
 ``advance()``: SUBMITTED → PENDING → RUNNABLE → STARTING → RUNNING → SUCCEEDED/FAILED,
 the outcome read from the commands (``providers.memory.planned_exit``).

@@ -1,7 +1,7 @@
 """A small stateful fake of the Azure Batch data-plane REST API: the calls Jennah makes.
 
 ``azure.batch.BatchClient`` (15.x) with an ``AzureNamedKeyCredential`` talks to it over
-plain HTTP (DESIGN §9). Endpoints:
+plain HTTP (docs/design.md §9). Endpoints:
 
 * ``POST /jobs``: creates a job on the known pool (201); an existing id is 409
   ``JobExists``. ``POST /jobs/{job}/tasks``: adds the task (201); 409 ``TaskExists``.

@@ -3,7 +3,7 @@
 The official client (``BatchServiceClient`` on a plain ``grpc.insecure_channel``) talks to
 it unchanged: requests arrive as serialized ``google.cloud.batch.v1`` messages, are parsed
 with the library's own types, and answered with serialized ``Job`` and longrunning
-``Operation`` messages (DESIGN §9).
+``Operation`` messages (docs/design.md §9).
 
 What it models:
 

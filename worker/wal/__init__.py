@@ -1,22 +1,24 @@
-"""The per-job event write-ahead log (DESIGN §6, §11 "WAL operations").
+"""The worker's event write-ahead log (docs/design.md §6, §11 "WAL operations").
 
 Modules: ``format`` (bytes on disk, CRC, the scanner), ``log`` (one file: durable appends
-with group commit, recovery), ``codec`` (protobuf payloads), ``joblog`` (events, seq and
-the persisted sent watermark), ``sender`` (async delivery), ``archive`` (zstd archive,
-retention), ``eventlog`` (the ``EventLog`` implementation), ``metrics`` and ``cli``.
+with group commit, recovery), ``codec`` (protobuf payloads), ``segments`` (one WAL per
+worker: LSNs, segments, checkpoints, recovery), ``sender`` (async delivery to the store),
+``archive`` (zstd archive, retention), ``eventlog`` (the ``ExecutionLog``
+implementation), ``legacy`` (delivering v1 per-execution logs once, for the upgrade),
+``metrics`` and ``cli``.
 """
 
-from worker.wal.eventlog import WalEventLog
-from worker.wal.format import WalError, WalFormatError
+from worker.wal.eventlog import WalExecutionLog
+from worker.wal.format import WalError, WalFormatError, WalFull
 from worker.wal.log import WalLocked
-from worker.wal.sender import EventSink, SenderConfig, StoreSink
+from worker.wal.sender import EventSink, SenderConfig
 
 __all__ = [
     "EventSink",
     "SenderConfig",
-    "StoreSink",
     "WalError",
-    "WalEventLog",
+    "WalExecutionLog",
     "WalFormatError",
+    "WalFull",
     "WalLocked",
 ]

@@ -1,34 +1,35 @@
-"""Archiving finished logs (zstd), retention cleanup, and finding logs on disk.
+"""Archiving done segments (zstd), retention cleanup, and finding WAL files on disk.
 
-Archive order (DESIGN §11): compress to a temp file, fsync it, rename it into place, fsync
+Archive order (docs/design.md §11): compress to a temp file, fsync it, rename it into place, fsync
 the directory, and only then delete the ``.wal``. A crash at any point leaves either the
-log or a complete archive (or both, and archiving again is harmless).
+segment or a complete archive (or both, and archiving again is harmless). Archive
+directories created on the way are made durable in their parents first, or a crash could
+keep the deletion of the segment and lose the directory holding its archive.
 
-Layout mirrors the WAL: ``<ARCHIVE_DIR>/<worker_id>/<job_id>.<attempt>.wal.zst``, so logs
-of one execution written by two workers never collide.
+Layout mirrors the WAL: ``<ARCHIVE_DIR>/<worker_id>/<first_lsn>.wal.zst`` for segments
+(``<job_id>.<attempt>.wal.zst`` for the v1 logs the upgrade archives), so files of two
+workers never collide.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
-from worker.wal.format import KIND_META, WalError, check_header, scan
-from worker.wal.joblog import SUFFIX, JobLog
-from worker.wal.log import WalLocked, fsync_dir
-from worker.wal.metrics import WalMetrics
+from worker.wal.log import fsync_dir
 
+SUFFIX = ".wal"
 ARCHIVE_SUFFIX = SUFFIX + ".zst"
 # Level 9: archiving is off the hot path, and it beats level 3 by a few points on logs.
 ZSTD_LEVEL = 9
 
 
 def list_logs(wal_dir: Path, worker_id: str | None = None) -> list[Path]:
-    """``<wal_dir>/<worker>/*.wal`` for one worker, or for every worker."""
+    """``<wal_dir>/<worker>/*.wal`` (segments and v1 logs) for one worker, or for every
+    worker."""
     dirs = [wal_dir / worker_id] if worker_id else sorted(p for p in _subdirs(wal_dir))
     return sorted(p for d in dirs if d.is_dir() for p in d.glob("*" + SUFFIX) if p.is_file())
 
@@ -47,10 +48,24 @@ def _free_name(directory: Path, base: str) -> Path:
     return candidate
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p``, durably: each directory created is fsync'd into its parent."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    fsync_dir(path.parent)
+
+
 def archive_file(wal_path: Path, archive_dir: Path) -> Path:
-    """Compress ``wal_path`` into ``archive_dir`` durably, then delete it. The log must be
+    """Compress ``wal_path`` into ``archive_dir`` durably, then delete it. The file must be
     closed (or at least no longer appended to)."""
-    archive_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(archive_dir)
     final = _free_name(archive_dir, wal_path.name.removesuffix(SUFFIX))
     tmp = final.with_name(final.name + ".tmp")
     try:
@@ -75,21 +90,29 @@ def read_archive(path: Path) -> bytes:
         return zstandard.ZstdDecompressor().stream_reader(f).read()
 
 
-def last_archived_seq(directory: Path, name: str) -> int:
-    """The highest seq in the archives of execution ``name`` (0 if none)."""
-    last = 0
-    if not directory.is_dir():
-        return last
-    for p in directory.iterdir():
-        base = p.name.removesuffix(ARCHIVE_SUFFIX)
-        if p.name.endswith(ARCHIVE_SUFFIX) and (base == name or base.startswith(name + "~")):
-            try:
-                data = read_archive(p)
-                check_header(data, str(p))
-            except (WalError, zstandard.ZstdError, OSError):
-                continue
-            last = max([last, *(r.seq for r in scan(data).records if r.kind != KIND_META)])
-    return last
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def read_archive_prefix(path: Path) -> tuple[bytes, str]:
+    """``(bytes, error)``: what a possibly damaged archive decodes to, up to its damage,
+    and why decoding stopped early ("" for a whole, clean archive). ``OSError`` if it
+    cannot be read; a file that is not zstd at all is reported as an error with no bytes."""
+    raw = path.read_bytes()
+    if not raw.startswith(ZSTD_MAGIC):
+        return b"", "not a zstd archive"
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
+    pos = 0
+    step = 1 << 16
+    try:
+        while pos < len(raw) and not dobj.eof:
+            out += dobj.decompress(raw[pos : pos + step])
+            pos += step
+    except zstandard.ZstdError as e:
+        return bytes(out), f"archive undecodable after {len(out)} bytes: {e}"
+    if not dobj.eof:
+        return bytes(out), f"archive truncated after {len(out)} bytes"
+    return bytes(out), ""
 
 
 def archive_size(archive_dir: Path) -> int:
@@ -116,41 +139,3 @@ def cleanup(archive_dir: Path, older_than_seconds: float, now: float | None = No
     for d in touched:
         fsync_dir(d)
     return sorted(deleted)
-
-
-@dataclass
-class ArchiveReport:
-    archived: list[Path]
-    kept: list[tuple[Path, str]]  # (log, why it stays)
-
-
-def archive_finished(
-    wal_dir: Path, archive_dir: Path, metrics: WalMetrics, worker_id: str | None = None
-) -> ArchiveReport:
-    """Archive every log whose execution is over and fully sent: its last event is
-    terminal (COMPLETED, FAILED, CANCELLED or LEASE_LOST) and its checkpoint covers every
-    event. Logs held by a running worker, unfinished or unsent logs and foreign files are
-    left alone."""
-    report = ArchiveReport([], [])
-    for path in list_logs(wal_dir, worker_id):
-        try:
-            jl = JobLog.open(path, metrics)
-        except WalLocked:
-            report.kept.append((path, "in use by a running worker"))
-            continue
-        except WalError as e:
-            report.kept.append((path, str(e)))
-            continue
-        try:
-            if not jl.terminal:
-                report.kept.append((path, "execution not finished (last event is not terminal)"))
-            elif jl.unacked:
-                report.kept.append((path, f"{jl.unacked} events not yet sent"))
-            else:
-                # Archived while still locked, so no worker can open it meanwhile.
-                out = archive_file(path, archive_dir / path.parent.name)
-                metrics.archive_bytes.inc(out.stat().st_size)
-                report.archived.append(out)
-        finally:
-            jl.close()
-    return report

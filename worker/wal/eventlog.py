@@ -1,9 +1,24 @@
-"""``WalEventLog``: the production ``EventLog`` (DESIGN §6, ``worker/events.py``).
+"""``WalExecutionLog``: the production ``ExecutionLog`` (``worker/events.py``, docs/design.md §6).
 
-``emit`` numbers the event in the owner's lease block, appends it durably to the
-execution's log ``<WAL_DIR>/<worker_id>/<job_id>.<attempt>.wal`` and wakes the sender.
-A finished execution's log is archived once every event is acknowledged, either at
-``job_finished`` or later by the sender if the sink was down then.
+One WAL per worker (``segments.WorkerWal``), an async sender to the store, archiving of
+done segments, retention cleanup, and the v1 upgrade (``legacy``) at start-up.
+
+* ``append`` writes the events to the open segment and returns once they are durable
+  (one fsync shared by everything appended meanwhile), then wakes the sender.
+* The sender delivers in LSN order; output the store refuses as out of order marks the
+  job for a resync (``take_resync``), and the job's other undelivered output up to that
+  point is acknowledged without being sent: the poller reads it again from the store's
+  offsets, so nothing is lost and nothing goes in twice.
+* ``flush_job`` is true only once every event of the job is in the store: events
+  recovered from an earlier run count (they are the job's too), and so does output the
+  store refused: until the poller has taken the job's resync (``take_resync``) and read
+  that output again, the job is not flushed.
+* A segment whose events are all in the store is archived to
+  ``<ARCHIVE_DIR>/<worker_id>/<first_lsn>.wal.zst`` and deleted (one segment at a time,
+  whoever notices it is done first), so a worker keeps a bounded number of files open
+  (one) and on disk (the unacknowledged tail). Archives past the retention are deleted at
+  start and then, while the worker runs, at most once per ``CLEANUP_INTERVAL_SECONDS``
+  after an archive is written (so a worker that runs for months does not fill its disk).
 """
 
 from __future__ import annotations
@@ -12,8 +27,8 @@ import asyncio
 import logging
 import os
 import random as _random
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,28 +36,35 @@ import anyio
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
-from jennah.models import EventKind, Job, JobEvent, JobStatus
-from worker.events import first_seq
+from database._common import output_key
+from database.base import OutputOffsets
+from jennah.models import EventKind, JobEvent, Placed
 from worker.wal import archive
-from worker.wal.format import WalError
-from worker.wal.joblog import SUFFIX, JobLog, LogClosed, log_name
-from worker.wal.log import FsyncFn, fsync_dir
+from worker.wal.format import WalError, WalFull
+from worker.wal.legacy import find_v1_logs, import_v1_logs
+from worker.wal.log import FsyncFn
 from worker.wal.metrics import wal_metrics
-from worker.wal.sender import DEFAULT_CONFIG, EventSink, Sender, SenderConfig
+from worker.wal.segments import (
+    DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    Pending,
+    Recovery,
+    Segment,
+    WorkerWal,
+)
+from worker.wal.sender import DEFAULT_CONFIG, EventSink, Sender, SenderConfig, backoff_delay
 
 log = logging.getLogger(__name__)
-_HINTS = 10_000  # last seqs remembered for archived logs (a re-opened execution continues)
-# Opening, creating and archiving a log hold a lock for its name. Striped, so that memory
-# stays bounded however many jobs a worker runs; two names rarely share a stripe.
-_STRIPES = 64
+PROBE_INTERVAL_SECONDS = 1.0
+CLEANUP_INTERVAL_SECONDS = 3600.0
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class WalEventLog:
-    """Per-execution WAL files, an async sender to ``sink``, archive and cleanup."""
+class WalExecutionLog:
+    """Execution events: the worker's WAL, delivered to the store by a sender."""
 
     def __init__(
         self,
@@ -58,247 +80,242 @@ class WalEventLog:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         random: Callable[[], float] = _random.random,
         fsync: FsyncFn = os.fdatasync,
-        finish_timeout: float = 10.0,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         close_timeout: float = 5.0,
     ) -> None:
         self.worker_id = worker_id
         self._wal_dir = Path(wal_dir)
-        self._dir = self._wal_dir / worker_id
         self._archive_dir = Path(archive_dir)
+        self._sink = sink
         self._clock = clock
         self._retention_seconds = retention_days * 86400.0
-        self._fsync = fsync
-        self._finish_timeout = finish_timeout
         self._close_timeout = close_timeout
         self._metrics = wal_metrics(registry)
-        self._logs: dict[tuple[str, str], JobLog] = {}  # (owner, name) -> open log
-        self._stripes = [asyncio.Lock() for _ in range(_STRIPES)]
-        self._hints: OrderedDict[str, int] = OrderedDict()
+        self._sleep = sleep
+        self._random = random
+        self.wal = WorkerWal(self._wal_dir / worker_id, segment_bytes=segment_bytes,
+                             max_pending_bytes=max_pending_bytes, fsync=fsync)  # fmt: skip
+        # Undelivered output of these jobs up to this LSN is dropped (refused by the store).
+        self._doomed: dict[str, int] = {}
+        self._resync: set[str] = set()
+        self._last_lsn: dict[str, int] = {}  # the job's last appended LSN
         self._sender = Sender(
-            sink, self._open_logs, self._metrics,
-            sender_config, sleep=sleep, random=random, on_acked=self._archive_done,
-        )
-        self._task: asyncio.Task[None] | None = None
-        self._swept = False
-        self._dir_ready = False
+            sink, self.wal, self._metrics, sender_config, sleep=sleep, random=random,
+            skip=self._skip, on_placed=self._placed, on_acked=self._archive_done,
+        )  # fmt: skip
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._archive_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._last_probe = 0.0
+        self._last_cleanup: float | None = None  # clock time of the last retention cleanup
+        self.recovery: Recovery | None = None  # what the last start() found
 
-    # --- lifecycle -----------------------------------------------------------------------
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait (bounded) for the v1 import; True once it is done."""
+        with anyio.move_on_after(timeout):
+            await self._ready.wait()
+        return self.ready
 
     async def start(self) -> None:
-        """Sweep this worker's logs (resume unsent events) and start the sender."""
-        if not self._swept:
-            await self.sweep()
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._sender.run())
-
-    async def sweep(self) -> list[str]:
-        """Open every log of this worker left on disk (after a restart or a crash), so its
-        unacknowledged events are sent again; delete archives past retention."""
-        self._swept = True
-        await self._ensure_dir()
-        found = await anyio.to_thread.run_sync(_own_logs, self._wal_dir, self.worker_id)
-        opened = await self._open_existing(found, self.worker_id, finished=None)
+        """Recover the WAL, start the sender, and import v1 logs in the background."""
+        async with self._open_lock:
+            if self._opened:
+                return
+            report = await anyio.to_thread.run_sync(self.wal.open)
+            self.recovery = report
+            for line in report.truncated:
+                log.warning("WAL recovery cut a torn tail: %s", line)
+            for line in report.damaged:
+                self._metrics.failures.labels("recover").inc()
+                log.error("WAL damaged: %s", line)
+            log.info("WAL %s: %d segments, %d events to deliver after checkpoint %d",
+                     self.wal.directory, report.segments, report.pending, report.checkpoint)
+            self._metrics.pending.set(self.wal.pending)
+            # Recovered events belong to their jobs: flush_job waits for them too.
+            self._last_lsn = {p.event.job_id: p.lsn for p in self.wal.pending_events()}
+            self._opened = True
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._sender.run())]
+            if await anyio.to_thread.run_sync(find_v1_logs, self._wal_dir, self.worker_id):
+                self._tasks.append(loop.create_task(self._import_v1()))
+            else:
+                self._ready.set()  # nothing to upgrade: the poller may start at once
+            if self.wal.pending:
+                self._sender.wake()
+        await self._archive_done(self.wal.done_segments())
         await self.cleanup()
-        return opened
 
-    async def adopt(self, job_ids: Collection[str], from_worker: str | None = None) -> list[str]:
-        """Take over another worker's logs of ``job_ids`` (jobs whose leases this worker
-        has claimed): send what is unacknowledged, then archive them. ``from_worker=None``
-        looks in every other worker's directory (a claim does not say who held the lease)."""
-        wanted = set(job_ids)
-        found = await anyio.to_thread.run_sync(archive.list_logs, self._wal_dir, from_worker)
-        opened: list[str] = []
-        by_owner: dict[str, list[Path]] = {}
-        for p in found:
-            job_id = p.name.removesuffix(SUFFIX).rpartition(".")[0]
-            if p.parent.name != self.worker_id and job_id in wanted:
-                by_owner.setdefault(p.parent.name, []).append(p)
-        for owner, paths in by_owner.items():
-            opened += await self._open_existing(paths, owner, finished=True)
-        return opened
+    async def _import_v1(self) -> None:
+        """Deliver this worker's v1 logs (an upgrade), retrying while the store is down."""
+        attempt = 0
+        while True:
+            paths = await anyio.to_thread.run_sync(find_v1_logs, self._wal_dir, self.worker_id)
+            if not paths:
+                break
+            try:
+                rep = await import_v1_logs(paths, self._archive_dir, self._sink.deliver)
+            except Exception as exc:  # the store is down: try again
+                log.warning("importing v1 logs failed (%s); retrying", exc)
+                await self._sleep(backoff_delay(attempt, 0.1, 5.0, self._random))
+                attempt += 1
+                continue
+            log.info("imported %d v1 logs: %d events stored, %d already there; skipped: %s",
+                     rep.logs, rep.stored, rep.duplicates, rep.skipped or "none")
+            break
+        self._ready.set()
 
     async def close(self) -> None:
-        """Flush for a bounded time, stop the sender, close the files. Unsent events stay
-        in the WAL (never marked failed) and are sent at the next start."""
-        if self._task is not None:
-            await self.flush(self._close_timeout)
-            self._task.cancel()
-            await asyncio.wait([self._task])
-            self._task = None
-        for key, jl in list(self._logs.items()):
-            del self._logs[key]
-            jl.close()
+        """Flush for a bounded time, stop the sender, close the segment. Unsent events
+        stay in the WAL (never marked failed) and are sent at the next start."""
+        if not self._opened:
+            return
+        await self.flush(self._close_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks)
+        self._tasks = []
+        await anyio.to_thread.run_sync(self.wal.close)
+        self._opened = False
 
     async def cleanup(self) -> list[Path]:
         """Delete archives older than the retention."""
+        now = self._clock().timestamp()
+        self._last_cleanup = now
         deleted = await anyio.to_thread.run_sync(
-            archive.cleanup, self._archive_dir, self._retention_seconds, self._clock().timestamp()
+            archive.cleanup, self._archive_dir, self._retention_seconds, now
         )
         size = await anyio.to_thread.run_sync(archive.archive_size, self._archive_dir)
         self._metrics.archive_bytes.set(size)
         return deleted
 
-    # --- EventLog --------------------------------------------------------------------------
+    # --- ExecutionLog ------------------------------------------------------------------
 
-    async def emit(
-        self,
-        job: Job,
-        kind: EventKind,
-        status: JobStatus | None,
-        message: str = "",
-        output: str = "",
-    ) -> JobEvent:
-        await self.start()
-        name = log_name(job.job_id, job.attempt)
-        created_at = self._clock()
-        min_seq = first_seq(job.lease_version)
-        while True:
-            jl = await self._own_log(job, name)
-            try:
-                ev = await jl.append_async(
-                    min_seq, kind, status, message, output, created_at, self.worker_id
-                )
-                break
-            except LogClosed:
-                continue  # archived meanwhile: the next round opens a fresh log
-            except WalError:
-                # A failed write or fsync: drop the file; the next emit reopens (recovers) it.
-                await self._drop(jl)
-                raise
-        self._sender.wake()
-        return ev
-
-    async def job_finished(self, job: Job) -> None:
-        """Flush the job's events (bounded by ``finish_timeout``), then archive its logs.
-        If the sink is down, the sender archives them once they are acknowledged."""
-        logs = [jl for jl in self._logs.values() if jl.meta.job_id == job.job_id]
-        if not logs:
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        if not events:
             return
         await self.start()
-        for jl in logs:
-            jl.finished = True
-        await self._sender.wait_until(lambda: all(jl.unacked == 0 for jl in logs),
-                                      self._finish_timeout)
-        await self._archive_done(logs)
+        started = time.perf_counter()
+        try:
+            lsns = await self.wal.append(events)
+        except WalFull:
+            raise
+        except WalError:
+            self._metrics.write_errors.inc()
+            self._metrics.failures.labels("append").inc()
+            self._sender.recheck()  # its events left the queue: flush barriers look again
+            raise
+        for ev, lsn in zip(events, lsns, strict=True):
+            self._last_lsn[ev.job_id] = lsn
+        self._metrics.appends.inc(len(events))
+        self._metrics.append_seconds.observe(time.perf_counter() - started)
+        self._metrics.pending.set(self.wal.pending)
+        self._sender.wake()
+
+    def pending_ends(self, job_id: str) -> OutputOffsets:
+        ends: OutputOffsets = {}
+        doomed = self._doomed.get(job_id, 0)
+        for p in self.wal.pending_events():
+            ev = p.event
+            if ev.job_id == job_id and ev.kind is EventKind.OUTPUT and p.lsn > doomed:
+                key = output_key(ev)
+                ends[key] = max(ends.get(key, 0), ev.end)
+        return ends
+
+    def take_resync(self) -> set[str]:
+        out, self._resync = self._resync, set()
+        return out
+
+    def _delivered_up_to(self, lsn: int) -> bool:
+        """No event at or below ``lsn`` waits any more (acknowledged, or dropped because
+        its append failed)."""
+        first = self.wal.first_pending_lsn()
+        return self.wal.acked >= lsn or not first or first > lsn
+
+    async def flush_job(self, job_id: str, timeout: float) -> bool:
+        last = self._last_lsn.get(job_id, 0)
+        if last and not self._delivered_up_to(last):
+            await self.start()
+            if not await self._sender.wait_until(lambda: self._delivered_up_to(last), timeout):
+                return False
+        if job_id in self._resync:
+            return False  # output refused and skipped: not in the store until read again
+        if self._last_lsn.get(job_id) == last:
+            self._last_lsn.pop(job_id, None)
+        return True
 
     async def flush(self, timeout: float) -> bool:
-        """True once every event emitted so far is acknowledged by the sink."""
-        targets = [(jl, jl.last_seq) for jl in self._logs.values()]
-        if all(jl.watermark >= seq for jl, seq in targets):
+        target = self.wal.last_pending_lsn()
+        if not target:
             return True
-        await self.start()
-        return await self._sender.wait_until(
-            lambda: all(jl.watermark >= seq or jl.unacked == 0 for jl, seq in targets), timeout
-        )
+        return await self._sender.wait_until(lambda: self._delivered_up_to(target), timeout)
 
-    # --- internals -------------------------------------------------------------------------
+    async def health(self) -> tuple[bool, str]:
+        if self.wal.error and time.monotonic() - self._last_probe > PROBE_INTERVAL_SECONDS:
+            self._last_probe = time.monotonic()
+            await self.wal.probe()
+        if self.wal.error:
+            return False, f"WAL cannot write: {self.wal.error}"
+        return True, f"WAL ok, {self.wal.pending} events to deliver"
 
-    def _open_logs(self) -> list[JobLog]:
-        return list(self._logs.values())
+    # --- the sender's callbacks ----------------------------------------------------------
 
-    def _lock(self, key: tuple[str, str]) -> asyncio.Lock:
-        return self._stripes[hash(key) % _STRIPES]
+    def _skip(self, p: Pending) -> bool:
+        doomed = self._doomed.get(p.event.job_id)
+        if doomed is None:
+            return False
+        if p.lsn > doomed:
+            return False
+        return p.event.kind is EventKind.OUTPUT
 
-    async def _ensure_dir(self) -> None:
-        if not self._dir_ready:
-            await anyio.to_thread.run_sync(_make_dir, self._dir)
-            self._dir_ready = True
+    def _placed(self, placed: list[tuple[Placed, JobEvent]]) -> None:
+        refused = {ev.job_id for p, ev in placed if p is Placed.OUT_OF_ORDER}
+        if not refused:
+            return
+        last = self.wal.last_pending_lsn()
+        for job_id in refused:
+            self._doomed[job_id] = last  # its output queued so far was read on wrong offsets
+            log.info("output of job %s refused as out of order: re-reading from the store",
+                     job_id)
+        self._resync |= refused
+        # Forget dooms that no pending event is under any more.
+        acked_past = [j for j, lsn in self._doomed.items() if lsn <= self.wal.acked]
+        for job_id in acked_past:
+            if job_id not in refused:
+                del self._doomed[job_id]
 
-    async def _own_log(self, job: Job, name: str) -> JobLog:
-        key = (self.worker_id, name)
-        jl = self._logs.get(key)
-        if jl is not None:
-            return jl
-        async with self._lock(key):
-            jl = self._logs.get(key)
-            if jl is None:
-                await self._ensure_dir()
-                path = self._dir / (name + SUFFIX)
-                if path.exists():
-                    jl = await anyio.to_thread.run_sync(self._open, path)
-                else:
-                    jl = await anyio.to_thread.run_sync(self._create, path, job, name)
-                self._logs[key] = jl
-            return jl
-
-    def _open(self, path: Path) -> JobLog:
-        return JobLog.open(path, self._metrics, fsync=self._fsync)
-
-    def _create(self, path: Path, job: Job, name: str) -> JobLog:
-        # An execution archived earlier (job_finished, then events again) continues its seq.
-        last = self._hints.get(name)
-        if last is None:
-            last = archive.last_archived_seq(self._archive_dir / self.worker_id, name)
-        return JobLog.create(path, job, self.worker_id, self._metrics, last_seq=last,
-                             fsync=self._fsync)
-
-    async def _open_existing(
-        self, paths: list[Path], owner: str, finished: bool | None
-    ) -> list[str]:
-        opened: list[str] = []
-        for path in paths:
-            key = (owner, path.name.removesuffix(SUFFIX))
-            async with self._lock(key):
-                if key in self._logs:
-                    continue
+    async def _archive_done(self, segments: list[Segment]) -> None:
+        async with self._archive_lock:  # start() and the sender may both find a segment done
+            archived = False
+            for seg in segments:
+                if seg not in self.wal.segments():
+                    continue  # archived already
+                archived = await self._archive_one(seg) or archived
+            last = self._last_cleanup
+            due = last is None or self._clock().timestamp() - last >= CLEANUP_INTERVAL_SECONDS
+            if archived and due:
                 try:
-                    jl = await anyio.to_thread.run_sync(self._open, path)
-                except WalError as e:
-                    self._metrics.failures.labels("recover").inc()
-                    log.error("WAL log skipped: %s", e)
-                    continue
-                jl.finished = jl.terminal if finished is None else finished
-                self._logs[key] = jl
-                opened.append(key[1])
-        if opened:
-            await self.start()
-            self._sender.wake()
-            await self._archive_done([jl for jl in self._open_logs() if jl.finished])
-        return opened
-
-    async def _archive_done(self, logs: list[JobLog]) -> None:
-        for jl in logs:
-            key = (jl.owner, jl.name)
-            if not jl.finished or jl.unacked:
-                continue
-            async with self._lock(key):
-                if self._logs.get(key) is not jl or not jl.seal_if_done():
-                    continue
-                del self._logs[key]
-                if jl.owner == self.worker_id:
-                    self._hints[jl.name] = jl.last_seq
-                    while len(self._hints) > _HINTS:
-                        self._hints.popitem(last=False)
-                try:
-                    out = await anyio.to_thread.run_sync(self._archive, jl)
-                    self._metrics.archive_bytes.inc(out.stat().st_size)
-                except (OSError, WalError) as e:
+                    await self.cleanup()
+                except OSError as e:
                     self._metrics.failures.labels("archive").inc()
-                    log.error("WAL archive of %s failed (the log stays): %s", jl.path, e)
-                finally:
-                    jl.close()
+                    log.error("WAL archive cleanup failed: %s", e)
 
-    async def _drop(self, jl: JobLog) -> None:
-        key = (jl.owner, jl.name)
-        async with self._lock(key):
-            if self._logs.get(key) is jl:
-                del self._logs[key]
-                jl.close()
-
-    def _archive(self, jl: JobLog) -> Path:
-        # The last checkpoint may still be queued in memory: make it part of the archive.
-        jl.wal.sync_to(jl.wal.size)
-        return archive.archive_file(jl.path, self._archive_dir / jl.owner)
-
-
-def _own_logs(wal_dir: Path, worker_id: str) -> list[Path]:
-    for tmp in (wal_dir / worker_id).glob("*" + SUFFIX + ".tmp"):
-        tmp.unlink(missing_ok=True)  # a create that crashed before its rename: never used
-    return archive.list_logs(wal_dir, worker_id)
-
-
-def _make_dir(path: Path) -> None:
-    new = not path.is_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    if new:
-        fsync_dir(path.parent)
+    async def _archive_one(self, seg: Segment) -> bool:
+        try:
+            out = await anyio.to_thread.run_sync(
+                archive.archive_file, seg.path, self._archive_dir / self.worker_id)
+            self._metrics.archive_bytes.inc(out.stat().st_size)
+        except OSError as e:
+            self._metrics.failures.labels("archive").inc()
+            log.error("WAL archive of %s failed (the segment stays): %s", seg.path, e)
+            return False
+        self.wal.forget(seg)
+        return True

@@ -1,16 +1,20 @@
-"""The on-disk format of a WAL file (DESIGN §6): a 16-byte header, then records.
+"""The on-disk format of a WAL file (docs/design.md §6): a 16-byte header, then records.
 
 Header: magic ``JNWAL001``, ``u32`` LE version 1, 4 reserved zero bytes.
 
 Record (little-endian)::
 
     u32 total_len   32 + N, counting this field
-    i64 seq
-    u8  kind        1..11: a JobEvent (EventKind number); see ``KIND_META``/``KIND_CHECKPOINT``
+    i64 lsn         the record's log sequence number (v1 logs: the event's seq)
+    u8  kind        1..11: an event (EventKind number); see ``KIND_META``/``KIND_CHECKPOINT``
     3 reserved bytes
     i64 unix_ms
-    N   payload     a serialized protobuf
+    N   payload     a serialized protobuf (``jennah.v1.WalEvent``; v1: ``JobEvent``)
     u64 crc         CRC-64/NVME of every byte after total_len up to the CRC
+
+A worker's WAL is a directory of segments named by their first LSN; v1 wrote one file
+per job execution instead (``legacy.py`` reads those for the upgrade). The format of a
+file is the same in both.
 
 ``scan`` is the one parser: it never raises on any byte sequence and stops at the first
 short, oversized or CRC-bad record, reporting that offset so the caller can truncate.
@@ -35,15 +39,15 @@ MIN_RECORD = RECORD_OVERHEAD
 MAX_RECORD = 10 * 1024 * 1024
 
 # Records that are not events. Their payload is still a protobuf (or empty).
-KIND_META = 0x80  # seq 0; payload: jennah.v1.Job with the job's identity fields only
-KIND_CHECKPOINT = 0x81  # seq = sent watermark; empty payload
+KIND_META = 0x80  # v1 only: lsn 0; payload: jennah.v1.Job with the job's identity fields
+KIND_CHECKPOINT = 0x81  # lsn = the highest LSN the store has acknowledged; empty payload
 
 _HEADER = struct.Struct("<8sI4x")
-_PREFIX = struct.Struct("<IqB3xq")  # total_len, seq, kind, unix_ms: 24 bytes
+_PREFIX = struct.Struct("<IqB3xq")  # total_len, lsn, kind, unix_ms: 24 bytes
 _LEN = struct.Struct("<I")
 _CRC = struct.Struct("<Q")
 
-# CRC-64/NVME. crcmod pre-XORs its init value, so ``initCrc=0`` here (DESIGN §6).
+# CRC-64/NVME. crcmod pre-XORs its init value, so ``initCrc=0`` here (docs/design.md §6).
 crc64: Callable[[bytes | bytearray | memoryview], int] = crcmod.mkCrcFun(
     0x1AD93D23594C93659, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF
 )
@@ -59,6 +63,10 @@ class WalError(JennahError):
     """A WAL operation failed (I/O error, a log in use by another process)."""
 
 
+class WalFull(WalError):
+    """Too many events wait for the store: refused (nothing written) until it catches up."""
+
+
 class WalFormatError(WalError):
     """The file is not a Jennah WAL (wrong magic or version, or shorter than the header).
     Such a file is never truncated or deleted."""
@@ -66,7 +74,7 @@ class WalFormatError(WalError):
 
 class Record(NamedTuple):
     offset: int
-    seq: int
+    lsn: int
     kind: int
     unix_ms: int
     payload: bytes
@@ -98,13 +106,13 @@ def check_header(data: bytes | memoryview, name: str) -> None:
         raise WalFormatError(f"{name}: unsupported WAL version {version} (expected {VERSION})")
 
 
-def encode_record(seq: int, kind: int, unix_ms: int, payload: bytes) -> bytes:
+def encode_record(lsn: int, kind: int, unix_ms: int, payload: bytes) -> bytes:
     """One record, CRC included."""
     total = RECORD_OVERHEAD + len(payload)
     if total > MAX_RECORD:
         raise WalError(f"record of {total} bytes is over the {MAX_RECORD}-byte limit")
     buf = bytearray(total)
-    _PREFIX.pack_into(buf, 0, total, seq, kind, unix_ms)
+    _PREFIX.pack_into(buf, 0, total, lsn, kind, unix_ms)
     buf[24 : total - 8] = payload
     _CRC.pack_into(buf, total - 8, crc64(memoryview(buf)[4 : total - 8]))
     return bytes(buf)
@@ -131,7 +139,7 @@ def scan(data: bytes | memoryview, start: int = HEADER_SIZE) -> ScanResult:
         (stored,) = unpack_crc(view, end - 8)
         if crc(view[pos + 4 : end - 8]) != stored:
             return ScanResult(records, pos, f"CRC mismatch at offset {pos}")
-        _, seq, kind, unix_ms = unpack_prefix(view, pos)
-        append(Record(pos, seq, kind, unix_ms, bytes(view[pos + 24 : end - 8]), stored))
+        _, lsn, kind, unix_ms = unpack_prefix(view, pos)
+        append(Record(pos, lsn, kind, unix_ms, bytes(view[pos + 24 : end - 8]), stored))
         pos = end
     return ScanResult(records, pos, "")

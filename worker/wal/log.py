@@ -6,8 +6,14 @@ whole batch with one ``pwrite`` and making it durable with one fsync, or waits f
 leader already at work and checks again (leader/follower group commit). Appends go on
 while a leader writes and syncs, so under load each fsync covers a whole batch.
 
-A failed write or fsync leaves the page cache in an unknown state, so the file refuses
-further appends; the owner reopens it, and recovery keeps the valid prefix.
+A failed write or fsync (or any error while a batch is written) leaves the page cache in
+an unknown state, so the file refuses further appends and every waiter not yet durable gets
+``WalError``; the owner cuts it back to what was made durable (``cut_to_synced``) or
+reopens it, and recovery keeps the valid prefix. ``close`` refuses appends from the moment
+it starts, so a record is never accepted into a batch that nobody will write.
+
+``fsync`` is injectable (tests simulate a failing disk with it); it is used for every sync
+of the file's data, the creation of the file included.
 
 The file is ``flock``-ed while open, so two processes never append to one log.
 """
@@ -100,14 +106,15 @@ class WalFile:
         self._synced = size  # durable up to here
         self._syncing = False
         self._broken: str = ""
+        self._closing = False  # close() started: no more writes
         self._closed = False
         self.fsyncs = 0
 
     @classmethod
     def create(cls, path: Path, initial: bytes = b"", fsync: FsyncFn = os.fdatasync) -> WalFile:
         """Create ``path`` atomically with the header and ``initial`` records: written to a
-        temp file, fsync'd, renamed into place, directory fsync'd. So a ``.wal`` file always
-        has a whole header, even after a crash during creation."""
+        temp file, synced (with ``fsync``), renamed into place, directory fsync'd. So a
+        ``.wal`` file always has a whole header, even after a crash during creation."""
         if path.exists():
             raise WalError(f"{path}: already exists")
         tmp = path.with_name(path.name + ".tmp")
@@ -115,8 +122,10 @@ class WalFile:
         try:
             _lock(fd, tmp)
             data = encode_header() + initial
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            fsync(fd)
             os.rename(tmp, path)
             fsync_dir(path.parent)
         except BaseException:
@@ -152,10 +161,27 @@ class WalFile:
     def synced(self) -> int:
         return self._synced
 
+    @property
+    def broken(self) -> bool:
+        """A write or fsync failed: the file takes no more appends."""
+        return bool(self._broken)
+
+    def cut_to_synced(self) -> None:
+        """Truncate a broken file to what was made durable (dropping a torn tail)."""
+        with self._cond:
+            while self._syncing:
+                self._cond.wait()
+            if not self._closed:
+                self._broken = self._broken or "cut back to what was synced"
+                os.ftruncate(self._fd, self._synced)
+                os.fsync(self._fd)
+                self._buf.clear()
+                self._end = self._written = self._synced
+
     def write(self, record: bytes | bytearray) -> int:
         """Queue ``record`` at the end (not yet durable); return the offset after it."""
         with self._cond:
-            if self._closed or self._broken:
+            if self._closing or self._broken:
                 raise WalError(f"{self.path}: {self._broken or 'closed'}")
             self._buf += record
             self._end += len(record)
@@ -180,7 +206,7 @@ class WalFile:
         self._inflight_end = target
         # Whoever waited for "the next batch" is covered by this one.
         self._inflight, self._next = self._next, threading.Condition(self._lock)
-        error: OSError | None = None
+        error: BaseException | None = None
         ok = False
         self._cond.release()
         try:
@@ -190,7 +216,7 @@ class WalFile:
                 done += os.pwrite(self._fd, view[done:], offset + done)
             self._fsync(self._fd)
             ok = True
-        except OSError as e:
+        except BaseException as e:  # whatever it was, the batch is not durable
             error = e
         finally:
             self._cond.acquire()
@@ -208,6 +234,8 @@ class WalFile:
                 self._next.notify()
             self._cond.notify_all()
         if error is not None:
+            if not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt and the like: the file is broken all the same
             raise WalError(f"{self.path}: write or fsync failed: {error}") from error
 
     def truncate(self, offset: int) -> None:
@@ -234,6 +262,7 @@ class WalFile:
                 self._cond.wait()
             if self._closed:
                 return
+            self._closing = True  # from here on, write() refuses: nothing is left behind
             if self._buf and not self._broken:
                 with contextlib.suppress(WalError):
                     self._lead()

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the WAL (DESIGN §6), one set per registry.
+"""Prometheus metrics of the WAL (docs/design.md §6), one set per registry.
 
 The default registry is what ``/metrics`` serves; tests and benchmarks may pass their own
 ``CollectorRegistry`` so that several instances never clash on registration.
@@ -23,6 +23,7 @@ class WalMetrics:
     append_seconds: Histogram
     pending: Gauge
     retries: Counter
+    write_errors: Counter
     failures: Counter
     archive_bytes: Gauge
 
@@ -51,6 +52,12 @@ def wal_metrics(registry: CollectorRegistry | None = None) -> WalMetrics:
             ),
             retries=Counter(
                 "wal_retries", "Deliveries retried after a sink failure", registry=reg
+            ),
+            write_errors=Counter(
+                "wal_write_errors",
+                "Appends that could not be made durable (full disk, I/O error): their events "
+                "were not acknowledged to the producer, which reads them again",
+                registry=reg,
             ),
             failures=Counter(
                 "wal_failures", "Failed WAL operations, by op", ["op"], registry=reg

@@ -1,10 +1,15 @@
-"""The async sender: durable, unacknowledged WAL events → an idempotent sink.
+"""The async sender: durable, unacknowledged WAL events → the store, in LSN order.
 
-At least once: a batch is acknowledged (a CHECKPOINT record) only after the sink took it,
-so a crash in between resends it and the sink's ``(job_id, seq)`` key drops the copy.
-While the sink is down the sender retries forever, with capped exponential backoff and
+At least once on the wire, exactly once in the stream: a batch is acknowledged (a
+CHECKPOINT record) only after the store placed it, so a crash in between resends it, and
+the store recognises the copy by its dedup key (or, for output, by its byte range).
+While the store is down the sender retries forever, with capped exponential backoff and
 full jitter. Stopping the process cancels the sender and nothing else: unsent events are
 never marked failed; they stay in the WAL and go out at the next start.
+
+What the store did with each event goes to ``on_placed``; events ``skip`` names are
+acknowledged without being sent (output the store already refused for being out of
+order: the producer reads it again from the store's offsets).
 """
 
 from __future__ import annotations
@@ -12,40 +17,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random as _random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
-import anyio.to_thread
 
-from database.base import JobStore
-from jennah.models import JobEvent
-from worker.wal.joblog import JobLog, Pending
+from jennah.models import JobEvent, Placed
 from worker.wal.metrics import WalMetrics
+from worker.wal.segments import Pending, Segment, WorkerWal
 
 log = logging.getLogger(__name__)
 
 
 class EventSink(Protocol):
-    """Where events end up. ``deliver`` raises on failure; it must be idempotent on
-    ``(job_id, seq)`` because delivery is at least once."""
+    """Where events end up: ``deliver`` places each event (``JobStore``
+    ``append_execution_events`` semantics) and returns what it did, in order; it raises
+    when the store cannot be reached. Delivery is at least once."""
 
-    async def deliver(self, events: Sequence[JobEvent]) -> None: ...
-
-
-class StoreSink:
-    """Delivers to the store's event table (``JobStore.append_events`` is idempotent)."""
-
-    def __init__(self, store: JobStore) -> None:
-        self._store = store
-
-    async def deliver(self, events: Sequence[JobEvent]) -> None:
-        # Abandoned on cancel: a hung store must not hold up shutdown; unacknowledged
-        # events are simply sent again at the next start.
-        await anyio.to_thread.run_sync(
-            self._store.append_events, list(events), abandon_on_cancel=True
-        )
+    async def deliver(
+        self, events: Sequence[JobEvent], legacy: bool = False
+    ) -> list[tuple[Placed, JobEvent]]: ...
 
 
 @dataclass(frozen=True)
@@ -65,32 +57,41 @@ def backoff_delay(attempt: int, base: float, cap: float, rnd: Callable[[], float
 
 
 class Sender:
-    """Moves events from the open logs to the sink, one batch at a time."""
+    """Moves events from the WAL to the sink, one batch at a time."""
 
     def __init__(
         self,
         sink: EventSink,
-        logs: Callable[[], Iterable[JobLog]],
+        wal: WorkerWal,
         metrics: WalMetrics,
         config: SenderConfig = DEFAULT_CONFIG,
         *,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         random: Callable[[], float] = _random.random,
-        on_acked: Callable[[list[JobLog]], Awaitable[None]] | None = None,
+        skip: Callable[[Pending], bool] = lambda p: False,
+        on_placed: Callable[[list[tuple[Placed, JobEvent]]], None] | None = None,
+        on_acked: Callable[[list[Segment]], Awaitable[None]] | None = None,
     ) -> None:
         self._sink = sink
-        self._logs = logs
+        self._wal = wal
         self._metrics = metrics
         self._config = config
         self._sleep = sleep
         self._random = random
+        self._skip = skip
+        self._on_placed = on_placed
         self._on_acked = on_acked
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
-        self._rotate = 0
 
     def wake(self) -> None:
         self._wake.set()
+
+    def recheck(self) -> None:
+        """Let ``wait_until`` callers test their condition again (the queue changed
+        without a delivery: events whose append failed were dropped from it)."""
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
 
     async def run(self) -> None:
         """Deliver forever (until cancelled)."""
@@ -108,15 +109,24 @@ class Sender:
                 errors += 1
 
     async def _step(self) -> None:
-        batch = self._collect()
+        cfg = self._config
+        batch = self._wal.durable(cfg.max_batch_events, cfg.max_batch_bytes)
         if not batch:
             self._wake.clear()
-            batch = self._collect()
+            batch = self._wal.durable(cfg.max_batch_events, cfg.max_batch_bytes)
             if not batch:
                 await self._wake.wait()
                 return
-        await self._deliver([p.event for _, p in batch])
-        await self._acknowledge(batch)
+        send = [p.event for p in batch if not self._skip(p)]
+        placed = await self._deliver(send) if send else []
+        if self._on_placed is not None and placed:
+            self._on_placed(placed)
+        done = self._wal.ack(batch[-1].lsn)
+        self._metrics.pending.set(self._wal.pending)
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
+        if self._on_acked is not None and done:
+            await self._on_acked(done)
 
     async def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
         """The flush barrier: True once ``done()`` holds, False after ``timeout`` seconds."""
@@ -127,29 +137,11 @@ class Sender:
                 await progress.wait()
         return done()
 
-    def _collect(self) -> list[tuple[JobLog, Pending]]:
-        cfg = self._config
-        logs = list(self._logs())
-        if not logs:
-            return []
-        self._rotate = (self._rotate + 1) % len(logs)
-        batch: list[tuple[JobLog, Pending]] = []
-        size = 0
-        for jl in logs[self._rotate :] + logs[: self._rotate]:
-            room = cfg.max_batch_events - len(batch)
-            if room <= 0 or (batch and size >= cfg.max_batch_bytes):
-                break
-            for p in jl.durable_pending(room, cfg.max_batch_bytes - size, not batch):
-                batch.append((jl, p))
-                size += p.size
-        return batch
-
-    async def _deliver(self, events: list[JobEvent]) -> None:
+    async def _deliver(self, events: list[JobEvent]) -> list[tuple[Placed, JobEvent]]:
         attempt = 0
         while True:
             try:
-                await self._sink.deliver(events)
-                return
+                return await self._sink.deliver(events)
             except Exception as e:
                 self._metrics.failures.labels("deliver").inc()
                 delay = backoff_delay(
@@ -160,19 +152,3 @@ class Sender:
                 attempt += 1
                 self._metrics.retries.inc()
                 await self._sleep(delay)
-
-    async def _acknowledge(self, batch: list[tuple[JobLog, Pending]]) -> None:
-        upto: dict[JobLog, int] = {}
-        for jl, p in batch:
-            upto[jl] = max(upto.get(jl, 0), p.seq)
-        for jl, seq in upto.items():
-            try:
-                await jl.checkpoint_async(seq)
-            except Exception as e:
-                # Delivered anyway; a lost checkpoint only means a resend after a restart.
-                self._metrics.failures.labels("checkpoint").inc()
-                log.warning("WAL checkpoint of %s failed: %s", jl.path, e)
-        progress, self._progress = self._progress, asyncio.Event()
-        progress.set()
-        if self._on_acked is not None:
-            await self._on_acked(list(upto))
