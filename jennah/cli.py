@@ -2,7 +2,9 @@
 
 Client commands talk Connect to ``--url`` (``$JENNAH_URL``, default the local gateway) as
 tenant ``--tenant`` (``$JENNAH_TENANT``, sent as ``X-Tenant-Id``; dev mode) or with
-``--api-key`` (``$JENNAH_API_KEY``, sent as ``Authorization: Bearer``).
+``--api-key`` (``$JENNAH_API_KEY``, sent as ``Authorization: Bearer``), through
+``jennah.client.JennahClient``: ``submit`` always sends a request id (``--request-id``,
+or a new one) and every call retries ``unavailable`` and ``deadline_exceeded``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from jennah.client import JennahClient
 from jennah.errors import SettingsError
-from jennah.v1.deployment_connect import DeploymentServiceClientSync
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_RPC_ERROR = 1
@@ -38,19 +40,15 @@ def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def _client(args: argparse.Namespace) -> tuple[DeploymentServiceClientSync, dict[str, str]]:
-    headers: dict[str, str] = {}
-    if args.tenant:
-        headers["x-tenant-id"] = args.tenant
-    if args.api_key:
-        headers["authorization"] = f"Bearer {args.api_key}"
-    return DeploymentServiceClientSync(args.url, timeout_ms=int(args.timeout * 1000)), headers
+def _client(args: argparse.Namespace) -> JennahClient:
+    return JennahClient(args.url, tenant=args.tenant, api_key=args.api_key,
+                        timeout=args.timeout)  # fmt: skip
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from jennah.v1 import deployment_pb2 as pb
 
-    client, headers = _client(args)
+    client = _client(args)
     commands = list(args.commands)
     if commands and commands[0] == "--":
         commands = commands[1:]
@@ -65,29 +63,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request_id=args.request_id,
         use_spot_vms=args.spot,
     )
-    _print_json(client.submit_job(req, headers=headers))
+    _print_json(client.submit_job(req))
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from jennah.v1 import deployment_pb2 as pb
-
-    client, headers = _client(args)
-    resp = client.get_job(pb.GetJobRequest(job_id=args.job_id), headers=headers)
-    _print_json(resp.job)
+    _print_json(_client(args).get_job(args.job_id))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from jennah.v1 import deployment_pb2 as pb
 
-    client, headers = _client(args)
+    client = _client(args)
     status = f"JOB_STATUS_{args.status.upper()}" if args.status else "JOB_STATUS_UNSPECIFIED"
     req = pb.ListJobsRequest(
         page_size=args.page_size, page_token=args.page_token, status=status,
         labels=_pairs(args.label, "--label"), name_prefix=args.name_prefix,
     )
-    resp = client.list_jobs(req, headers=headers)
+    resp = client.list_jobs(req)
     if args.output == "json":
         _print_json(resp)
         return 0
@@ -103,40 +97,29 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from jennah.v1 import deployment_pb2 as pb
-
-    client, headers = _client(args)
-    resp = client.cancel_job(pb.CancelJobRequest(job_id=args.job_id), headers=headers)
-    _print_json(resp.job)
+    _print_json(_client(args).cancel_job(args.job_id))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from jennah.v1 import deployment_pb2 as pb
-
-    client, headers = _client(args)
-    _print_json(client.delete_job(pb.DeleteJobRequest(job_id=args.job_id), headers=headers))
+    _print_json(_client(args).delete_job(args.job_id))
     return 0
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
-    from jennah.v1 import deployment_pb2 as pb
-
-    client, headers = _client(args)
-    _print_json(client.get_current_tenant(pb.GetCurrentTenantRequest(), headers=headers))
+    _print_json(_client(args).get_current_tenant())
     return 0
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     from jennah.v1 import deployment_pb2 as pb
 
-    client, headers = _client(args)
+    client = _client(args)
     if args.follow:
         req = pb.WatchJobEventsRequest(job_id=args.job_id, after_seq=args.after_seq)
-        stream = client.watch_job_events(req, headers=headers, timeout_ms=None)
+        stream = client.watch_job_events(req)
     else:
-        req2 = pb.ListJobEventsRequest(job_id=args.job_id, after_seq=args.after_seq)
-        stream = client.list_job_events(req2, headers=headers).events
+        stream = iter(client.list_job_events(args.job_id, args.after_seq))
     for ev in stream:
         kind = pb.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_")
         at = ev.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
@@ -205,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p.add_argument("--profile", default="", help="small | medium | large | xlarge")
     p.add_argument("--max-retries", type=int, default=0)
-    p.add_argument("--request-id", default="", help="idempotency key")
+    p.add_argument("--request-id", default="",
+                   help="idempotency key (default: a new one, reused by every retry)")
     p.add_argument("--spot", action="store_true", help="use spot VMs")
     for name, fn, help_ in (("get", cmd_get, "show a job"), ("cancel", cmd_cancel, "cancel a job"),
                             ("delete", cmd_delete, "delete a job")):
