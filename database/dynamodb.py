@@ -33,14 +33,18 @@ P+1..P+m therefore commits only if nothing else took any position of that tenant
 P was read: positions increase in commit order, and a watcher holding position P that
 queries ``position > P`` never misses a later commit. (A global secondary index on the
 events would not do: index reads are eventually consistent, a watcher could see P+2
-before P+1 and skip it.) The price is that a tenant's writers are serialised on its
-counter: a writer that lost the race learns the counter's value from the cancellation
-(``ReturnValuesOnConditionCheckFailure``, so no read is needed) and tries again after a
-random wait (jittered exponential backoff in units of a transaction's round trip); it
-gives up with ``StoreUnavailable`` after 30 s of losing. Positions are never handed out
-before the commit (reserving them with an atomic ADD first would let a later
-reservation commit before an earlier one). See "What DynamoDB can and cannot batch"
-for how batches reduce the number of transactions that compete.
+before P+1 and skip it.) Positions are never handed out before the commit: taking
+them with an atomic ADD first would let a later taker commit before an earlier one.
+
+The price is that a tenant's writers are serialised on its counter, optimistically: a
+writer that lost the race learns the counter's value from the cancellation
+(``ReturnValuesOnConditionCheckFailure``, no read needed) and tries again, at once the
+first time, then after a short random wait; one that keeps losing reserves the counter
+for a moment (``_Race``), so busy writers cannot starve it. After 30 s and 50 lost
+tries a write gives up with ``StoreUnavailable``. Every lost transaction is wasted work (on
+DynamoDB, write capacity), so a tenant's event rate is bounded by the transactions its
+counter admits per second, and grows with the events per transaction: see "What
+DynamoDB can and cannot batch".
 
 **Execution events** are placed by ``_common.place`` from one consistent snapshot (a
 ``TransactGetItems`` of the job item, the output cursors and the dedup keys of the
@@ -175,8 +179,10 @@ _GET_MAX = 100  # items per TransactGetItems
 # commit), doubling with the losses in a row, at most _BACKOFF_MAX; one that lost only a
 # tenant counter retries at once with the value it learned, and reserves the counter
 # after _RESERVE_AFTER losses (``_Race``). Either gives up (StoreUnavailable) once it
-# has been losing for _CONTENDED_SECONDS.
+# has been losing for _CONTENDED_SECONDS and _CONTENDED_LOSSES times (both: a slow
+# store is not a livelock).
 _CONTENDED_SECONDS = 30.0
+_CONTENDED_LOSSES = 50
 _BACKOFF_MAX = 0.2
 _RESERVE_AFTER = 4
 _RESERVE_SECONDS = 2.0
@@ -413,7 +419,8 @@ class _Race:
     counter item, which every counter update requires to be absent, its own or expired,
     and removes. Others then lose until it commits (or the reservation expires, after
     ``_RESERVE_SECONDS`` on the worker clock: a clock that is off only makes the
-    reservation last longer or shorter, it never lets a position be taken twice)."""
+    reservation last longer or shorter, it never lets a position be taken twice; it lasts
+    longer when transactions are slow)."""
 
     ticket: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     losses: int = 0  # transactions in a row that committed nothing
@@ -505,7 +512,7 @@ class _Work:
         now = time.monotonic()
         if self.failures == 1:
             self.losing_since = now
-        elif now - self.losing_since > _CONTENDED_SECONDS:
+        elif now - self.losing_since > _CONTENDED_SECONDS and self.failures > _CONTENDED_LOSSES:
             raise StoreUnavailable("dynamodb: concurrent writes kept conflicting")
         self.unit = None
 
@@ -972,21 +979,23 @@ class DynamoDBStore:
             time.sleep(1.0)
 
     def _backfill_active_tenant(self) -> None:
-        """Give every active job written by v1 its ``active_tenant``."""
-        for shard in range(ACTIVE_SHARDS):
-            for it in list(self._query(
-                IndexName="active", KeyConditionExpression="active_shard = :s",
-                ExpressionAttributeValues={":s": {"S": str(shard)}},
-                ProjectionExpression="job_id, tenant_id",
-            )):  # fmt: skip
-                e = _Expr()
-                with contextlib.suppress(_ConditionFailed):  # finished meanwhile, or marked
-                    self._call(
-                        "update_item", TableName=self.table, Key=_job_key(it["job_id"]["S"]),
-                        UpdateExpression=f"SET {e.n('active_tenant')} = {e.raw(it['tenant_id'])}",
-                        ConditionExpression=f"attribute_exists({e.n('active_shard')}) AND "
-                                            f"attribute_not_exists({e.n('active_tenant')})",
-                        **e.args())  # fmt: skip
+        """Give every active job written by v1 its ``active_tenant`` (a consistent scan:
+        the ``active`` index could lag)."""
+        f = _Expr()
+        filt = (f"sk = {f.v('JOB')} AND attribute_exists({f.n('active_shard')}) AND "
+                f"attribute_not_exists({f.n('active_tenant')})")  # fmt: skip
+        for it in list(self._pages("scan", FilterExpression=filt, ConsistentRead=True,
+                                   ProjectionExpression=f"pk, {f.n('job_id')}, "
+                                                        f"{f.n('tenant_id')}",
+                                   **f.args())):  # fmt: skip
+            e = _Expr()
+            with contextlib.suppress(_ConditionFailed):  # finished meanwhile, or marked
+                self._call(
+                    "update_item", TableName=self.table, Key=_job_key(it["job_id"]["S"]),
+                    UpdateExpression=f"SET {e.n('active_tenant')} = {e.raw(it['tenant_id'])}",
+                    ConditionExpression=f"attribute_exists({e.n('active_shard')}) AND "
+                                        f"attribute_not_exists({e.n('active_tenant')})",
+                    **e.args())  # fmt: skip
 
     def _upgrade_v1(self) -> int:
         """Number the events a v1 store left (no position); see the module docstring.
@@ -1243,7 +1252,7 @@ class DynamoDBStore:
         if race.losses == 0:
             race.since = now
         race.losses += 1
-        if now - race.since > _CONTENDED_SECONDS:
+        if now - race.since > _CONTENDED_SECONDS and race.losses > _CONTENDED_LOSSES:
             raise StoreUnavailable("dynamodb: concurrent writes kept conflicting")
         step = max(self._tx_seconds, 0.001)
         if outcome.failed or not outcome.counters:
@@ -1277,12 +1286,13 @@ class DynamoDBStore:
                 if holder == race.ticket or _int(item, "reserved_until") < c.to_micros(
                         self._now()):  # fmt: skip
                     break
-                if time.monotonic() - race.since > _CONTENDED_SECONDS:
+                if time.monotonic() - race.since > 2 * _CONTENDED_SECONDS:
                     raise StoreUnavailable("dynamodb: concurrent writes kept conflicting")
 
     def _reserve(self, tenants: set[str], race: _Race) -> bool:
         """Reserve the counters of ``tenants`` for ``race`` (and learn their values);
         False if another writer holds one."""
+        hold = max(_RESERVE_SECONDS, 5 * self._tx_seconds)  # time enough to commit
         for t in sorted(tenants):
             now = self._now()
             e = _Expr()
@@ -1291,7 +1301,7 @@ class DynamoDBStore:
                     "update_item", TableName=self.table, Key=_counter_key(t),
                     UpdateExpression=f"SET {e.n('reserved_by')} = {e.v(race.ticket)}, "
                                      f"{e.n('reserved_until')} = "
-                                     f"{e.v(now + timedelta(seconds=_RESERVE_SECONDS))}",
+                                     f"{e.v(now + timedelta(seconds=hold))}",
                     ConditionExpression=_unreserved(e, race.ticket, now),
                     ReturnValues="ALL_NEW", **e.args())  # fmt: skip
             except _ConditionFailed:

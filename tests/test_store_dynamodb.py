@@ -8,6 +8,8 @@ skew to allow for, and the contract's short TTLs would otherwise never expire in
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -326,3 +328,41 @@ def test_an_op_the_service_refuses_fails_alone(open_dynamo: Callable[[], DynamoD
     assert results[1][1] is True  # type: ignore[index]
     with pytest.raises(NotFound):
         store.get_job("tenant-a", huge.job_id)
+
+
+def test_a_reserved_tenant_counter_makes_other_writers_wait(
+    open_dynamo: Callable[[], DynamoDBStore],
+) -> None:
+    """A writer that keeps losing a tenant counter reserves it: others wait until it has
+    committed (fairness), and their positions come after its own."""
+    a, b = open_dynamo(), open_dynamo()
+    a.migrate()
+    ja, jb = (a.create_job(make_job(), 60)[0] for _ in range(2))
+    race = dynamodb._Race()
+    assert a._reserve({"tenant-a"}, race)
+    written: list[tuple[Placed, JobEvent]] = []
+    waiter = threading.Thread(target=lambda: written.extend(
+        b.append_execution_events([detail(jb, "b")])))  # fmt: skip
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # blocked by the reservation
+    out: list[tuple[Placed, JobEvent] | None] = [None]
+    a._run_race([dynamodb._Append(a, ja.job_id, [(0, detail(ja, "a"))], False, out)], race)
+    waiter.join(10)
+    assert out[0] is not None and written
+    assert (out[0][1].position, written[0][1].position) == (3, 4)
+    assert not race.reserved  # the commit removed the reservation
+
+
+def test_a_reservation_of_a_writer_that_died_expires(
+    open_dynamo: Callable[[], DynamoDBStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dynamodb, "_RESERVE_SECONDS", 0.3)
+    store = open_dynamo()
+    store.migrate()
+    job = store.create_job(make_job(), 60)[0]
+    assert store._reserve({"tenant-a"}, dynamodb._Race())  # and never commits
+    start = time.monotonic()
+    [(placed, ev)] = store.append_execution_events([detail(job, "x")])
+    assert (placed, ev.position) == (Placed.STORED, 2)
+    assert 0.1 < time.monotonic() - start < 5
