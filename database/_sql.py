@@ -68,14 +68,13 @@ _UPDATE_COLS = [col for col in c.JOB_COLUMNS if col not in _IMMUTABLE]
 # One statement is the whole idempotency check: a request id already used makes the
 # insert do nothing, and only then is the existing job read.
 _INSERT_JOB = (
-    f"INSERT INTO jobs ({_JOB_COLS}, event_seq) "
-    f"VALUES ({', '.join('?' for _ in c.JOB_COLUMNS)}, 1) "
+    f"INSERT INTO jobs ({_JOB_COLS}, event_seq, transition_seq) "
+    f"VALUES ({', '.join('?' for _ in c.JOB_COLUMNS)}, 1, 0) "
     f"ON CONFLICT (tenant_id, request_id) WHERE request_id <> '' DO NOTHING RETURNING job_id"
 )
 _INSERT_TRANSITION = (
-    f"INSERT INTO job_transitions ({', '.join(c.TRANSITION_COLUMNS)}) VALUES "
-    "(?, (SELECT COALESCE(MAX(idx), -1) + 1 FROM job_transitions WHERE job_id = ?), "
-    "?, ?, ?, ?, ?)"
+    f"INSERT INTO job_transitions ({', '.join(c.TRANSITION_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in c.TRANSITION_COLUMNS)})"
 )
 _EVENT_COLS = ", ".join(c.EVENT_COLUMNS)
 _INSERT_EVENT = (f"INSERT INTO job_events ({_EVENT_COLS}) "
@@ -105,10 +104,20 @@ class Tx(Protocol):
 
 
 class _Pending:
-    """Events numbered within a transaction, waiting for their tenant positions."""
+    """Events numbered within a transaction, waiting for their tenant positions, and
+    transition rows, written together at the end of the transaction."""
 
     def __init__(self) -> None:
         self.events: list[tuple[JobEvent, int]] = []  # (event, its seq)
+        self.transitions: list[list[Any]] = []
+
+    def record(self, transitions: Sequence[Transition], last_idx: int) -> None:
+        """Queue ``transitions`` with the idx values ending at ``last_idx``."""
+        first = last_idx - len(transitions) + 1
+        for i, t in enumerate(transitions):
+            self.transitions.append([t.job_id, first + i,
+                                     t.from_status.value if t.from_status else None,
+                                     t.to_status.value, t.at, t.reason, t.worker_id])
 
     def add(self, events: Sequence[JobEvent], last_seq: int) -> list[int]:
         """Give ``events`` the seqs ending at ``last_seq``; queue them; return the seqs."""
@@ -217,6 +226,8 @@ class SqlStore(ABC):
                 except JennahError as exc:  # raised by the op's checks, before any write
                     results.append(exc)
             positions = self._insert_events(tx, pending.events)
+            if pending.transitions:
+                tx.many(_INSERT_TRANSITION, pending.transitions)
         for op, result in zip(ops, results, strict=True):
             if isinstance(op, AppendEvents) and isinstance(result, list):
                 result[:] = [(p, dataclasses.replace(ev, position=positions[(ev.job_id, ev.seq)]))
@@ -278,7 +289,7 @@ class SqlStore(ABC):
                 raise Conflict(f"job {job.job_id} already exists")
             return existing, False
         first, submitted = c.created(stored, now)
-        self._record(tx, first, 0)
+        pending.record([first], 0)
         pending.add([submitted], 1)
         return stored, True
 
@@ -301,16 +312,6 @@ class SqlStore(ABC):
         rows = tx.rows(f"{_SELECT_JOB} WHERE tenant_id = ? AND request_id = ?",
                        tenant_id, request_id)  # fmt: skip
         return c.job_from_row(rows[0]) if rows else None
-
-    def _record(self, tx: Tx, t: Transition, idx: int | None = None) -> None:
-        from_status = t.from_status.value if t.from_status else None
-        if idx is None:
-            tx.run(_INSERT_TRANSITION, t.job_id, t.job_id, from_status, t.to_status.value, t.at,
-                   t.reason, t.worker_id)  # fmt: skip
-        else:
-            tx.run(f"INSERT INTO job_transitions ({', '.join(c.TRANSITION_COLUMNS)}) VALUES "
-                   "(?, ?, ?, ?, ?, ?, ?)", t.job_id, idx, from_status, t.to_status.value, t.at,
-                   t.reason, t.worker_id)  # fmt: skip
 
     def get_job(self, tenant_id: str, job_id: str) -> Job:
         with self._tx(write=False) as tx:
@@ -489,24 +490,23 @@ class SqlStore(ABC):
         copy, not read here; the write then holds only if the row is still that copy
         (None otherwise, and nothing is written)."""
         updated, transitions, events = c.apply_patch(job, op.lease, op.patch, now, op.reason)
-        old, new = c.job_to_row(job, with_spec=False), c.job_to_row(updated, with_spec=False)
-        changed = [col for col in _UPDATE_COLS if new[col] != old[col]]
-        sets = ", ".join(f"{col} = ?" for col in changed)
+        changed = [col for col in _UPDATE_COLS if getattr(updated, col) != getattr(job, col)]
+        sets = "".join(f"{col} = ?, " for col in changed)
+        params: list[Any] = [c.column_value(col, getattr(updated, col)) for col in changed]
+        params += [len(events), len(transitions), op.job_id]
         where = "job_id = ?"
-        params: list[Any] = [new[col] for col in changed]
-        params += [len(events), op.job_id]
         if optimistic:
             where += (" AND owner_worker_id = ? AND lease_version = ? AND status = ? "
                       "AND attempt = ? AND updated_at = ?")  # fmt: skip
             params += [job.owner_worker_id, job.lease_version, job.status.value, job.attempt,
                        job.updated_at]  # fmt: skip
-        written = tx.rows(f"UPDATE jobs SET {sets + ', ' if sets else ''}"
-                          f"event_seq = event_seq + ? WHERE {where} RETURNING event_seq",
-                          *params)  # fmt: skip
+        written = tx.rows(f"UPDATE jobs SET {sets}event_seq = event_seq + ?, "
+                          f"transition_seq = transition_seq + ? WHERE {where} "
+                          "RETURNING event_seq, transition_seq", *params)  # fmt: skip
         if not written:
             return None  # changed meanwhile (or gone): the caller reads it and decides
-        for t in transitions:
-            self._record(tx, t)
+        if transitions:
+            pending.record(transitions, int(written[0]["transition_seq"]))
         if events:
             pending.add(events, int(written[0]["event_seq"]))
         return updated

@@ -6,6 +6,10 @@
 -- right after this file (see database/_sql.py, _upgrade_v1).
 
 ALTER TABLE jobs ADD COLUMN event_seq INTEGER NOT NULL DEFAULT 0;
+-- The last transition idx used (transitions are numbered 0, 1, 2, ... per job).
+ALTER TABLE jobs ADD COLUMN transition_seq INTEGER NOT NULL DEFAULT -1;
+UPDATE jobs SET transition_seq = (SELECT COALESCE(MAX(idx), -1) FROM job_transitions
+                                  WHERE job_transitions.job_id = jobs.job_id);
 ALTER TABLE tenants ADD COLUMN event_position INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE job_events ADD COLUMN position INTEGER;
 ALTER TABLE job_events ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
