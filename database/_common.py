@@ -13,11 +13,11 @@ import binascii
 import copy
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from jennah.errors import Conflict, InvalidArgument, LeaseLost
+from jennah.errors import Conflict, InvalidArgument, LeaseLost, StoreError, StoreUnavailable
 from jennah.models import (
     ACTIVE_STATUSES,
     EVENT_FOR_STATUS,
@@ -345,6 +345,33 @@ def _retry(
     t = Transition(job.job_id, job.status, JobStatus.PENDING, now, reason, lease.worker_id)
     return updated, [t], [lifecycle_event(updated, EventKind.RETRY, reason, now,
                                           lease.worker_id)]  # fmt: skip
+
+
+# --- group commit -----------------------------------------------------------------------
+
+
+def together_or_one_by_one(
+    run: Callable[[Sequence[Any]], list[Any]], ops: Sequence[Any]
+) -> list[Any]:
+    """``run(ops)`` (one transaction); if that transaction fails as a whole for another
+    reason than the store being down, each op runs in a transaction of its own, with its
+    error in its slot, so that one op cannot fail the others."""
+    try:
+        return run(ops)
+    except StoreUnavailable:
+        raise
+    except StoreError:
+        if len(ops) == 1:
+            raise
+    results: list[Any] = []
+    for op in ops:
+        try:
+            results += run([op])
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            results.append(exc)
+    return results
 
 
 # --- execution events -------------------------------------------------------------------

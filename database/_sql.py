@@ -44,7 +44,7 @@ from database.base import (
     unwrap,
 )
 from database.migrate import Migration, MigrationSession, dialect_migrations, run_migrations
-from jennah.errors import Conflict, JennahError, NotFound, StoreUnavailable
+from jennah.errors import Conflict, JennahError, NotFound
 from jennah.models import (
     Job,
     JobEvent,
@@ -181,23 +181,7 @@ class SqlStore(ABC):
     # --- group commit ------------------------------------------------------------------
 
     def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
-        try:
-            return self._batch(ops)
-        except StoreUnavailable:
-            raise
-        except JennahError:
-            if len(ops) == 1:
-                raise
-        # The transaction failed as a whole: give each op a transaction of its own.
-        results: list[WriteResult] = []
-        for op in ops:
-            try:
-                results += self._batch([op])
-            except StoreUnavailable:
-                raise
-            except JennahError as exc:
-                results.append(exc)
-        return results
+        return c.together_or_one_by_one(self._batch, ops)
 
     def _lock_jobs(self, tx: Tx, job_ids: set[str]) -> None:
         """Lock the job rows a transaction will write, in job id order, before it writes

@@ -915,22 +915,7 @@ class SpannerStore:
         others."""
         if not ops:
             return []
-        try:
-            return self._commit(ops)
-        except StoreUnavailable:
-            raise
-        except StoreError:
-            if len(ops) == 1:
-                raise
-        results: list[WriteResult] = []
-        for op in ops:
-            try:
-                results += self._commit([op])
-            except StoreUnavailable:
-                raise
-            except StoreError as exc:
-                results.append(exc)
-        return results
+        return c.together_or_one_by_one(self._commit, ops)
 
     def _commit(self, ops: Sequence[WriteOp]) -> list[WriteResult]:
         from google.api_core.exceptions import AlreadyExists

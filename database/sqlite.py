@@ -46,6 +46,11 @@ def _to_db(value: Any) -> Any:
     return value
 
 
+def _db_params(params: Sequence[Any]) -> list[Any]:
+    # The plain-type test inline: a call per value was 20 % of a write's Python time.
+    return [p if type(p) in _PLAIN else _to_db(p) for p in params]
+
+
 def _from_db(row: sqlite3.Row) -> c.Row:
     out = dict(zip(row.keys(), row, strict=True))
     for key in c.TIME_COLUMNS.intersection(out):
@@ -79,14 +84,14 @@ class _SQLiteTx:
         return self._now
 
     def rows(self, sql: str, *params: Any) -> list[c.Row]:
-        cur = self._conn.execute(sql, [_to_db(p) for p in params])
+        cur = self._conn.execute(sql, _db_params(params))
         return [_from_db(r) for r in cur.fetchall()]
 
     def run(self, sql: str, *params: Any) -> int:
-        return self._conn.execute(sql, [_to_db(p) for p in params]).rowcount
+        return self._conn.execute(sql, _db_params(params)).rowcount
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
-        self._conn.executemany(sql, [[_to_db(p) for p in row] for row in params])
+        self._conn.executemany(sql, [_db_params(row) for row in params])
 
 
 class SQLiteStore(SqlStore):

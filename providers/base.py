@@ -48,6 +48,10 @@ class Capabilities:
     supports_output: bool = False
     # Suggested seconds between status polls.
     poll_interval_seconds: float = 10.0
+    # Calls block (the network, the disk): the worker runs them in a thread. A provider
+    # that answers from memory (dry, fake) says False and is called on the event loop,
+    # sparing each call a thread hand-off.
+    blocking: bool = True
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ class FakeProvider:
         # Without a test to call advance(), each status() call steps the polled jobs.
         self.step_on_status = step_on_status
         self.capabilities = capabilities or Capabilities(max_status_batch=100,
-                                                         poll_interval_seconds=0.05)
+                                                         poll_interval_seconds=0.05,
+                                                         blocking=False)
         self.submissions: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self._jobs: dict[str, _FakeJob] = {}
@@ -219,7 +220,7 @@ class DryProvider:
 
     name = "dry"
     capabilities = Capabilities(supports_cancel=True, max_status_batch=10_000,
-                                poll_interval_seconds=0.05)
+                                poll_interval_seconds=0.05, blocking=False)
     PREFIX = "dry://"
 
     def __init__(self, clock: Clock = utcnow, remember: int = 100_000) -> None:

@@ -93,7 +93,9 @@ class GroupCommitter:
         self._queue.append(waiting)
         if self._running is None:
             self._running = loop.create_task(self._drain())
-        result = await asyncio.shield(waiting.future)
+        # No shield: a cancelled caller cancels its future, and _drain, which skips done
+        # futures, still runs the op (the write is never left half done or undone).
+        result = await waiting.future
         if isinstance(result, JennahError):
             raise result
         return result

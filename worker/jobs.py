@@ -202,14 +202,14 @@ class JobService:
         if job.owner_worker_id == self.worker_id:
             job = await self.finish_cancel(job)
         elif job.cloud_resource_path:
-            await blocking(self.provider.cancel, job.cloud_resource_path)
+            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
         return job
 
     async def delete(self, tenant_id: str, job_id: str) -> None:
         """Remove the job; an active job is stopped at its provider first."""
         job = await self.get(tenant_id, job_id)
         if not job.status.terminal and job.cloud_resource_path:
-            await blocking(self.provider.cancel, job.cloud_resource_path)
+            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
         await blocking(self.store.delete_job, tenant_id, job_id)
 
     async def list_events(
@@ -224,6 +224,12 @@ class JobService:
 
     async def has_active_jobs(self, tenant_id: str) -> bool:
         return await blocking(self.store.has_active_jobs, tenant_id)
+
+    async def call_provider(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """A provider call: in a thread, unless the provider says its calls never block."""
+        if not self.provider.capabilities.blocking:
+            return fn(*args, **kwargs)
+        return await blocking(fn, *args, **kwargs)
 
     # --- owner operations (fenced) -----------------------------------------------------
 
@@ -264,7 +270,7 @@ class JobService:
             spec=job.spec,
         )
         try:
-            path = await blocking(self.provider.submit, task)
+            path = await self.call_provider(self.provider.submit, task)
         except ProviderError as exc:
             if exc.retryable:
                 log.warning("submit of %s deferred: %s", job.job_id, exc)
@@ -285,7 +291,7 @@ class JobService:
                                                   f"{task.provider_job_id}")  # fmt: skip
         except Conflict:
             # Cancelled while we were submitting: do not leave the execution running.
-            await blocking(self.provider.cancel, path)
+            await self.call_provider(self.provider.cancel, path)
             return await self.get(job.tenant_id, job.job_id)
 
     async def finish_cancel(self, job: Job) -> Job:
@@ -293,7 +299,7 @@ class JobService:
         (``before_end``); if that cannot be done now, the job stays marked and the poller
         finishes the cancel at its next cycle."""
         if job.cloud_resource_path:
-            await blocking(self.provider.cancel, job.cloud_resource_path)
+            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
             if self.before_end is not None and not await self.before_end(job):
                 return job
         try:

@@ -158,7 +158,7 @@ class Poller:
 
     async def _poll_batch(self, jobs: Sequence[Job]) -> None:
         paths = [j.cloud_resource_path for j in jobs]
-        statuses = await blocking(self.jobs.provider.status, paths)
+        statuses = await self.jobs.call_provider(self.jobs.provider.status, paths)
 
         async def apply(job: Job) -> None:
             st = statuses.get(job.cloud_resource_path)
@@ -234,7 +234,7 @@ class Poller:
         budget = OUTPUT_BUDGET_BYTES
         while budget > 0:
             start = tuple(offsets.get(k, 0) for k in keys)
-            chunk = await blocking(read, job.cloud_resource_path, start)
+            chunk = await self.jobs.call_provider(read, job.cloud_resource_path, start)
             texts = (chunk.stdout, chunk.stderr)
             events = [
                 JobEvent(
