@@ -30,6 +30,7 @@ BENCHES: tuple[tuple[str, list[str], str], ...] = (
     ("bench.wal", [], "Event WAL"),
     ("bench.submit", ["--seconds", "3", "--runs", "3"], "Submit throughput, gateway overhead, server choice"),  # noqa: E501
     ("bench.failover", ["--runs", "3", "--jobs", "90", "--tenants", "9"], "Failover takeover"),
+    ("bench.events", [], "Events: idle watchers, output throughput, per-tenant commit rate"),
     ("bench.poller", [], "Poller cost with 10k active jobs"),
     ("bench.providers_poll", ["--jobs", "2000"], "Cloud providers: polling cost (2,000 jobs)"),
     ("bench.faults", [], "Soak and faults"),

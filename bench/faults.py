@@ -4,8 +4,11 @@ Real processes (``tests/cluster.py``): a gateway and 3 workers on PostgreSQL, ev
 through the gateway with a ``request_id``. Three scenarios, each one row of a markdown table
 with PASS/FAIL and its fault counts:
 
-1. **soak**: ``--soak-seconds`` (60) at ``--rate`` (200) submits/s with the ``dry``
-   provider. Pass: no error, achieved rate within 5 % of the target, and flat memory: the
+1. **soak**: ``--soak-seconds`` (60) at ``--rate`` (500) submits/s with the ``dry``
+   provider, then, if that rate is not held, at each lower rate of ``--fallback-rates``
+   until one is (so the table says the highest rate held). Pass: no error, every job
+   terminal within 10 s after the load, achieved rate within 5 % of the target, and
+   flat memory: the
    VmRSS of the gateway and of every worker (``/proc/<pid>/status``, sampled each second)
    averaged over the last sixth of the run (the last 10 s of 60) may exceed its average
    over the second sixth (seconds 10-20, after warm-up) by at most 10 %.
@@ -589,9 +592,10 @@ def soak(env: Env, home: Path, rate: float, seconds: float) -> Row:
                 open_loop(shots, send, threads)
             close()
             acked = acked_map(shots)
-            found = audit(cluster, acked, {s.tenant for s in shots}, timeout=30)
+            found = audit(cluster, acked, {s.tenant for s in shots}, timeout=10)
     finally:
         drop_database(env.pg_url, dbname)
+    row.scenario = f"soak {rate:g}/s"
     row.submitted, row.acknowledged = len(shots), len(acked)
     row.errors = sum(1 for s in shots if not s.ok)
     row.lost, row.duplicated, row.half_written = found.lost, found.duplicated, found.stray
@@ -815,7 +819,9 @@ def kill(env: Env, home: Path, jobs: int, rate: float) -> Row:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak-seconds", type=float, default=60)
-    parser.add_argument("--rate", type=float, default=200, help="soak submits per second")
+    parser.add_argument("--rate", type=float, default=500, help="soak submits per second")
+    parser.add_argument("--fallback-rates", default="400,300",
+                        help="lower soak rates to try, in order, while a soak fails")
     parser.add_argument("--outage-seconds", type=float, default=10)
     parser.add_argument("--outage-rate", type=float, default=100)
     parser.add_argument("--kill-jobs", type=int, default=200)
@@ -854,7 +860,13 @@ def main(argv: list[str] | None = None) -> str:
             with tempfile.TemporaryDirectory(prefix=f"jennah-faults-{name}-") as d:
                 try:
                     if name == "soak":
-                        rows.append(soak(env, Path(d), args.rate, args.soak_seconds))
+                        ladder = [args.rate] + [float(r) for r in args.fallback_rates.split(",")
+                                                if r.strip() and float(r) < args.rate]
+                        for rate in ladder:  # each rate in a fresh directory
+                            rows.append(soak(env, Path(tempfile.mkdtemp(dir=d)), rate,
+                                             args.soak_seconds))
+                            if rows[-1].passed:
+                                break
                     elif name == "outage":
                         rows.append(outage(env, Path(d), args.outage_rate, args.outage_seconds))
                     else:
@@ -878,7 +890,10 @@ def main(argv: list[str] | None = None) -> str:
     )
     out = table(rows, intro)
     print(out, flush=True)
-    if not all(r.passed for r in rows):
+    # A failed soak at a rate above the one held is a figure, not a failure of the run.
+    failed = [r for r in rows if not r.passed and not (r.scenario.startswith("soak") and any(
+        o.passed and o.scenario.startswith("soak") for o in rows))]
+    if failed:
         raise SystemExit(1)
     return out
 

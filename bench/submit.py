@@ -8,7 +8,11 @@ is the median of ``--runs`` runs of ``--seconds`` each, with the range beside it
 * the **floor**: ``GetCurrentTenant`` on a worker, an RPC that only parses headers, so
   it costs what the server stack (server + connectrpc + our router) costs;
 * ``SubmitJob`` straight to a worker, on SQLite and on PostgreSQL, as a ratio to the
-  floor (goal ≥ 0.5×);
+  floor (goals: ≥ 0.25× on SQLite, ≥ 0.15× on PostgreSQL), and from one connection:
+  32 connections must do at least 4× what one does (they share commits);
+* **fsyncs per submit** at ``-c32`` on SQLite: ``strace -c`` of every thread of the
+  worker counts ``fsync``/``fdatasync`` over one run, divided by the submits it answered
+  (goal ≤ 0.5; a run of its own, since strace slows the worker);
 * ``SubmitJob`` through the gateway, as a ratio to the direct figure (goal ≥ 0.8×);
 * the latency the gateway adds, from one connection at a time (so no queueing hides it):
   p50 through the gateway minus p50 direct (goal ≤ 1 ms);
@@ -26,13 +30,14 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +52,15 @@ wrk.body = [[{body}]]
 """
 SUBMIT_BODY = '{"image_uri":"busybox","commands":["true"],"env_vars":{"A":"1"}}'
 PATH = "/jennah.v1.DeploymentService/"
+STACK_PIDS: list[int] = []  # the processes of the stack last started (worker first)
+FSYNCS: dict[str, float] = {}  # store -> fsyncs per submit, from the strace run
+CPU_US: dict[str, float] = {}  # scenario -> worker CPU µs per request (last run)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -158,8 +172,15 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     Path(script).unlink()
-    found = {key: re.search(pattern, out) for key, pattern in (
-        ("rps", r"Requests/sec:\s+([\d.]+)"), ("p50", r"50%\s+(\S+)"), ("p99", r"99%\s+(\S+)"))}
+    return parse_wrk(name, out)
+
+
+def parse_wrk(name: str, out: str) -> Result:
+    """The figures of one ``wrk --latency`` report."""
+    # The latency lines only: "82.50%" on the Req/Sec line also ends in "50%".
+    found = {key: re.search(pattern, out, re.MULTILINE) for key, pattern in (
+        ("rps", r"Requests/sec:\s+([\d.]+)"), ("p50", r"^\s+50%\s+(\S+)"),
+        ("p99", r"^\s+99%\s+(\S+)"))}
     rps = float(found["rps"].group(1)) if found["rps"] else 0.0
     p50 = _ms(found["p50"].group(1)) if found["p50"] else math.nan
     p99 = _ms(found["p99"].group(1)) if found["p99"] else math.nan
@@ -171,6 +192,28 @@ def run_wrk(name: str, url: str, body: str, seconds: float, connections: int) ->
     if sock:
         errors += sum(int(g) for g in sock.groups())
     return Result(name, rps, p50, p99, errors)
+
+
+def count_fsyncs(pid: int, run: Callable[[], Result]) -> tuple[int, Result]:
+    """``fsync`` + ``fdatasync`` calls made by every thread of ``pid`` while ``run``
+    runs (``strace -c``), and ``run``'s result."""
+    tids = [p.name for p in Path(f"/proc/{pid}/task").iterdir()]
+    with tempfile.NamedTemporaryFile(suffix=".strace") as out:
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", out.name,
+             *(a for tid in tids for a in ("-p", tid))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(1.0)  # attached
+        result = run()
+        tracer.send_signal(2)  # SIGINT: detach and write the summary
+        tracer.wait(30)
+        text = Path(out.name).read_text()
+    calls = 0
+    for line in text.splitlines():
+        cols = line.split()
+        if cols and cols[-1] in ("fsync", "fdatasync"):
+            calls += int(cols[3])
+    return calls, result
 
 
 @contextlib.contextmanager
@@ -193,6 +236,7 @@ def stack(tmp: Path, db_env: dict[str, str], gateway: bool,
                                       tmp / "gateway.log"))  # fmt: skip
             gw = f"http://127.0.0.1:{gport}"
             wait_http(f"{gw}/ready", proc=procs[1])
+        STACK_PIDS[:] = [p.pid for p in procs]
         yield worker, gw
     finally:
         for proc in procs:
@@ -223,7 +267,12 @@ def measure(seconds: float, runs: int, connections: int, postgres_url: str | Non
     def rec(name: str, url: str, body: str, secs: float = seconds, conns: int = connections,
             n: int = runs, worker: str = "") -> None:  # fmt: skip
         for _ in range(n):
-            got.setdefault(name, []).append(run_load(name, url, body, secs, conns))
+            pid = STACK_PIDS[0] if STACK_PIDS else 0
+            before = cpu_seconds(pid) if pid else 0.0
+            res = run_load(name, url, body, secs, conns)
+            if pid and res.rps:
+                CPU_US[name] = (cpu_seconds(pid) - before) / (res.rps * secs) * 1e6
+            got.setdefault(name, []).append(res)
             if worker:
                 settle(worker)
 
@@ -240,7 +289,14 @@ def measure(seconds: float, runs: int, connections: int, postgres_url: str | Non
                     worker=worker)
             rec(f"floor ({store})", worker + PATH + "GetCurrentTenant", "{}")
             rec(f"direct ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY, worker=worker)
+            rec(f"direct c1 ({store})", worker + PATH + "SubmitJob", SUBMIT_BODY, conns=1,
+                worker=worker)
             rec(f"gateway ({store})", gw + PATH + "SubmitJob", SUBMIT_BODY, worker=worker)
+            if store == "sqlite" and shutil.which("strace"):
+                calls, res = count_fsyncs(STACK_PIDS[0], lambda w=worker: run_load(
+                    "fsyncs", w + PATH + "SubmitJob", SUBMIT_BODY, seconds, connections))
+                FSYNCS[store] = calls / max(1.0, res.rps * max(1, round(seconds)))
+                settle(worker)
     for server in servers:
         with tempfile.TemporaryDirectory() as d, \
                 stack(Path(d), _db_env("sqlite", Path(d), None), False, server) as (worker, _):
@@ -264,19 +320,37 @@ def report(figs: dict[str, Figure], runs: int, seconds: float, connections: int,
         "| scenario | req/s | p50 ms | p99 ms | errors | ratio | goal |",
         "|---|---:|---:|---:|---:|---|---|",
     ]
+    floor_goal = {"sqlite": 0.25, "postgres": 0.15}
     for store in ("sqlite", "postgres"):
         if f"floor ({store})" not in figs:
             continue
         fl, di, gw = (figs[f"{k} ({store})"] for k in ("floor", "direct", "gateway"))
         d_ratio = di.med("rps") / fl.med("rps")
         g_ratio = gw.med("rps") / di.med("rps")
-        for fig, ratio, goal in (
+        rows = [
             (fl, "1.00 (floor: GetCurrentTenant)", ""),
-            (di, f"{d_ratio:.2f}× floor", f"≥ 0.5× {_verdict(d_ratio >= 0.5)}"),
-            (gw, f"{g_ratio:.2f}× direct", f"≥ 0.8× {_verdict(g_ratio >= 0.8)}"),
-        ):
+            (di, f"{d_ratio:.2f}× floor", f"≥ {floor_goal[store]}× "
+                                          f"{_verdict(d_ratio >= floor_goal[store])}"),
+        ]  # fmt: skip
+        c1 = figs.get(f"direct c1 ({store})")
+        if c1 is not None:
+            share = di.med("rps") / c1.med("rps")
+            rows.append((c1, f"-c{connections} does {share:.1f}× this",
+                         f"≥ 4× {_verdict(share >= 4)}"))
+        rows.append((gw, f"{g_ratio:.2f}× direct", f"≥ 0.8× {_verdict(g_ratio >= 0.8)}"))
+        for fig, ratio, goal in rows:
             lines.append(f"| {fig.name} | {fig.span('rps')} | {fig.span('p50_ms', '.2f')} | "
                          f"{fig.span('p99_ms', '.1f')} | {fig.errors} | {ratio} | {goal} |")
+    cpu = [f"{name}: {us:,.0f} µs" for name, us in CPU_US.items()
+           if name.startswith(("floor (", "direct (", "direct c1 ("))]
+    if cpu:
+        lines += ["", "Worker CPU per request (utime + stime of the worker process over the "
+                      "last run of each scenario; for SubmitJob it includes the poller "
+                      "completing the job): " + "; ".join(cpu) + "."]
+    for store, per in FSYNCS.items():
+        lines += ["", f"fsyncs per submit, `-c{connections}`, {store} (strace -c over every "
+                      f"thread of the worker, one run of its own): **{per:.3f}** "
+                      f"(goal ≤ 0.5: {_verdict(per <= 0.5)})"]
     if "latency direct" in figs:
         ld, lg = figs["latency direct"], figs["latency gateway"]
         added = lg.med("p50_ms") - ld.med("p50_ms")

@@ -17,8 +17,9 @@ from bench import faults
 
 pytestmark = pytest.mark.e2e
 
-ARGV = ["--soak-seconds", "5", "--rate", "20", "--outage-seconds", "2", "--outage-rate", "20",
-        "--kill-jobs", "30", "--kill-rate", "15", "--tenants", "6"]  # fmt: skip
+ARGV = ["--soak-seconds", "5", "--rate", "20", "--fallback-rates", "", "--outage-seconds", "2",
+        "--outage-rate", "20", "--kill-jobs", "30", "--kill-rate", "15",
+        "--tenants", "6"]  # fmt: skip
 COLUMNS = ["scenario", "result", "submitted", "acknowledged", "errors", "lost", "duplicated",
            "half-written", "slow failures", "measures"]  # fmt: skip
 
@@ -45,14 +46,14 @@ def test_bench_faults_smoke(postgres_url: str, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert returned is None or returned in out
     rows = rows_of(out)
-    assert set(rows) == {"soak", "outage", "kill"}
+    assert set(rows) == {"soak 20/s", "outage", "kill"}
     for name, row in rows.items():
         assert "crashed" not in row["measures"], row
         assert re.fullmatch(r"PASS|FAIL.*", row["result"]), row
         assert int(row["submitted"]) > 0 and int(row["acknowledged"]) == int(row["submitted"]), row
         for count in ("lost", "duplicated", "half-written", "slow failures"):
             assert row[count] == "0", (name, count, row)
-    soak, outage, kill = rows["soak"], rows["outage"], rows["kill"]
+    soak, outage, kill = rows["soak 20/s"], rows["outage"], rows["kill"]
     assert re.search(r"rate [\d.]+/s of 20 \([\d.]+×\)", soak["measures"]), soak
     assert re.search(r"latency p50 \d+ ms, p99 \d+ ms", soak["measures"]), soak
     for proc in ("gateway", "w1", "w2", "w3"):

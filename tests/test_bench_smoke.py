@@ -72,3 +72,26 @@ def test_make_bench_writes_the_report(tmp_path: object, monkeypatch: pytest.Monk
     assert bench_main.main(["--only", "ring", "--out", str(out)]) == 0
     text = out.read_text()
     assert "- machine:" in text and "## Ring balance and remap" in text and "| 3 → 4 |" in text
+
+
+WRK_REPORT = """Running 3s test @ http://127.0.0.1:1/x
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.11ms    4.02ms  45.03ms   89.00%
+    Req/Sec     3.60k   416.42     4.08k    82.50%
+  Latency Distribution
+     50%    4.25ms
+     75%    6.00ms
+     90%   10.00ms
+     99%    1.20s
+  21600 requests in 3.00s, 3.10MB read
+  Non-2xx or 3xx responses: 7
+Requests/sec:   7200.00
+"""
+
+
+def test_wrk_report_is_read_from_its_latency_lines() -> None:
+    from bench.submit import parse_wrk
+
+    r = parse_wrk("x", WRK_REPORT)
+    assert (r.rps, r.p50_ms, r.p99_ms, r.errors) == (7200.0, 4.25, 1200.0, 7)
