@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TypeVar, cast
 
 import pytest
 
@@ -571,12 +571,12 @@ class StoreContract:
             AppendEvents((detail(job, "k"),)),
         ])  # fmt: skip
         assert isinstance(results[0], LeaseLost)
-        stored, created = results[1]  # type: ignore[misc]
+        stored, created = cast(tuple[Job, bool], results[1])
         assert created and stored.job_id == new.job_id
         assert isinstance(results[2], Job) and results[2].status is JobStatus.SCHEDULED
         assert isinstance(results[3], Conflict)
         assert results[4] == (stored, False)  # same request id, same batch
-        assert [p for p, _ in results[5]] == [Placed.STORED]  # type: ignore[attr-defined]
+        assert [p for p, _ in cast(list[tuple[Placed, JobEvent]], results[5])] == [Placed.STORED]
         assert [k for _, k in kinds(store, job)] == [
             EventKind.SUBMITTED, EventKind.SCHEDULED, EventKind.STATUS_DETAIL]
         assert [k for _, k in kinds(store, stored)] == [EventKind.SUBMITTED]
