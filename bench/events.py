@@ -24,8 +24,8 @@ Run: ``.venv/bin/python -m bench.events [--history 100000] [--watchers 10] [--se
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench._postgres import private_postgres
+from bench.submit import cpu_seconds
 from database.base import AppendEvents, CreateJob, JobStore
 from database.postgres import PostgresStore
 from database.sqlite import SQLiteStore
@@ -70,12 +71,8 @@ def fill_history(store: JobStore, events: int, per_job: int = 100) -> int:
     return last[-1].position if last else 0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _worker(tmp: Path, env: dict[str, str], provider: str) -> tuple[str, object]:
+def _worker(tmp: Path, env: dict[str, str], provider: str,
+            ) -> tuple[str, subprocess.Popen[bytes]]:  # fmt: skip
     port = free_port()
     wenv = {"JENNAH_DEV_MODE": "1", "JENNAH_HOME": str(tmp), "WORKER_ID": "bench-events",
             "WORKER_PORT": str(port), "BATCH_PROVIDER": provider,
@@ -98,7 +95,7 @@ def idle_watchers(history: int, watchers: int, seconds: float) -> list[str]:
         store.close()
         fill_s = time.monotonic() - t0
         url, proc = _worker(tmp, {"DB_PROVIDER": "sqlite", "DB_PATH": str(db)}, "dry")
-        pid = proc.pid  # type: ignore[attr-defined]
+        pid = proc.pid
         try:
             time.sleep(1.0)
             c0 = cpu_seconds(pid)
@@ -123,7 +120,7 @@ def idle_watchers(history: int, watchers: int, seconds: float) -> list[str]:
             time.sleep(seconds)
             loaded = (cpu_seconds(pid) - c0) / seconds
         finally:
-            stop(proc)  # type: ignore[arg-type]
+            stop(proc)
     per = max(0.0, loaded - base) / watchers
     verdict = "met" if per < 0.01 else "**MISSED**"
     return [
@@ -158,7 +155,7 @@ def output_throughput(mib: int) -> list[str]:
 
             wait_until(done, timeout=600, interval=0.05)
         finally:
-            stop(proc)  # type: ignore[arg-type]
+            stop(proc)
         conn = sqlite3.connect(db)
         try:
             rows = conn.execute("SELECT kind, created_at, length(CAST(output AS BLOB)) "

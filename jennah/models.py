@@ -67,7 +67,7 @@ class EventKind(StrEnum):
     """Kinds of job events; the stored spelling is the name.
 
     *Lifecycle* kinds are written by the store in the transaction of the transition (or
-    claim) they report; *execution* kinds (``EXECUTION_KINDS``) are what an owner observes
+    claim) they report; *execution* kinds (OUTPUT, STATUS_DETAIL) are what an owner observes
     while an execution runs, delivered through its WAL. ``LEASE_LOST`` is never stored (a
     stale owner cannot write); it stays in the enum because the wire enum has it.
     """
@@ -85,7 +85,6 @@ class EventKind(StrEnum):
     OUTPUT = "OUTPUT"
 
 
-EXECUTION_KINDS = frozenset({EventKind.OUTPUT, EventKind.STATUS_DETAIL})
 TERMINAL_KINDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.CANCELLED})
 # The event of each transition, by the status it enters (a retry re-enters PENDING).
 EVENT_FOR_STATUS: Mapping[JobStatus, EventKind] = {

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from database.memory import MemoryStore
 from tests.test_wal_support import (
     FAST,
+    FailingFsync,
     RecordingSink,
     Stream,
     detail,
@@ -54,12 +55,8 @@ def test_failing_fsync_refuses_appends_until_the_disk_is_back(
     running_job(store, "x")
     sink = RecordingSink(store)
     registry = CollectorRegistry()
-    failing = threading.Event()
-
-    def fsync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        os.fdatasync(fd)
+    fsync = FailingFsync(errno.ENOSPC)
+    failing = fsync.failing
 
     out = Stream("x")
     ok1 = [out.next("first\n")]
@@ -104,12 +101,8 @@ def test_health_does_not_recover_while_the_disk_still_fails(
 ) -> None:
     """The probe must go through the same fsync as appends: a fresh segment that was
     made durable some other way would say 'ok' while every append still fails."""
-    failing = threading.Event()
-
-    def fsync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(errno.EIO, "Input/output error")
-        os.fdatasync(fd)
+    fsync = FailingFsync(errno.EIO)
+    failing = fsync.failing
 
     async def main() -> None:
         log = new_log(tmp_path, RecordingSink(), fsync=fsync)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jennah.models import JobEvent
-from tests.test_wal_support import detail
+from tests.test_wal_support import FailingFsync, detail
 from worker.wal.format import (
     HEADER_SIZE,
     KIND_CHECKPOINT,
@@ -283,12 +283,8 @@ def test_a_running_worker_holds_its_newest_segment_even_while_rolling(tmp_path: 
 
 def test_failing_fsync_fails_the_append_drops_its_events_and_rolls(tmp_path: Path) -> None:
     d = tmp_path / "w1"
-    failing = threading.Event()
-
-    def fsync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        os.fdatasync(fd)
+    fsync = FailingFsync(errno.ENOSPC)
+    failing = fsync.failing
 
     async def main() -> None:
         wal = WorkerWal(d, fsync=fsync)
@@ -332,12 +328,8 @@ def test_a_failed_append_leaves_no_valid_record_behind_for_the_next_start(
     (shutdown) must cut them, or the next start would deliver events whose append
     failed (their producer reads them again, so they would go in twice)."""
     d = tmp_path / "w1"
-    failing = threading.Event()
-
-    def fsync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(errno.EIO, "Input/output error")
-        os.fdatasync(fd)
+    fsync = FailingFsync(errno.EIO)
+    failing = fsync.failing
 
     async def main() -> None:
         wal = WorkerWal(d, fsync=fsync)
@@ -455,12 +447,9 @@ def test_recovery_completes_when_no_segment_can_be_started(tmp_path: Path) -> No
         wal.close()
 
     asyncio.run(before())
-    failing = threading.Event()
+    fsync = FailingFsync(errno.ENOSPC)
+    failing = fsync.failing
     failing.set()
-
-    def fsync(fd: int) -> None:
-        if failing.is_set():
-            raise OSError(errno.ENOSPC, "No space left on device")
 
     wal = WorkerWal(d, segment_bytes=300, fsync=fsync)
     report = wal.open()  # the last segment is full: a new one is needed, and fails

@@ -8,7 +8,9 @@ fail, so each test can check "each event once in the store" and "nothing sent tw
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -163,3 +165,17 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.002)
+
+
+class FailingFsync:
+    """A WAL ``fsync`` that raises ``OSError(err)`` while ``failing`` is set (a full disk,
+    an I/O error) and otherwise makes the file durable."""
+
+    def __init__(self, err: int = errno.ENOSPC) -> None:
+        self.err = err
+        self.failing = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        if self.failing.is_set():
+            raise OSError(self.err, os.strerror(self.err))
+        os.fdatasync(fd)

@@ -72,9 +72,9 @@ class Poller:
         # The provider's last raw state per job, to report changes that map to no new status
         # (GCP QUEUED -> SCHEDULED are both SCHEDULED) as STATUS_DETAIL events.
         self._raw: dict[str, tuple[int, str]] = {}
-        jobs.before_end = self.drain
+        jobs.before_end = self.settle_output
 
-    async def drain(self, job: Job) -> bool:
+    async def settle_output(self, job: Job) -> bool:
         """Before an end the provider did not report (a cancel): read the execution's
         last output and wait for the job's events to reach the store. False if that
         cannot be done now (nothing is recorded then; the next cycle tries again)."""

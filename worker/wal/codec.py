@@ -19,11 +19,6 @@ from jennah.v1 import deployment_pb2 as pb
 from jennah.v1 import wal_pb2
 from worker.wal.format import KIND_CHECKPOINT, KIND_META, WalError
 
-# v1: the kinds that ended an execution's log.
-TERMINAL_KINDS = frozenset(
-    {EventKind.COMPLETED, EventKind.FAILED, EventKind.CANCELLED, EventKind.LEASE_LOST}
-)
-
 
 class PayloadError(WalError):
     """A record passed its CRC but its payload does not decode (a foreign writer)."""

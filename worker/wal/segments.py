@@ -468,10 +468,6 @@ class WorkerWal:
     def pending(self) -> int:
         return len(self._pending)
 
-    @property
-    def pending_bytes(self) -> int:
-        return self._pending_bytes
-
     def pending_events(self) -> list[Pending]:
         return list(self._pending)
 
