@@ -105,6 +105,11 @@ def now_utc() -> datetime:
 # --- page tokens ----------------------------------------------------------------------
 
 
+# A job id is a UUID (36 characters); a token holds one and a timestamp.
+MAX_JOB_ID_CHARS = 128
+MAX_PAGE_TOKEN_CHARS = 512
+
+
 def encode_page_token(created_at: datetime, job_id: str) -> str:
     """An opaque, urlsafe token for the position after ``(created_at, job_id)``."""
     raw = json.dumps([to_micros(created_at), job_id], separators=(",", ":")).encode()
@@ -112,23 +117,30 @@ def encode_page_token(created_at: datetime, job_id: str) -> str:
 
 
 def decode_page_token(token: str) -> tuple[datetime, str]:
-    """The ``(created_at, job_id)`` a token encodes; ``InvalidArgument`` if undecodable."""
+    """The ``(created_at, job_id)`` a token encodes. The token comes from a client, so
+    every way it can be wrong (bad base64, bad UTF-8, JSON nested thousands deep, a NUL
+    byte or an overlong id) is ``InvalidArgument``, never a store error."""
+    bad = InvalidArgument("page_token is not valid")
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise bad
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token is not valid") from None
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise bad from None
     if (
         not isinstance(value, list)
         or len(value) != 2
         or type(value[0]) is not int
         or not isinstance(value[1], str)
+        or "\x00" in value[1]
+        or len(value[1]) > MAX_JOB_ID_CHARS
     ):
-        raise InvalidArgument("page_token is not valid")
+        raise bad
     try:
         return from_micros(value[0]), value[1]
-    except OverflowError:
-        raise InvalidArgument("page_token is not valid") from None
+    except (OverflowError, ValueError, OSError):
+        raise bad from None
 
 
 def page_token_after(jobs: list[Job]) -> str:

@@ -304,7 +304,7 @@ class SqlStore(ABC):
     def _tenant_job(self, tx: Tx, tenant_id: str, job_id: str) -> Job:
         rows = tx.rows(f"{_SELECT_JOB} WHERE tenant_id = ? AND job_id = ?", tenant_id, job_id)
         if not rows:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         return c.job_from_row(rows[0])
 
     def list_jobs(self, tenant_id: str, flt: JobFilter, page_size: int, page_token: str) -> Page:
@@ -338,7 +338,7 @@ class SqlStore(ABC):
                 True, tx.now(), tenant_id, job_id,
             )  # fmt: skip
             if not rows:
-                raise NotFound(f"job {job_id} not found")
+                raise NotFound.job(job_id)
             return c.job_from_row(rows[0])
 
     def delete_job(self, tenant_id: str, job_id: str) -> None:
@@ -346,7 +346,7 @@ class SqlStore(ABC):
             rows = tx.rows(f"SELECT job_id FROM jobs WHERE tenant_id = ? AND job_id = ?"
                            f"{self.for_update}", tenant_id, job_id)  # fmt: skip
             if not rows:
-                raise NotFound(f"job {job_id} not found")
+                raise NotFound.job(job_id)
             for table in ("job_events", "job_transitions", "job_output"):
                 tx.run(f"DELETE FROM {table} WHERE job_id = ?", job_id)
             tx.run("DELETE FROM jobs WHERE job_id = ? AND tenant_id = ?", job_id, tenant_id)

@@ -888,7 +888,7 @@ class DynamoDBStore:
     def _tenant_job(self, tenant_id: str, job_id: str) -> Job:
         job = self._job(job_id)
         if job is None or job.tenant_id != tenant_id:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         return job
 
     def _batch_delete(self, keys: Sequence[Item]) -> None:
@@ -1481,16 +1481,16 @@ class DynamoDBStore:
                 ReturnValues="ALL_NEW", **e.args(),
             )  # fmt: skip
         except _ConditionFailed:
-            raise NotFound(f"job {job_id} not found") from None
+            raise NotFound.job(job_id) from None
         return _job_from_item(resp["Attributes"])
 
     def delete_job(self, tenant_id: str, job_id: str) -> None:
         job = self._job(job_id)
         if job is None:
             self._sweep(tenant_id, job_id)  # what a delete cut short may have left
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         if job.tenant_id != tenant_id:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         e = _Expr()
         ops: list[dict[str, Any]] = [{"Delete": {
             "TableName": self.table, "Key": _job_key(job_id),
@@ -1501,7 +1501,7 @@ class DynamoDBStore:
         try:
             self._call("transact_write_items", TransactItems=ops)
         except _Cancelled:
-            raise NotFound(f"job {job_id} not found") from None
+            raise NotFound.job(job_id) from None
         # The job item is gone, so no write of the job can commit any more (they are all
         # conditional on it); now sweep its item collection and its tenant copies.
         self._sweep(tenant_id, job_id)

@@ -77,7 +77,7 @@ class MemoryStore:
     def _tenant_job(self, tenant_id: str, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None or job.tenant_id != tenant_id:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         return job
 
     def write_batch(self, ops: Sequence[WriteOp]) -> list[WriteResult]:

@@ -739,7 +739,7 @@ class SpannerStore:
         rows = self._rows(reader, f"{_SELECT} WHERE tenant_id = @t AND job_id = @j",
                           t=tenant_id, j=job_id)  # fmt: skip
         if not rows:
-            raise NotFound(f"job {job_id} not found")
+            raise NotFound.job(job_id)
         return _job(rows[0])
 
     # --- schema ------------------------------------------------------------------------

@@ -24,6 +24,9 @@ from jennah.errors import SettingsError
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
+# JobStatus without its prefix (tests/test_cli.py checks it against the proto); a word
+# outside it is a usage error, not a traceback.
+JOB_STATUS_CHOICES = ("pending", "scheduled", "running", "completed", "failed", "cancelled")
 
 
 def _print_json(msg: Message) -> None:
@@ -195,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ("delete", cmd_delete, "delete a job")):
         add(name, fn, help_).add_argument("job_id")
     p = add("list", cmd_list, "list jobs, newest first")
-    p.add_argument("--status", default="", help="pending, scheduled, running, completed, ...")
+    p.add_argument("--status", default="", type=str.lower, choices=JOB_STATUS_CHOICES,
+                   help="only jobs in this state")
     p.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name-prefix", default="")
     p.add_argument("--page-size", type=int, default=0)

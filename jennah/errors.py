@@ -47,8 +47,21 @@ class StoreError(JennahError):
     """A job store operation failed."""
 
 
+ECHO_CHARS = 128
+
+
+def echoed(value: str) -> str:
+    """``value`` as an error message may repeat it: at most ``ECHO_CHARS`` characters
+    (a client's 500 KB job id is not sent back to it)."""
+    return value if len(value) <= ECHO_CHARS else value[:ECHO_CHARS] + "…"
+
+
 class NotFound(StoreError):
     """No such job for this tenant (also used for another tenant's job)."""
+
+    @classmethod
+    def job(cls, job_id: str) -> NotFound:
+        return cls(f"job {echoed(job_id)} not found")
 
 
 class LeaseLost(StoreError):
@@ -61,6 +74,15 @@ class Conflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached; the operation may be retried later."""
+
+
+class StoreBusy(StoreError, ResourceExhausted):
+    """The store is up but saturated (every pooled connection is in use, or this worker's
+    bound on in-flight store work is reached): back-pressure, not an outage. Maps to
+    ``resource_exhausted`` with a retry hint (docs/design.md §8)."""
+
+    def __init__(self, message: str, retry_after_seconds: float | None = 1.0) -> None:
+        ResourceExhausted.__init__(self, message, retry_after_seconds)
 
 
 # --- batch providers ------------------------------------------------------------------

@@ -184,8 +184,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# Control characters a text log must not carry raw (a NUL byte or a carriage return from
+# a client's value would corrupt or forge lines); newlines and tabs stay, for tracebacks.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if chr(c) not in "\n\t"}
+
+
 class TextFormatter(logging.Formatter):
-    """The developer format, with the known ids appended."""
+    """The developer format, with the known ids appended, and control characters other
+    than newline and tab escaped (``\\x00``)."""
 
     def __init__(self, redact: Redactor | None = None) -> None:
         super().__init__("%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -196,7 +202,7 @@ class TextFormatter(logging.Formatter):
         fields = {k: v for k, v in context_fields(record).items() if k != "worker_id"}
         if fields:
             text += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
-        return self.redact(text)
+        return self.redact(text).translate(_CONTROL_ESCAPES)
 
 
 def configure_logging(

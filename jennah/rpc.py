@@ -8,6 +8,8 @@ otherwise send the exception text).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import re
@@ -17,10 +19,13 @@ from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.codec import Codec
-from connectrpc.compat import google_protobuf_codecs
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.errors import ConnectError, ErrorDetail
 from connectrpc.request import RequestContext
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.rpc.error_details_pb2 import RetryInfo  # type: ignore[import-untyped]
 from protobuf.wkt import Any as AnyDetail
 
@@ -90,7 +95,9 @@ def to_connect_error(exc: BaseException) -> ConnectError:
                 message = encodable(str(exc))
                 if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_seconds:
                     wait = math.ceil(exc.retry_after_seconds * 10) / 10
-                    message += f" (retry after {wait:.1f} s)"
+                    # The message ends "retry after N s", N whole seconds as in the
+                    # retry-after header; RetryInfo keeps the tenths.
+                    message += f"; retry after {max(1, math.ceil(wait))} s"
                     return ConnectError(code, message, [retry_info_detail(wait)])
                 return ConnectError(code, message)
     log.exception("unhandled error in RPC", exc_info=exc)
@@ -114,43 +121,144 @@ _INTERNAL_TEXT = re.compile(
 
 
 class SafeDecodeCodec:
-    """A codec whose decode failures never carry Python internals to the client.
+    """A codec whose decode failures never carry Python internals to the client, and that
+    refuses what protobuf would otherwise let through silently (docs/design.md §8).
 
     connectrpc decodes a request before any interceptor runs and reports a failure as
     ``invalid_argument`` with the exception's text, which can be an internal error from the
     protobuf runtime (for example ``SystemError: <method 'get' of ... objects>`` for a lone
     surrogate in a JSON enum). Helpful parser messages ("Failed to parse max_retries
     field: ...") are kept; anything that looks like Python internals is replaced.
+
+    A decoded message is then checked by :func:`refuse_hostile`: no NUL byte in any string
+    and no enum number the schema does not define. With ``json=True`` the JSON codec is
+    strict (unknown field names and enum names are errors, as protojson and connect-go do
+    by default), and integer enum values are checked in the JSON text itself, because
+    ``json_format`` drops one that does not fit in 32 bits without a word.
     """
 
-    def __init__(self, inner: Codec) -> None:
+    def __init__(self, inner: Codec, *, json: bool = False) -> None:
         self._inner = inner
+        self._json = json
 
     def name(self) -> str:
         return self._inner.name()
 
     def encode(self, message: Any) -> bytes:
+        if self._json:  # compact, as curl users read it (the stock codec indents by 2)
+            return json.dumps(json_format.MessageToDict(message), separators=(",", ":"),
+                              ensure_ascii=False).encode()
         return self._inner.encode(message)
 
     def decode(self, data: bytes | bytearray, message_class: type[Any]) -> Any:
         try:
-            return self._inner.decode(data, message_class)
+            message = self._inner.decode(data, message_class)
+            if self._json and _has_enums(message.DESCRIPTOR):
+                _refuse_json_enum_numbers(json.loads(data), message.DESCRIPTOR)
         except RecursionError:
             text = "the request is nested too deeply"
         except UnicodeDecodeError:
             text = "the request is not valid UTF-8"
+        except HostileValue as exc:
+            raise ConnectError(Code.INVALID_ARGUMENT, encodable(str(exc))) from None
         except Exception as exc:
             text = str(exc)
             if "maximum recursion depth" in text:  # json_format wraps the RecursionError
                 text = "the request is nested too deeply"
             elif _INTERNAL_TEXT.search(text):
                 text = f"the request is not a valid {message_class.__name__}"
+        else:
+            try:
+                refuse_hostile(message)
+            except HostileValue as exc:
+                raise ConnectError(Code.INVALID_ARGUMENT, encodable(str(exc))) from None
+            return message
         raise ConnectError(Code.INVALID_ARGUMENT, f"unmarshal message: {encodable(text)}") from None
 
 
+class HostileValue(ValueError):
+    """A decoded request holds a value no handler should see."""
+
+
+_STRING = FieldDescriptor.TYPE_STRING
+_ENUM = FieldDescriptor.TYPE_ENUM
+_MESSAGE = FieldDescriptor.TYPE_MESSAGE
+
+
+def refuse_hostile(message: Message, path: str = "") -> None:
+    """Raise :class:`HostileValue` if any string in ``message`` (map keys and values,
+    nested messages included) holds a NUL byte, or any enum field holds a number its
+    enum does not define. Only the fields that are set are visited."""
+    for field, value in message.ListFields():
+        name = path + field.name
+        if field.type == _STRING:
+            for text in (value if _repeated(field) else (value,)):
+                if "\x00" in text:
+                    raise HostileValue(f"{name}: must not contain a NUL byte")
+        elif field.type == _ENUM:
+            for number in (value if _repeated(field) else (value,)):
+                if not _defined(field, number):
+                    raise HostileValue(f"{name}: {number} is not a {field.enum_type.name}")
+        elif field.type == _MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                _refuse_hostile_map(field, value, name)
+            else:
+                for item in (value if _repeated(field) else (value,)):
+                    refuse_hostile(item, name + ".")
+
+
+def _refuse_hostile_map(field: FieldDescriptor, entries: Any, name: str) -> None:
+    key_field = field.message_type.fields_by_name["key"]
+    value_field = field.message_type.fields_by_name["value"]
+    for key in entries:
+        if key_field.type == _STRING and "\x00" in key:
+            raise HostileValue(f"{name}: a key must not contain a NUL byte")
+        item = entries[key]
+        if value_field.type == _STRING and "\x00" in item:
+            raise HostileValue(f"{name}[{errors.echoed(key)!r}]: must not contain a NUL byte")
+        if value_field.type == _MESSAGE:
+            refuse_hostile(item, f"{name}[{errors.echoed(key)!r}].")
+
+
+def _defined(field: FieldDescriptor, number: int) -> bool:
+    # The range check first: upb looks a number up by its low 32 bits, so 2**40 "is" 0.
+    return -(2**31) <= number < 2**31 and number in field.enum_type.values_by_number
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+@functools.cache
+def _has_enums(descriptor: Descriptor) -> bool:
+    return any(f.type == _ENUM or (f.type == _MESSAGE and _has_enums(f.message_type))
+               for f in descriptor.fields)
+
+
+def _refuse_json_enum_numbers(value: Any, descriptor: Descriptor) -> None:
+    """Integer enum values in a JSON request must be defined (json_format keeps an
+    undefined one that fits in 32 bits, which :func:`refuse_hostile` then sees, but drops a
+    larger one silently)."""
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        field = descriptor.fields_by_camelcase_name.get(key) or descriptor.fields_by_name.get(key)
+        if field is None:
+            continue
+        items = item if isinstance(item, list) else [item]
+        if field.type == _ENUM:
+            for number in items:
+                if isinstance(number, int) and not _defined(field, number):
+                    raise HostileValue(f"{field.name}: {number} is not a {field.enum_type.name}")
+        elif field.type == _MESSAGE and not field.message_type.GetOptions().map_entry:
+            for nested in items:
+                _refuse_json_enum_numbers(nested, field.message_type)
+
+
 def safe_codecs() -> list[Codec]:
-    """The default codecs (binary and JSON, google.protobuf), wrapped in SafeDecodeCodec."""
-    return [SafeDecodeCodec(c) for c in google_protobuf_codecs()]
+    """Binary and strict JSON (google.protobuf), each wrapped in SafeDecodeCodec."""
+    return [SafeDecodeCodec(google_protobuf_binary_codec()),
+            SafeDecodeCodec(google_protobuf_json_codec(ignore_unknown_fields=False), json=True)]
 
 
 class ErrorMapper:

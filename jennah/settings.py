@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ REQUIRED_BY_STORE: Mapping[str, tuple[str, ...]] = {
 
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
+_TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # the tenant id format (docs/design.md §8)
 
 
 def jennah_home(env: Mapping[str, str]) -> Path:
@@ -98,6 +100,19 @@ class _Env:
             self.problems.append(f"{'PORT' if self.text('PORT') else name}={raw_port!r}")
             return default
         return value
+
+    def allow_lists(self, name: str) -> dict[str, frozenset[str]]:
+        """``tenant=a,b;tenant2=c`` → ``{tenant: {a, b}, tenant2: {c}}``."""
+        raw = self.text(name)
+        lists: dict[str, frozenset[str]] = {}
+        for entry in filter(None, (e.strip() for e in raw.split(";"))):
+            tenant, sep, values = entry.partition("=")
+            items = frozenset(filter(None, (v.strip() for v in values.split(","))))
+            if not sep or not _TENANT.fullmatch(tenant.strip()) or not items:
+                self.problems.append(f"{name} entry {entry[:80]!r} (expected tenant=a,b;tenant2=c)")
+                continue
+            lists[tenant.strip()] = lists.get(tenant.strip(), frozenset()) | items
+        return lists
 
     def require(self, names: tuple[str, ...], owner: str) -> None:
         for name in names:
@@ -180,6 +195,10 @@ class WorkerSettings:
     # WAL_MAX_PENDING_BYTES: above this many undelivered bytes, appends are refused (the
     # producers keep their offsets and read again) instead of growing memory.
     wal_max_pending_bytes: int = 256 << 20
+    # TENANT_SERVICE_ACCOUNTS: the service accounts each tenant may name in a job
+    # (``tenant=a@p.iam.gserviceaccount.com,b@…;tenant2=…``). A job naming any other is
+    # refused; empty means no tenant may name one.
+    tenant_service_accounts: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -291,6 +310,7 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         admission=_admission_settings(e),
         wal_segment_bytes=e.number("WAL_SEGMENT_BYTES", 16 << 20, int, 4096),
         wal_max_pending_bytes=e.number("WAL_MAX_PENDING_BYTES", 256 << 20, int, 1 << 20),
+        tenant_service_accounts=e.allow_lists("TENANT_SERVICE_ACCOUNTS"),
     )
     if not settings.dev_mode and not settings.worker_token:
         e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")

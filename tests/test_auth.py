@@ -15,6 +15,7 @@ import secrets
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,6 +253,46 @@ def test_keys_are_picked_up_and_revoked_without_restart(stack: Stack) -> None:
     line = next(r for r in after.splitlines() if r.startswith(key_id))
     assert line.split()[-1] != "-"  # the revoked column is filled in
     assert stat.S_IMODE(stack.keys_file.stat().st_mode) == 0o600
+
+
+def test_a_revoked_key_ends_its_streams(stack: Stack) -> None:
+    """A tenant-wide ``follow`` watch opened with key K stops, with ``unauthenticated``,
+    within about two seconds of ``jennah keys revoke K``, and sends nothing of a job that
+    another key of the tenant submits afterwards (it used to keep streaming, output and
+    all)."""
+    key = create_key(stack.keys_file, "acme", "streaming")
+    wait_until(lambda: whoami(stack, bearer(key))[0] == 200, timeout=5)
+    seen: list[str] = []
+    ended: list[BaseException | None] = []
+
+    def watch() -> None:
+        client = DeploymentServiceClientSync(stack.gateway, timeout_ms=30_000)
+        try:
+            for event in client.watch_job_events(pb.WatchJobEventsRequest(follow=True),
+                                                 headers=bearer(key)):
+                seen.append(event.job_id)
+            ended.append(None)
+        except BaseException as exc:  # recorded for the assertions below
+            ended.append(exc)
+        finally:
+            client.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    status, before = call(stack.gateway, "SubmitJob", {"image_uri": "busybox"}, bearer(key))
+    assert status == 200
+    wait_until(lambda: before["jobId"] in seen, timeout=10)  # the stream works meanwhile
+
+    revoked = jennah_cli("keys", "revoke", key.split("_")[1], keys_file=stack.keys_file)
+    assert revoked.returncode == 0, revoked.stderr
+    started = time.monotonic()
+    watcher.join(timeout=6)
+    assert not watcher.is_alive(), "the stream outlived its revoked key"
+    assert time.monotonic() - started < 3.5
+    assert isinstance(ended[0], ConnectError) and ended[0].code == Code.UNAUTHENTICATED
+    status, after = call(stack.gateway, "SubmitJob", {"image_uri": "busybox"},
+                         bearer(stack.acme))
+    assert status == 200 and after["jobId"] not in seen
 
 
 # --- start-up checks and the pieces, in process ----------------------------------------

@@ -42,3 +42,14 @@ def test_bad_settings_stop_start_up_with_one_line_naming_every_variable(tmp_path
         assert name in lines[0], name
     gw = _jennah("gateway", env={"JENNAH_DEV_MODE": "1"})
     assert gw.returncode == 2 and "WORKER_ENDPOINTS" in gw.stderr
+
+
+def test_list_status_choices_are_the_protos_and_a_bad_one_is_a_usage_error() -> None:
+    from jennah.cli import JOB_STATUS_CHOICES
+    from jennah.v1 import deployment_pb2 as pb
+
+    names = tuple(n.removeprefix("JOB_STATUS_").lower() for n in pb.JobStatus.keys()[1:])
+    assert names == JOB_STATUS_CHOICES
+    proc = _jennah("list", "--status", "bogus", "--url", "http://127.0.0.1:9", env={})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid choice: 'bogus'" in proc.stderr

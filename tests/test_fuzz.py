@@ -22,6 +22,8 @@ any log record.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.client
 import json
 import logging
@@ -47,6 +49,7 @@ from jennah.errors import InvalidArgument
 from jennah.models import JobFilter
 from jennah.settings import load_gateway_settings, load_worker_settings
 from jennah.v1 import deployment_pb2 as pb
+from tests.fixtures.postgres import fresh_database
 from tests.helpers import SERVICE, ThreadServer, wait_until
 from worker.app import build_runtime, create_app
 from worker.convert import spec_from_request
@@ -115,14 +118,25 @@ def count_jobs(store: JobStore, tenant: str) -> int:
             return total
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The stack on SQLite, then on PostgreSQL (where a NUL byte once reached the store
+    and came back as ``internal``)."""
     home = Path(tempfile.mkdtemp(prefix="jennah-fuzz-"))
+    with contextlib.ExitStack() as stores:
+        if request.param == "postgres":
+            url = stores.enter_context(fresh_database(request.getfixturevalue("postgres_url")))
+            db = {"DB_PROVIDER": "postgres", "DATABASE_URL": url}
+        else:
+            db = {"DB_PROVIDER": "sqlite", "DB_PATH": str(home / "jennah.db")}
+        yield from _stack(home, db)
+
+
+def _stack(home: Path, db: dict[str, str]) -> Iterator[Stack]:
     env = {"JENNAH_HOME": str(home), "JENNAH_DEV_MODE": "1", "WORKER_ID": "w-fuzz",
-           "DB_PROVIDER": "sqlite", "DB_PATH": str(home / "jennah.db"), "BATCH_PROVIDER": "dry",
-           "WORKER_POLL_INTERVAL_SECONDS": "0.05",
+           "BATCH_PROVIDER": "dry", "WORKER_POLL_INTERVAL_SECONDS": "0.05",
            # Admission limits have their own tests; here they would only add 429s.
-           "TENANT_SUBMIT_RATE": "0", "TENANT_MAX_ACTIVE_JOBS": "0"}
+           "TENANT_SUBMIT_RATE": "0", "TENANT_MAX_ACTIVE_JOBS": "0", **db}
     settings_ = load_worker_settings(env)
     store = create_store(settings_.store)
     registry = CollectorRegistry()
@@ -141,6 +155,7 @@ def stack() -> Iterator[Stack]:
     finally:
         root.removeHandler(capture)
         ours.setLevel(old_level)
+        store.close()
 
 
 # --- talking to it ---------------------------------------------------------------------
@@ -393,12 +408,24 @@ def tenant_headers() -> st.SearchStrategy[str | None]:
 
 
 def parse_json(method: str, data: bytes) -> Message | None:
+    """The request as protojson reads it by default (strict: an unknown field or enum
+    name is an error), or None if it is not one."""
     msg = REQUEST_TYPES[method]()
     try:
-        json_format.Parse(data.decode("utf-8"), msg, ignore_unknown_fields=True)
+        json_format.Parse(data.decode("utf-8"), msg)
     except (json_format.ParseError, UnicodeDecodeError, RecursionError, ValueError):
         return None
     return msg
+
+
+def acceptable_json(method: str, data: bytes) -> bool:
+    """Whether a server may accept ``data``: strict protojson, no NUL byte in any string,
+    and a numeric ``status`` only if JobStatus defines it (json_format itself drops a
+    number over 32 bits without a word)."""
+    if parse_json(method, data) is None or b"\\u0000" in data:
+        return False
+    status = json.loads(data).get("status") if data.lstrip().startswith(b"{") else None
+    return not (isinstance(status, int) and status not in pb.JobStatus.values())
 
 
 # --- the fuzz tests ---------------------------------------------------------------------
@@ -420,8 +447,10 @@ def test_fuzz_json(stack: Stack, target: str, method: str, submit: dict[str, Any
                    data: st.DataObject) -> None:
     body = submit if method == "SubmitJob" else other
     raw = corrupt_text(data.draw, json.dumps(body).encode())
-    exchange(stack, target=target, method=method, body=raw, ctype=ctype, tenant=tenant,
-             parsed=parse_json(method, raw))
+    code = exchange(stack, target=target, method=method, body=raw, ctype=ctype, tenant=tenant,
+                    parsed=parse_json(method, raw))
+    if code is None:  # unknown fields, unknown enums and NUL bytes are never accepted
+        assert acceptable_json(method, raw), (method, raw[:200])
 
 
 texts = st.text(max_size=40) | st.sampled_from([
@@ -696,3 +725,67 @@ def test_regressions(stack: Stack, target: str) -> None:
     assert (ans.status, resp["code"]) == (400, "invalid_argument")
     assert "recursion" not in resp["message"] and "nested too deeply" in resp["message"]
     assert sum(r.levelno >= logging.ERROR for r in stack.logs.records) == errors_before
+
+
+def _token(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+HOSTILE = [
+    ("GetJob", {"job_id": "j\u0000x"}),
+    ("CancelJob", {"job_id": "\u0000"}),
+    ("ListJobs", {"name_prefix": "a\u0000"}),
+    ("ListJobs", {"labels": {"team": "a\u0000"}}),
+    ("ListJobs", {"page_token": _token([1, "x\u0000y"])}),
+    ("ListJobs", {"page_token": _token([1, "x" * 10_000])}),
+    # A page token of JSON nested 5,000 deep was RecursionError → internal on every store.
+    ("ListJobs", {"page_token": base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode()}),
+    ("ListJobs", {"page_token": _token([2**80, "x"])}),
+    ("ListJobs", {"status": "JOB_STATUS_BOGUS"}),
+    ("ListJobs", {"status": 1099511627776}),
+    ("ListJobs", {"status": 99}),
+    ("SubmitJob", {"image_uri": "busybox", "comands": ["true"]}),
+    ("SubmitJob", {"image_uri": "busybox", "commands": ["true"], "env_vars": {"A": "\u0000"}}),
+    ("SubmitJob", {"image_uri": "busybox", "commands": ["true"], "name": "n\u0000"}),
+    ("SubmitJob", {"image_uri": "busybox", "commands": ["true"], "request_id": "r\u0000"}),
+    ("ListJobEvents", {"job_id": "j\u0000"}),
+]
+
+
+@pytest.mark.parametrize("target", ["gateway", "worker"])
+@pytest.mark.parametrize(("method", "body"), HOSTILE, ids=[f"{m}-{i}" for i, (m, _) in
+                                                          enumerate(HOSTILE)])
+def test_hostile_values_are_invalid_argument(stack: Stack, target: str, method: str,
+                                             body: dict[str, Any]) -> None:
+    """NUL bytes, hostile page tokens, unknown fields and unknown enum values: each is
+    ``invalid_argument`` on both apps and both stores, nothing is stored, nothing is logged
+    at ERROR, and no raw NUL byte reaches the log."""
+    base = stack.gateway if target == "gateway" else stack.worker
+    errors_before = sum(r.levelno >= logging.ERROR for r in stack.logs.records)
+    before = stack.counts()
+    ans = send(base, f"{SERVICE}/{method}", json.dumps(body).encode(),
+               {"Content-Type": "application/json", "X-Tenant-Id": "fuzz-a"})
+    resp = json.loads(ans.body)
+    assert (ans.status, resp["code"]) == (400, "invalid_argument"), resp
+    assert stack.counts() == before
+    assert sum(r.levelno >= logging.ERROR for r in stack.logs.records) == errors_before
+    assert "\x00" not in stack.logs.text()
+
+
+@pytest.mark.parametrize("target", ["gateway", "worker"])
+def test_binary_enum_numbers_are_checked(stack: Stack, target: str) -> None:
+    base = stack.gateway if target == "gateway" else stack.worker
+    body = pb.ListJobsRequest(status=99).SerializeToString()  # type: ignore[arg-type]
+    ans = send(base, f"{SERVICE}/ListJobs", body,
+               {"Content-Type": "application/proto", "X-Tenant-Id": "fuzz-a"})
+    assert ans.status == 400 and b"99 is not a JobStatus" in ans.body
+
+
+@pytest.mark.parametrize("target", ["gateway", "worker"])
+def test_echoed_ids_are_cut(stack: Stack, target: str) -> None:
+    base = stack.gateway if target == "gateway" else stack.worker
+    ans = send(base, f"{SERVICE}/GetJob", json.dumps({"job_id": "k" * 500_000}).encode(),
+               {"Content-Type": "application/json", "X-Tenant-Id": "fuzz-a"})
+    resp = json.loads(ans.body)
+    assert resp["code"] == "not_found"
+    assert "k" * 128 in resp["message"] and len(resp["message"]) < 200

@@ -159,3 +159,15 @@ def test_vcpus_and_unknown_profiles() -> None:
     assert [Resources(m, 1).vcpus for m in (250, 1000, 1500, 16000)] == ["0.25", "1", "1.5", "16"]
     with pytest.raises(ProviderRejected, match="unknown resource profile 'huge'"):
         resolve(JobSpec(image_uri="x", resource_profile="huge"))
+
+
+def test_tenant_service_accounts_are_parsed_and_checked(tmp_path: Path) -> None:
+    base = {"JENNAH_DEV_MODE": "1", "JENNAH_HOME": str(tmp_path)}
+    settings = load_worker_settings({**base, "TENANT_SERVICE_ACCOUNTS":
+                                     " acme = a@p.iam , b@p.iam ; beta=c@p.iam;acme=d@p.iam"})
+    assert settings.tenant_service_accounts == {
+        "acme": frozenset({"a@p.iam", "b@p.iam", "d@p.iam"}), "beta": frozenset({"c@p.iam"})}
+    assert load_worker_settings(base).tenant_service_accounts == {}
+    for bad in ("acme", "Acme=a@p.iam", "acme=", "=a@p.iam"):
+        with pytest.raises(SettingsError, match="TENANT_SERVICE_ACCOUNTS"):
+            load_worker_settings({**base, "TENANT_SERVICE_ACCOUNTS": bad})

@@ -4,6 +4,7 @@ provider whose answers each test sets explicitly."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from database.base import UpdateJob, WriteOp, WriteResult
 from database.memory import MemoryStore
 from jennah.errors import (
     FailedPrecondition,
+    InvalidArgument,
     LeaseLost,
     NotFound,
     ProviderRejected,
@@ -511,3 +513,23 @@ def test_a_cancel_ends_the_stream_after_the_output_printed_before_it(env: Env) -
             (EventKind.OUTPUT, "a\n"), (EventKind.OUTPUT, "b\n"), (EventKind.CANCELLED, "")]
 
     run(go())
+
+
+def test_a_service_account_needs_the_tenants_allow_list(env: Env) -> None:
+    """Any tenant could otherwise run as any account the worker may act as: a job naming
+    a service account is refused, before anything is stored, unless the account is on
+    that tenant's list (TENANT_SERVICE_ACCOUNTS)."""
+    runner = "runner@p.iam.gserviceaccount.com"
+    jobs = JobService(env.store, env.provider, worker_id="w1", lease_ttl=30, clock=env.clock,
+                      service_accounts={"acme": frozenset({runner})})
+    spec = dataclasses.replace(SPEC, service_account=runner)
+    for tenant, account in (("beta", runner), ("acme", "admin@p.iam.gserviceaccount.com")):
+        with pytest.raises(InvalidArgument, match="not allowed for this tenant"):
+            run(jobs.submit(tenant, dataclasses.replace(spec, service_account=account), "r"))
+        assert env.store.list_jobs(tenant, JobFilter(), 10, "").jobs == []
+    job = run(jobs.submit("acme", spec, "r-ok"))
+    assert isinstance(job, Job) and job.spec.service_account == runner
+    # Without an allow-list no tenant may name one; jobs without one are unaffected.
+    with pytest.raises(InvalidArgument):
+        run(env.jobs.submit("acme", spec, "r-2"))
+    assert isinstance(run(env.jobs.submit("acme", SPEC, "r-3")), Job)

@@ -89,7 +89,7 @@ def build_runtime(
     jobs = JobService(
         store, provider, committer=committer,
         worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
-        admission=admission,
+        admission=admission, service_accounts=settings.tenant_service_accounts,
     )  # fmt: skip
     leases = LeaseKeeper(jobs, settings.lease_ttl_seconds, settings.claim_interval_seconds)
     leases.on_claimed = notifier.notify

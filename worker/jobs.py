@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -31,10 +31,12 @@ from database.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
 from jennah.errors import (
     Conflict,
     FailedPrecondition,
+    InvalidArgument,
     JennahError,
     LeaseLost,
     ProviderError,
     ShuttingDown,
+    echoed,
 )
 from jennah.models import (
     EVENT_FOR_STATUS,
@@ -112,8 +114,11 @@ class JobService:
         clock: Callable[[], datetime] = utcnow,
         new_id: Callable[[], str] = new_job_id,
         admission: Admission | None = None,
+        service_accounts: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
         self.store = store
+        # Which cloud service accounts each tenant may run as (TENANT_SERVICE_ACCOUNTS).
+        self.service_accounts = service_accounts or {}
         self.provider = provider
         self.committer = committer or GroupCommitter(store)
         self.worker_id = worker_id
@@ -156,6 +161,7 @@ class JobService:
         """
         if self.draining:
             raise ShuttingDown(DRAINING_MESSAGE)
+        self._check_service_account(tenant_id, spec)
         ticket = await self.admission.admit(tenant_id, request_id)
         job = Job(
             job_id=self.new_id(),
@@ -166,6 +172,16 @@ class JobService:
             owner_worker_id=self.worker_id,
         )
         return await self._finish_even_if_cancelled(self._submit(job, ticket))
+
+    def _check_service_account(self, tenant_id: str, spec: JobSpec) -> None:
+        """A job runs as a tenant-named service account only if that tenant may use it:
+        otherwise any tenant could act as anything the worker's own identity can
+        impersonate (docs/design.md §8)."""
+        account = spec.service_account
+        if account and account not in self.service_accounts.get(tenant_id, frozenset()):
+            raise InvalidArgument(
+                f"service_account {echoed(account)!r} is not allowed for this tenant "
+                "(the operator lists each tenant's accounts in TENANT_SERVICE_ACCOUNTS)")
 
     async def _submit(self, job: Job, ticket: Ticket) -> Job:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from jennah.errors import InvalidArgument
+from jennah.errors import InvalidArgument, echoed
 from jennah.models import RESOURCE_PROFILES, JobSpec, ResourceOverride
 
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -76,9 +76,10 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
             )
         if len(value.encode()) > MAX_ENV_VALUE_BYTES:
             # Never echo the value: it may be a secret.
-            raise InvalidArgument(f"env var {name} value is over {MAX_ENV_VALUE_BYTES} bytes")
+            raise InvalidArgument(
+                f"env var {echoed(name)} value is over {MAX_ENV_VALUE_BYTES} bytes")
         if "\x00" in value:
-            raise InvalidArgument(f"env var {name} value contains a NUL byte")
+            raise InvalidArgument(f"env var {echoed(name)} value contains a NUL byte")
     return dict(env)
 
 
