@@ -12,6 +12,9 @@ this order:
    never a tenant id. From any other peer the header is refused, not ignored, so a
    misrouted deployment fails loudly. A ``Bearer`` that is not a ``jk_`` key (oauth2-proxy
    may pass the user's ID token along) does not stop the proxy identity from applying.
+   The peer is the TCP peer: ``X-Forwarded-For`` and ``Forwarded`` never change it (no
+   server rewrites ``scope["client"]``, see :mod:`jennah.serve`), so a call through a
+   trusted proxy is judged by the proxy's own address, whatever those headers say.
 3. **Dev mode only** (``"dev-header"``, ``JENNAH_DEV_MODE=1``): ``X-Tenant-Id`` is
    trusted; missing or malformed is ``invalid_argument`` (§11 table). Outside dev mode
    ``X-Tenant-Id`` is ignored: a call carrying only it is ``unauthenticated``.
@@ -91,8 +94,8 @@ class TenantAuth:
     def identify(self, headers: Mapping[str, str], peer: str | None = None) -> tuple[str, str]:
         """Return ``(tenant_id, auth_method)``; raise InvalidArgument or Unauthenticated.
 
-        ``peer`` is the TCP peer as ``"host:port"`` (connectrpc's ``ctx.client_address``).
-        """
+        ``peer`` is the TCP peer as ``"host:port"`` (connectrpc's ``ctx.client_address``,
+        never taken from ``X-Forwarded-For``: see the module docstring)."""
         token = _bearer(headers)
         if self.keys is not None:
             if token is not None and token.startswith(KEY_PREFIX):

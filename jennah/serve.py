@@ -35,6 +35,45 @@ so Connect, gRPC-Web and gRPC, from Envoy with the app embedded in it. How it di
   <_pyvoy.asgi.RecvFutureExecutor ...>"). The response is already sent and nothing is
   lost, so :class:`_PyvoyCancelledRecvFilter` drops exactly that record (same exception
   type, same callback class) rather than let it page anyone.
+* pyvoy 1.3 wart (read in its source, reproduced): once the request body has ended, its
+  ``receive()`` answers ``http.request`` (empty, ``more_body=False``) again and again at
+  once, instead of waiting for ``http.disconnect``, which comes only when the stream is
+  over (response sent, client gone). connectrpc watches for a disconnect with ``while
+  not disconnected: await receive()`` as soon as a handler suspends. A request that
+  ended with its headers (no body: an empty binary message such as ``ListJobs({})`` in
+  ``application/proto``, i.e. ``Content-Length: 0``, or h2 HEADERS with END_STREAM) gets
+  a ``receive()`` whose awaitable completes *without suspending*: the watch never yields,
+  the one event loop inside Envoy is stuck, and that call and every other one hang until
+  the clients' deadlines (a gateway then marks its workers down). With a body each turn
+  goes through Envoy: no hang, but a busy loop per call in flight.
+  :class:`_ReceiveWaitsAfterBody` wraps the app under pyvoy: after the body, its
+  ``receive()`` polls pyvoy's every :data:`DISCONNECT_POLL_SECONDS` and returns only
+  ``http.disconnect``, as the ASGI spec asks of a server, so a client that leaves is
+  noticed within that interval. It also orders the stop (its docstring): calls still in
+  flight when the lifespan shutdown arrives are ended before the app shuts down.
+
+**Client addresses.** ``scope["client"]`` (connectrpc's ``ctx.client_address``) is what
+:mod:`gateway.auth` matches against ``JENNAH_TRUSTED_PROXIES``, so it must be the TCP
+peer, never something a client wrote (docs/design.md §8 "Proxy trust"). No server may
+rewrite it from ``X-Forwarded-For`` or ``Forwarded``:
+
+* uvicorn does by default (``proxy_headers=True``, trusting ``FORWARDED_ALLOW_IPS``,
+  default 127.0.0.1): anyone on the gateway's host could claim a trusted proxy's address,
+  and a same-host proxy that appends ``X-Forwarded-For`` lost its own address. We pass
+  ``proxy_headers=False``.
+* hypercorn takes the client from ``getpeername()``; its ``ProxyFixMiddleware`` is
+  opt-in and we do not use it.
+* Envoy (pyvoy) with its default ``use_remote_address: false`` takes the *last*
+  ``X-Forwarded-For`` entry as the downstream address, and pyvoy reports that as
+  ``scope["client"]`` (checked: ``("10.9.9.9", 0)``). :func:`client_is_tcp_peer` sets
+  ``use_remote_address: true`` (the connection's address) with ``skip_xff_append: true``
+  (the app sees the headers the client sent, as under the other two servers) on every
+  HTTP connection manager of the config pyvoy generates, and refuses to start if it
+  finds none.
+
+None of the three writes an access log here (uvicorn ``access_log=False``, hypercorn
+``accesslog=None``, pyvoy configures none) and no log line of ours carries a client
+address.
 """
 
 from __future__ import annotations
@@ -50,7 +89,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from jennah.asgi import ASGIApp
+from jennah.asgi import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("jennah.serve")
 
@@ -87,6 +126,8 @@ def serve(
         # Our logging (jennah/logging.py, JSON in the images) is already configured:
         # without this uvicorn would install its own plain-text handlers beside it.
         log_config=None,
+        # The client address is the TCP peer, never X-Forwarded-For (module docstring).
+        proxy_headers=False,
         timeout_graceful_shutdown=int(grace) if grace else None,
     )
     Server(config).run()
@@ -124,7 +165,7 @@ def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> Non
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = grace
-    config.accesslog = None
+    config.accesslog = None  # no ProxyFixMiddleware either: the client is the TCP peer
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -150,7 +191,7 @@ def __getattr__(name: str) -> Any:
     role = name.removesuffix("_app")
     if name.endswith("_app") and role in PYVOY_ROLES:
         if role not in _built:
-            _built[role] = _build(role)
+            _built[role] = _ReceiveWaitsAfterBody(_build(role))
         return _built[role]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -162,6 +203,104 @@ class _PyvoyCancelledRecvFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         return not (isinstance(exc, asyncio.InvalidStateError)
                     and "_pyvoy.asgi.RecvFutureExecutor" in record.getMessage())
+
+
+# How often, once the request body has ended, pyvoy is asked whether the client is gone.
+DISCONNECT_POLL_SECONDS = 0.5
+# At the lifespan shutdown, how long the calls still in flight get to end first.
+CALLS_END_SECONDS = 2.0
+
+
+class _ReceiveWaitsAfterBody:
+    """ASGI middleware for pyvoy: after the request body, ``receive()`` waits for
+    ``http.disconnect`` instead of repeating the end of the body (module docstring).
+
+    The stop needs care. Envoy resets the streams still open (a follow-watch that
+    outlived the drain) as it exits, and then runs the lifespan shutdown on pyvoy's
+    executor thread, the same thread that would answer a ``receive()`` on a reset stream:
+    a poll made then waits until the app has shut down, and the call is torn down with
+    the event loop, mid-generator (asyncio logs "aclose(): asynchronous generator is
+    already running"). So at ``lifespan.shutdown`` every polling ``receive()`` returns
+    ``http.disconnect`` without asking pyvoy (connectrpc then cancels the handler), and
+    the shutdown reaches the app once those calls are done, or after
+    :data:`CALLS_END_SECONDS`, as uvicorn and hypercorn end their calls before it too.
+    One event loop serves the lifespan and the calls (pyvoy's default, one worker thread).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self._calls += 1
+        self._idle.clear()
+        try:
+            await self.app(scope, self._http_receive(receive), send)
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
+    def _http_receive(self, receive: Receive) -> Receive:
+        body_ended = False
+
+        async def receive_until_disconnect() -> dict[str, Any]:
+            nonlocal body_ended
+            if not body_ended:
+                message = await receive()
+                body_ended = message["type"] != "http.request" or not message.get(
+                    "more_body", False)
+                return message
+            # pyvoy answers the end of the body again, maybe without suspending: poll.
+            while not self._stopping.is_set():
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), DISCONNECT_POLL_SECONDS)
+            # Stopping: not pyvoy's receive() any more, whose answer to a stream Envoy has
+            # reset now waits for the thread that is busy running the lifespan shutdown.
+            return {"type": "http.disconnect"}
+
+        return receive_until_disconnect
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def receive_after_calls_end() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                self._stopping.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), CALLS_END_SECONDS)
+            return message
+
+        return receive_after_calls_end
+
+
+def client_is_tcp_peer(config: dict[str, Any]) -> dict[str, Any]:
+    """Make every HTTP connection manager in a pyvoy Envoy config report the TCP peer as
+    the client, whatever ``X-Forwarded-For`` says (module docstring). In place; returns it."""
+    managers = [
+        f["typed_config"]
+        for listener in config.get("static_resources", {}).get("listeners", [])
+        for chain in listener.get("filter_chains", [])
+        for f in chain.get("filters", [])
+        if f.get("name") == "envoy.filters.network.http_connection_manager"
+    ]
+    if not managers:  # pyvoy changed its config: refuse rather than trust X-Forwarded-For
+        raise RuntimeError("pyvoy: no HTTP connection manager found in the Envoy config")
+    for manager in managers:
+        manager["use_remote_address"] = True
+        manager["skip_xff_append"] = True
+    return config
 
 
 def _build(role: str) -> ASGIApp:
@@ -235,8 +374,12 @@ def _serve_pyvoy(role: str, *, host: str, port: int, grace: float) -> None:
             "JENNAH_SERVER=pyvoy needs the pyvoy extra: pip install 'jennah[pyvoy]'"
         ) from None
 
+    class Server(PyvoyServer):
+        def get_envoy_config(self) -> dict[str, Any]:
+            return client_is_tcp_peer(super().get_envoy_config())
+
     async def main() -> int:
-        server = PyvoyServer(
+        server = Server(
             f"{__name__}:{role}_app", address=host, port=port, lifespan=True,
             stdout=None, stderr=None,  # inherit: the app logs to our stderr
         )

@@ -2,8 +2,11 @@
 
 Checks what jennah/serve.py promises for pyvoy: host/port honoured, the ASGI lifespan runs
 inside Envoy (startup: the poller drives a job to COMPLETED; shutdown on SIGTERM: the
-lease hand-over line is logged and the process exits 0 within the grace), Connect JSON
-unary and server-streaming, and gRPC over h2c with a grpcio client.
+lease hand-over line is logged and the process exits 0 within the grace, a follow-watch
+that outlived the drain ended first), Connect JSON unary and server-streaming, gRPC over
+h2c with a grpcio client, and a client that leaves a watch ending it. Empty request
+bodies and client addresses are checked under every server, pyvoy included, in
+tests/test_serve_empty_body.py and tests/test_proxy_trust.py.
 """
 
 from __future__ import annotations
@@ -169,6 +172,30 @@ def test_grpc_over_h2c(worker: Worker) -> None:
         with pytest.raises(grpc.RpcError) as err:
             get_rpc(pb.GetJobRequest(job_id="nope"), metadata=meta, timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def canceled_watches(w: Worker) -> float:
+    with urllib.request.urlopen(f"{w.base}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    pattern = r'jennah_worker_requests_total\{(?=[^}]*code="canceled")(?=[^}]*WatchJobEvents)' \
+        r"[^}]*\} (\S+)"
+    return sum(float(v) for v in re.findall(pattern, text))
+
+
+def test_a_client_leaving_a_follow_watch_is_noticed(worker: Worker) -> None:
+    """After the request body pyvoy's ``receive()`` is polled, not awaited (jennah/serve.py):
+    a client that goes away still ends its call, within about the poll interval."""
+    before = canceled_watches(worker)
+    payload = json.dumps({"follow": True}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
+    conn.request("POST", f"{SERVICE}/WatchJobEvents", struct.pack(">BI", 0, len(payload))
+                 + payload, {"Content-Type": "application/connect+json", **TENANT})
+    assert conn.getresponse().status == 200
+    time.sleep(0.3)
+    conn.close()
+    left = time.monotonic()
+    wait_until(lambda: canceled_watches(worker) > before, 5)
+    assert time.monotonic() - left < 2
 
 
 def test_sigterm_drains_runs_lifespan_shutdown_and_exits_within_grace(worker: Worker) -> None:
