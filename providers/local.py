@@ -5,11 +5,19 @@ Each execution is a directory ``<base_dir>/<provider_job_id>/`` and a detached r
 so any worker on the host can poll or cancel any job, and a worker's death leaves its
 jobs running and observable.
 
-**Resource path**: the job directory's absolute path, e.g.
-``/home/me/.jennah/local/j-0f3c...-0``. It names the job without reference to the worker
-that submitted it or to that worker's settings, like a cloud provider's full resource
-name. ``status`` and ``cancel`` accept only an absolute path whose last part is a valid
-provider job id, and treat a directory without ``spec.json`` as unknown.
+**Resource path**: ``local:<provider_job_id>``, e.g. ``local:j-0f3c...-0``, an id that
+names the job without reference to the worker that submitted it or to any host path
+(tenants see resource paths and messages: docs/design.md §3b). Each provider resolves
+it to ``<base_dir>/<provider_job_id>`` (:meth:`LocalProvider.directory_of`); every worker
+of a host shares ``LOCAL_BATCH_DIR``. Resource paths come from the store and are treated
+as untrusted: anything that is not an entry of ``base_dir`` once normalized (``..``,
+another root), or is a symlink, names no job. Jobs submitted before ids were used are
+stored with the directory's absolute path; that form is still accepted, under the same
+rule, so a worker upgraded while they run still polls, cancels and reads them. A
+directory without ``spec.json`` is an unknown job.
+
+**Messages** (status messages, errors) carry ids and reasons, never a path: the
+``OSError`` text of a failure, which names its file, stays out of them.
 
 **Runtimes**: ``spec.commands`` run directly on the host as argv. A container engine
 (docker or podman, usable only when ``<engine> info`` succeeds) is used when the job has
@@ -41,12 +49,13 @@ from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTa
 AUTO = "auto"
 RUNTIME_LABEL = "local-runtime"
 OUTPUT_CAP = 64 * 1024
-CANCEL_GRACE_SECONDS = 1.0
+CANCEL_GRACE_SECONDS = r.STOP_GRACE_SECONDS
 # A launched runner that has not claimed its job after this long is presumed dead, and
 # an adopting submit launches another (a duplicate runner is harmless: see the lock).
 LAUNCH_GRACE_SECONDS = 10.0
 LAUNCHED = "launched_at"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+PREFIX = "local:"
 
 
 @dataclass(frozen=True)
@@ -273,8 +282,9 @@ class LocalProvider:
             if created or self._needs_launch(job_dir):
                 self._launch(job_dir)
         except OSError as exc:
-            raise ProviderUnavailable(f"local provider cannot start {job_dir}: {exc}") from exc
-        return str(job_dir)
+            raise ProviderUnavailable(
+                f"local provider cannot start {task.provider_job_id}: {_reason(exc)}") from exc
+        return PREFIX + task.provider_job_id
 
     def _needs_launch(self, job_dir: Path) -> bool:
         if any((job_dir / n).exists() for n in (r.STARTED, r.EXIT_CODE, r.CANCELLED)):
@@ -300,20 +310,31 @@ class LocalProvider:
 
     # --- status --------------------------------------------------------------------------
 
-    def _resolve(self, resource_path: str) -> Path | None:
-        path = Path(resource_path)
-        if not path.is_absolute() or not _ID.fullmatch(path.name):
+    def directory_of(self, resource_path: str) -> Path | None:
+        """The job directory ``resource_path`` names, or None when it names none: it must
+        be, once normalized, an entry of ``base_dir`` named by a provider job id, and not
+        a symlink (job directories never are). ``..`` is normalized away before the check
+        and the normalized path is the one used, so nothing leads outside ``base_dir``.
+        See the module docstring for the two forms. One ``lstat``, no other I/O."""
+        if resource_path.startswith(PREFIX):
+            candidate = self.base_dir / resource_path[len(PREFIX) :]
+        elif resource_path.startswith("/"):  # the form from before ids (see above)
+            candidate = Path(os.path.normpath(resource_path))
+        else:
             return None
-        return path
+        if candidate.parent != self.base_dir or not _ID.fullmatch(candidate.name):
+            return None
+        return None if candidate.is_symlink() else candidate
 
     def status(self, resource_paths: Sequence[str]) -> dict[str, ProviderStatus]:
         try:
             return {p: self._status(p) for p in resource_paths}
         except OSError as exc:
-            raise ProviderUnavailable(f"local provider cannot read job state: {exc}") from exc
+            why = f"local provider cannot read job state: {_reason(exc)}"
+            raise ProviderUnavailable(why) from exc
 
     def _status(self, resource_path: str) -> ProviderStatus:
-        job_dir = self._resolve(resource_path)
+        job_dir = self.directory_of(resource_path)
         if job_dir is None:
             return ProviderStatus(None, "UNKNOWN", message="unknown job")
         obs = observe(job_dir)
@@ -342,7 +363,7 @@ class LocalProvider:
             return False
         pgid, start = (int(x) for x in text.split())
         stat = r.proc_stat(pgid)
-        if not (r.runner_alive(job_dir) or (stat is not None and stat[1] == start)):
+        if not (r.runner_alive(job_dir) or (stat is not None and stat.start == start)):
             return False
         try:
             os.killpg(pgid, sig)
@@ -357,12 +378,19 @@ class LocalProvider:
             return True
         text = r.read_text(job_dir / r.PID)
         stat = r.proc_stat(int(text.split()[0])) if text else None
-        return stat is not None and stat[0] != "Z"
+        return stat is not None and stat.state != "Z"
 
     def cancel(self, resource_path: str) -> None:
         """Mark the job cancelled, SIGTERM its process group, SIGKILL it after a grace of
-        at most a second. No-op for an unknown or finished job."""
-        job_dir = self._resolve(resource_path)
+        at most a second. No-op for an unknown or finished job.
+
+        The marker is what stops *all* of the job: its runner sees it within a fraction
+        of a second and ends every descendant, those that left the process group too,
+        before it records the exit code (``providers/local_runner.py``). So the cancel
+        completes even if this process dies right after writing the marker. Signalling
+        the group here as well makes the leader's end prompt, and still stops a job whose
+        runner predates that (or is gone)."""
+        job_dir = self.directory_of(resource_path)
         if job_dir is None or not (job_dir / r.SPEC).exists():
             return
         if (job_dir / r.EXIT_CODE).exists():
@@ -370,7 +398,7 @@ class LocalProvider:
         try:
             if not (job_dir / r.CANCELLED).exists():
                 r.write_atomic(job_dir / r.CANCELLED, r.now_iso())
-            # The runner re-checks the marker after writing the pid, so a job starting
+            # The runner looks for the marker after writing the pid, so a job starting
             # right now is stopped by one side or the other.
             if not self._signal_group(job_dir, signal.SIGTERM):
                 return
@@ -381,26 +409,36 @@ class LocalProvider:
                 time.sleep(0.02)
             self._signal_group(job_dir, signal.SIGKILL)
         except OSError as exc:
-            raise ProviderUnavailable(f"local provider cannot cancel {job_dir}: {exc}") from exc
+            why = f"local provider cannot cancel {job_dir.name}: {_reason(exc)}"
+            raise ProviderUnavailable(why) from exc
 
     # --- output --------------------------------------------------------------------------
 
     def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
         """New stdout/stderr text after the byte ``offsets``: whole lines only until the
         job has finished, at most ``OUTPUT_CAP`` bytes per stream, invalid UTF-8 replaced."""
-        job_dir = self._resolve(resource_path)
+        job_dir = self.directory_of(resource_path)
         if job_dir is None:
             return OutputChunk(offsets=offsets)
-        obs = observe(job_dir)  # before reading: once final, the files no longer grow
-        state, _, _ = map_state(obs)
-        final = obs.exit_code is not None or (state is not None and state.terminal
-                                              and not obs.runner_alive)
-        out, out_end = read_lines(job_dir / r.STDOUT, offsets[0], final)
-        err, err_end = read_lines(job_dir / r.STDERR, offsets[1], final)
+        try:
+            obs = observe(job_dir)  # before reading: once final, the files no longer grow
+            state, _, _ = map_state(obs)
+            final = obs.exit_code is not None or (state is not None and state.terminal
+                                                  and not obs.runner_alive)
+            out, out_end = read_lines(job_dir / r.STDOUT, offsets[0], final)
+            err, err_end = read_lines(job_dir / r.STDERR, offsets[1], final)
+        except OSError as exc:
+            why = f"local provider cannot read the output of {job_dir.name}: {_reason(exc)}"
+            raise ProviderUnavailable(why) from exc
         return OutputChunk(stdout=out, stderr=err, offsets=(out_end, err_end))
 
     def close(self) -> None:
         """Nothing to release: jobs and their runners deliberately outlive the provider."""
+
+
+def _reason(exc: OSError) -> str:
+    """What went wrong, without the file name that ``str(exc)`` would add."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
 
 
 def _message(raw: str, exit_code: int | None) -> str:

@@ -17,8 +17,9 @@ file a reader could see half-written is written to a temp file and renamed):
   never starts the job again, so a directory is executed at most once.
 * ``executions``: one line appended per real start (audits and tests count them).
 * ``pid``: ``"<pgid> <starttime>"``. The job runs in its own session and process group
-  (setsid, docs/design.md §11: its leader's pid is the group id), so cancel can kill all of it
-  and nothing else; the leader's ``/proc`` start time guards signals against pid reuse.
+  (setsid, docs/design.md §11: its leader's pid is the group id), so a provider can signal
+  the group without the runner; the leader's ``/proc`` start time guards signals against
+  pid reuse.
 * ``completed_at`` then ``exit_code``: written when the job ends, *before* the runner
   exits and releases the lock. So "no runner alive and no exit code" means the runner
   was lost (runner killed, host rebooted), never "about to write".
@@ -29,10 +30,29 @@ Exit codes follow the shell: a job killed by signal N is recorded as ``128 + N``
 (SIGTERM 143, SIGKILL 137); a command that cannot be found is 127, one that cannot be
 executed 126.
 
-When the job's leader exits, whatever it left behind in its process group is killed, as
-when a container's main process exits. The runner is a child subreaper (Linux), so the
-job's orphans are reaped here instead of piling up as zombies under a PID 1 that may not
-reap (the case in many containers, and on this project's CI machine).
+**The job is every descendant of the runner**, not its process group: a process that
+leaves the group or the session (``setsid``, a double-forked daemon) is still the job's.
+The runner is a child subreaper (Linux), so the job's orphans are re-parented to it
+(and reaped here rather than piling up as zombies under a PID 1 that may not reap, the
+case in many containers and on this project's CI machine). A process whose parent is
+still alive is not the runner's child, wherever it lives, so the descendants are found
+by walking the parent links of all of ``/proc`` (:func:`descendants`), not by listing
+the runner's children.
+
+* **The job is stopped** (:func:`_supervise`) when it is cancelled (the ``cancelled``
+  marker, which the runner looks for at least every ``POLL_SECONDS``: whoever wrote it
+  may have died right after, a worker killed mid-cancel included), when it reaches its
+  maximum run duration (``timed_out`` is written first), or when the runner itself gets
+  SIGTERM (an operator, a host shutdown). Stopping is SIGTERM to every descendant, then
+  SIGKILL to every one still alive after ``STOP_GRACE_SECONDS``.
+* **When the job's leader exits**, for whatever reason, every descendant left is killed
+  with SIGKILL, as when a container's main process exits, again and again until none is
+  left (a process may fork while the others are killed) and all are reaped, for at most
+  ``KILL_ALL_SECONDS`` (a process in uninterruptible sleep cannot be hurried). Only then
+  is the exit code written, so a job that reports an end has no process left.
+
+The runner blocks SIGCHLD and SIGTERM and takes them with ``sigtimedwait``; the job starts
+with an empty signal mask.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -52,8 +73,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 SPEC = "spec.json"
 LOCK = "lock"
@@ -78,6 +98,14 @@ LOCK_WAIT_SECONDS = 2.0
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8"}
 CONTAINER_ENV = ("DOCKER_HOST", "DOCKER_CONFIG", "CONTAINER_HOST", "XDG_RUNTIME_DIR")
 _PR_SET_CHILD_SUBREAPER = 36
+# Stopping a job: SIGTERM to all of it, SIGKILL to what is left after the grace.
+STOP_GRACE_SECONDS = 1.0
+# The longest wait before the runner looks for the ``cancelled`` marker.
+POLL_SECONDS = 0.25
+# The bound on killing and reaping what a job leaves behind when its leader exits.
+KILL_ALL_SECONDS = 5.0
+# What wakes the runner: a child changed state, or it is told to stop the job.
+_WAKE = frozenset({signal.SIGCHLD, signal.SIGTERM})
 
 
 def now_iso() -> str:
@@ -112,15 +140,67 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """``(state letter, start time in clock ticks)`` of a live or zombie pid, else None."""
+class Proc(NamedTuple):
+    """One process, as ``/proc/<pid>/stat`` shows it."""
+
+    pid: int
+    ppid: int
+    state: str  # "R", "S", "D", "T", ...; "Z" for a zombie
+    start: int  # clock ticks after boot: with the pid, it names one process for good
+
+
+def proc_stat(pid: int) -> Proc | None:
+    """The process ``pid``, live or zombie, or None when there is none."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode(errors="replace")
     except OSError:
         return None
     fields = raw[raw.rfind(")") + 2 :].split()  # the command name may contain spaces
-    return fields[0], int(fields[19])
+    return Proc(pid, int(fields[1]), fields[0], int(fields[19]))
+
+
+def descendants(root: int) -> list[Proc]:
+    """Every process below ``root`` (children, theirs, and so on; zombies included), from
+    the parent links of all of ``/proc``: session and process group play no part."""
+    children: dict[int, list[Proc]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (proc := proc_stat(int(entry))) is not None:
+            children.setdefault(proc.ppid, []).append(proc)
+    found: list[Proc] = []
+    seen, todo = {root}, [root]
+    while todo:  # ``seen``: a snapshot taken while pids are reused cannot make us loop
+        for proc in children.get(todo.pop(), ()):
+            if proc.pid not in seen:
+                seen.add(proc.pid)
+                found.append(proc)
+                todo.append(proc.pid)
+    return found
+
+
+def signal_process(proc: Proc, sig: int) -> None:
+    """Send ``sig`` to ``proc`` if it is still that process (same pid and start time). The
+    check and the signal go through one pidfd, so a pid reused in between is never hit
+    (a kernel without pidfds gets a plain ``kill`` right after the check)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return
+    except OSError:
+        fd = -1
+    try:
+        now = proc_stat(proc.pid)
+        if now is None or now.start != proc.start:
+            return
+        if fd < 0:
+            os.kill(proc.pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def runner_alive(job_dir: Path) -> bool:
@@ -182,27 +262,90 @@ def _spawn(argv: list[str], env: Mapping[str, str], job_dir: Path) -> int:
         (os.POSIX_SPAWN_OPEN, 1, str(job_dir / STDOUT), append, 0o600),
         (os.POSIX_SPAWN_OPEN, 2, str(job_dir / STDERR), append, 0o600),
     ]
-    # Python ignores SIGPIPE and SIGXFSZ; a job must see the defaults, as from a shell.
+    # Python ignores SIGPIPE and SIGXFSZ, and the runner blocks _WAKE; a job must see the
+    # defaults and an empty signal mask, as from a shell.
     return os.posix_spawn(
         exe, argv, dict(env), file_actions=actions, setsid=True,
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
     )
 
 
-def _wait_leader(pid: int) -> int:
-    """Wait for the job's leader without reaping it (its zombie keeps the group id ours),
-    reaping any adopted orphan meanwhile. Returns the shell-style exit code."""
+def _exit_code(info: os.waitid_result) -> int:
+    """The shell-style exit code of a child's exit: its status, or 128 + the signal."""
+    return info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+
+
+def _reap_orphans(leader: int) -> int | None:
+    """Reap every exited child but the leader. Once the leader has exited, its exit code;
+    its zombie stays (reaped after the exit code is written), so its pid, the job's process
+    group id, cannot be reused while a provider may still signal that group."""
     while True:
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         if info is None:
+            return None
+        if info.si_pid == leader:
+            return _exit_code(info)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+
+
+def _signal_all(sig: int, leader: int) -> list[Proc]:
+    """Send ``sig`` to every live descendant of the runner, and reap the zombie children but
+    the leader's (see :func:`_reap_orphans`). Returns the descendants found, zombies too,
+    but the leader's zombie."""
+    me = os.getpid()
+    found = []
+    for proc in descendants(me):
+        if proc.state != "Z":
+            signal_process(proc, sig)
+        elif proc.pid == leader:
             continue
-        if info.si_pid != pid:
+        elif proc.ppid == me:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(info.si_pid, 0)
-            continue
-        if info.si_code == os.CLD_EXITED:
-            return info.si_status
-        return 128 + info.si_status
+                os.waitpid(proc.pid, os.WNOHANG)
+        found.append(proc)
+    return found
+
+
+def _supervise(job_dir: Path, leader: int, max_run_seconds: float) -> int:
+    """Wait for the leader's exit (returning its exit code), reaping orphans and stopping
+    the job when told to (module docstring). Wakes on SIGCHLD, on SIGTERM, when the
+    maximum run duration or the grace ends, and every ``POLL_SECONDS``."""
+    deadline = time.monotonic() + max_run_seconds if max_run_seconds > 0 else math.inf
+    stop_since: float | None = None
+    told_to_stop = False
+    while (code := _reap_orphans(leader)) is None:
+        now = time.monotonic()
+        if stop_since is None:
+            if now >= deadline:
+                write_atomic(job_dir / TIMED_OUT, now_iso())
+            if now >= deadline or told_to_stop or (job_dir / CANCELLED).exists():
+                stop_since = now
+                _signal_all(signal.SIGTERM, leader)
+        elif now >= stop_since + STOP_GRACE_SECONDS:
+            _signal_all(signal.SIGKILL, leader)
+        if stop_since is None:
+            until = deadline
+        elif now < stop_since + STOP_GRACE_SECONDS:
+            until = stop_since + STOP_GRACE_SECONDS
+        else:
+            until = math.inf  # SIGKILL sent: the leader's end (SIGCHLD) wakes us
+        wait = min(POLL_SECONDS, max(until - now, 0.01))
+        woken = signal.sigtimedwait(_WAKE, wait)
+        told_to_stop |= woken is not None and woken.si_signo == signal.SIGTERM
+    return code
+
+
+def _kill_all(leader: int, timeout: float = KILL_ALL_SECONDS) -> bool:
+    """SIGKILL every descendant but the leader's zombie and reap them, until none is left
+    (True) or ``timeout`` has passed (False). Repeated because a process may fork, or an
+    orphan be re-parented to us, while the others are being killed."""
+    deadline = time.monotonic() + timeout
+    while _signal_all(signal.SIGKILL, leader):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _reap_rest(timeout: float) -> None:
@@ -221,27 +364,12 @@ def _finish(job_dir: Path, code: int) -> None:
     write_atomic(job_dir / EXIT_CODE, str(code), fsync=True)
 
 
-def _start_timeout(job_dir: Path, pgid: int, seconds: float) -> None:
-    """SIGTERM the job after ``seconds`` (marking it timed out), SIGKILL one second later."""
-    fired: list[bool] = []
-
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if not fired:
-                fired.append(True)
-                write_atomic(job_dir / TIMED_OUT, now_iso())
-                os.killpg(pgid, signal.SIGTERM)
-                signal.setitimer(signal.ITIMER_REAL, 1.0)
-            else:
-                os.killpg(pgid, signal.SIGKILL)
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-
-
 def run(job_dir: Path) -> int:
     """Run the job of ``job_dir`` once; 0 when the runner did its part (whatever the
     job's own exit code), which includes leaving a job to another runner."""
+    # Blocked before anything can send them: a pending signal waits for sigtimedwait
+    # (SIGCHLD, ignored by default, would otherwise be lost; SIGTERM would kill us).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _WAKE)
     if _acquire_lock(job_dir) is None:
         return 0  # another runner owns this job; our fd stays open until we exit
     spec = json.loads((job_dir / SPEC).read_text())
@@ -258,23 +386,21 @@ def run(job_dir: Path) -> int:
     try:
         pid = _spawn(list(spec["argv"]), job_env(spec, os.environ), job_dir)
     except OSError as exc:
+        # The job's stderr reaches its tenant: the reason only, never a host path.
         with open(job_dir / STDERR, "a") as f:
-            f.write(f"jennah local runner: cannot start {spec['argv'][0]!r}: {exc}\n")
+            why = os.strerror(exc.errno) if exc.errno else "error"
+            f.write(f"jennah local runner: cannot start {spec['argv'][0]!r}: {why}\n")
         _finish(job_dir, 127 if isinstance(exc, FileNotFoundError) else 126)
         return 0
     stat = proc_stat(pid)
-    write_atomic(job_dir / PID, f"{pid} {stat[1] if stat else 0}")
-    if (job_dir / CANCELLED).exists():  # cancelled while starting: cancel saw no pid yet
-        os.killpg(pid, signal.SIGKILL)
-    if float(spec.get("max_run_seconds") or 0) > 0:
-        _start_timeout(job_dir, pid, float(spec["max_run_seconds"]))
-    code = _wait_leader(pid)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)  # leftovers of the group, as when a container ends
+    # Written before the first look for ``cancelled``: a cancel that finds no pid yet
+    # (and so signals nothing) is seen by the runner's loop instead.
+    write_atomic(job_dir / PID, f"{pid} {stat.start if stat else 0}")
+    code = _supervise(job_dir, pid, float(spec.get("max_run_seconds") or 0))
+    _kill_all(pid)  # the job ends with all of its processes
     _finish(job_dir, code)
     os.waitpid(pid, 0)
-    _reap_rest(1.0)
+    _reap_rest(1.0)  # anything _kill_all could not end in time
     return 0
 
 

@@ -4,30 +4,35 @@ the runner's own failure, every row of the state mapping, and the container argv
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from jennah.errors import ProviderRejected, SettingsError
-from jennah.models import FailureClass, JobStatus, ResourceOverride
+from database.memory import MemoryStore
+from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
+from jennah.models import EventKind, FailureClass, JobSpec, JobStatus, ResourceOverride
 from jennah.settings import ProviderSettings
 from providers import create_provider
 from providers import local_runner as r
 from providers.base import ProviderTask
 from providers.local import (
     LAUNCHED,
+    PREFIX,
     LocalProvider,
     Observation,
     container_argv,
@@ -38,12 +43,17 @@ from providers.local import (
 from tests.helpers import REPO, wait_until
 from tests.provider_contract import (
     EXIT_0,
+    EXIT_3,
     IMAGE,
     SLEEP_60,
     ProviderContract,
     make_task,
     wait_for_state,
 )
+from worker.convert import event_to_pb, job_to_pb
+from worker.jobs import JobService
+from worker.poller import Poller
+from worker.store_events import StoreExecutionLog
 
 
 @dataclass
@@ -59,12 +69,12 @@ class LocalHarness:
         return len(text.splitlines()) if text else 0
 
     def unknown_path(self) -> str:
-        return str(self.provider.base_dir / "j-never-submitted-0")
+        return "local:j-never-submitted-0"
 
 
 def _stop_all(provider: LocalProvider) -> None:
     for job_dir in provider.base_dir.iterdir():
-        provider.cancel(str(job_dir))
+        provider.cancel(PREFIX + job_dir.name)
 
 
 @pytest.fixture
@@ -106,8 +116,15 @@ def group_members(pgid: int, *, live_only: bool = False) -> list[int]:
     return found
 
 
-def job_pgid(path: str) -> int:
-    text = wait_until(lambda: r.read_text(Path(path) / r.PID), 5)
+def jdir(p: LocalProvider, path: str) -> Path:
+    """The job directory of ``path``, which must name one."""
+    job_dir = p.directory_of(path)
+    assert job_dir is not None, path
+    return job_dir
+
+
+def job_pgid(p: LocalProvider, path: str) -> int:
+    text = wait_until(lambda: r.read_text(jdir(p, path) / r.PID), 5)
     return int(text.split()[0])
 
 
@@ -118,7 +135,7 @@ def test_cancel_kills_the_whole_process_group_within_two_seconds(harness: LocalH
     p = harness.provider
     path = p.submit(make_task(["sh", "-c", "sleep 60 & sleep 60 & wait"]))
     wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
-    pgid = job_pgid(path)
+    pgid = job_pgid(p, path)
     wait_until(lambda: len(group_members(pgid)) >= 3, 5)  # sh and both sleeps
     assert os.getsid(pgid) == pgid  # the job has a session of its own (setsid)
     started = time.monotonic()
@@ -135,7 +152,7 @@ def test_cancel_kills_a_job_that_ignores_sigterm(harness: LocalHarness) -> None:
     p = harness.provider
     path = p.submit(make_task(["sh", "-c", "trap '' TERM; sleep 60"]))
     wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
-    pgid = job_pgid(path)
+    pgid = job_pgid(p, path)
     wait_until(lambda: len(group_members(pgid)) >= 2, 5)
     started = time.monotonic()
     p.cancel(path)
@@ -154,19 +171,19 @@ def test_cancel_before_the_job_starts_means_it_never_starts(tmp_path: Path) -> N
     assert idle.status([path])[path].raw_state == "QUEUED"
     idle.cancel(path)
     assert idle.status([path])[path].state is JobStatus.CANCELLED
-    runner = subprocess.run([sys.executable, "-m", "providers.local_runner", path],
+    runner = subprocess.run([sys.executable, "-m", "providers.local_runner", str(jdir(idle, path))],
                             cwd="/", timeout=30, check=False)
     assert runner.returncode == 0
     st = idle.status([path])[path]
     assert st.state is JobStatus.CANCELLED and st.completed_at is not None
-    assert not (Path(path) / r.EXECUTIONS).exists()
+    assert not (jdir(idle, path) / r.EXECUTIONS).exists()
 
 
 def test_leftovers_are_killed_when_the_job_leader_exits(harness: LocalHarness) -> None:
     path = harness.provider.submit(make_task(["sh", "-c", "sleep 60 & echo $! ; exit 0"]))
     st = wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 5)
     assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
-    pgid = job_pgid(path)
+    pgid = job_pgid(harness.provider, path)
     wait_until(lambda: not group_members(pgid), 2)
 
 
@@ -214,7 +231,7 @@ def test_job_survives_kill_9_of_the_submitting_process(tmp_path: Path) -> None:
     child.kill()  # SIGKILL: no cleanup of any kind in the submitter
     child.wait(timeout=10)
     child.stdout.close()
-    runner_pid = int(r.read_text(Path(path) / r.RUNNER_PID) or 0)
+    runner_pid = int(r.read_text(jdir(watcher, path) / r.RUNNER_PID) or 0)
     assert os.getpgid(runner_pid) == runner_pid  # its own group and session (setsid)
     assert os.getsid(runner_pid) == runner_pid
     st = wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 10)
@@ -229,8 +246,8 @@ def test_runner_death_is_an_infrastructure_failure_and_stops_the_job(
     p = harness.provider
     path = p.submit(make_task(SLEEP_60))
     wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
-    pgid = job_pgid(path)
-    os.kill(int(r.read_text(Path(path) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    pgid = job_pgid(p, path)
+    os.kill(int(r.read_text(jdir(p, path) / r.RUNNER_PID) or 0), signal.SIGKILL)
     st = wait_for_state(harness, path, {JobStatus.FAILED}, 5)
     assert (st.raw_state, st.failure_class, st.exit_code) == (
         "LOST", FailureClass.INFRASTRUCTURE, None)
@@ -241,11 +258,10 @@ def test_runner_death_is_an_infrastructure_failure_and_stops_the_job(
     assert p.status([path])[path].state is JobStatus.FAILED
 
 
-def test_any_provider_instance_on_the_host_can_poll_and_cancel(
-    harness: LocalHarness, tmp_path: Path
-) -> None:
+def test_any_provider_instance_on_the_host_can_poll_and_cancel(harness: LocalHarness) -> None:
     path = harness.provider.submit(make_task(SLEEP_60))
-    other = LocalProvider(tmp_path / "elsewhere", container_engine=None)  # another worker
+    # Another worker: its own provider object, the host's shared LOCAL_BATCH_DIR.
+    other = LocalProvider(harness.provider.base_dir, container_engine=None)
     wait_for_state(LocalHarness(other), path, {JobStatus.RUNNING}, 5)
     other.cancel(path)
     assert harness.provider.status([path])[path].state is JobStatus.CANCELLED
@@ -256,7 +272,7 @@ def test_adopting_a_directory_whose_runner_never_launched(provider: LocalProvide
     job_dir = provider.base_dir / task.provider_job_id
     job_dir.mkdir()  # a worker died right after mkdir
     path = provider.submit(task)
-    assert path == str(job_dir)
+    assert path == f"local:{task.provider_job_id}" and jdir(provider, path) == job_dir
     st = wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
     assert st.exit_code == 0
     assert LocalHarness(provider).executions(task.provider_job_id) == 1
@@ -270,7 +286,7 @@ def test_a_fresh_launch_is_awaited_and_a_stale_one_retried(tmp_path: Path) -> No
     real.submit(task)
     time.sleep(0.3)
     assert real.status([path])[path].raw_state == "QUEUED"  # within the launch grace
-    r.write_atomic(Path(path) / LAUNCHED, "2020-01-01T00:00:00+00:00")
+    r.write_atomic(jdir(real, path) / LAUNCHED, "2020-01-01T00:00:00+00:00")
     assert real.submit(task) == path
     wait_for_state(LocalHarness(real), path, {JobStatus.COMPLETED}, 5)
 
@@ -288,8 +304,8 @@ def test_env_vars_reach_the_job_over_a_minimal_environment(harness: LocalHarness
     wait_for_state(harness, path, {JobStatus.COMPLETED}, 5)
     out = harness.provider.read_output(path, (0, 0)).stdout.splitlines()
     assert out == ["A=x y", f"ID={task.job_id}", "AT=2", "T=tenant-a", "LEAK=none",
-                   "HOME=set", str(Path(path) / r.WORKDIR)]
-    spec_file = Path(path) / r.SPEC
+                   "HOME=set", str(jdir(harness.provider, path) / r.WORKDIR)]
+    spec_file = jdir(harness.provider, path) / r.SPEC
     assert stat.S_IMODE(spec_file.stat().st_mode) == 0o600  # it holds env values
 
 
@@ -302,7 +318,7 @@ def test_read_output_is_incremental_line_based_and_utf8_safe(
               f"printf 'err line\\n' >&2; while [ ! -e {g2} ]; do sleep 0.01; done")
     p = harness.provider
     path = p.submit(make_task(["sh", "-c", script]))
-    out_file, err_file = Path(path) / r.STDOUT, Path(path) / r.STDERR
+    out_file, err_file = jdir(p, path) / r.STDOUT, jdir(p, path) / r.STDERR
     wait_until(lambda: out_file.exists() and out_file.stat().st_size >= 8, 5)
     first = p.read_output(path, (0, 0))
     assert (first.stdout, first.stderr, first.offsets) == ("one\n", "", (4, 0))
@@ -438,6 +454,158 @@ def test_unknown_and_foreign_paths(provider: LocalProvider, tmp_path: Path) -> N
     assert list(plain_dir.iterdir()) == []
 
 
+
+# --- resource paths and messages: no host path reaches a tenant (docs/design.md §3b) ------
+
+
+def test_the_resource_path_is_an_id(provider: LocalProvider) -> None:
+    task = make_task(["sh", "-c", "echo hi"])
+    path = provider.submit(task)
+    assert re.fullmatch(r"local:j-[0-9a-f-]+-0", path) and path == f"local:{task.provider_job_id}"
+    assert jdir(provider, path) == provider.base_dir / task.provider_job_id
+    wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
+    assert provider.read_output(path, (0, 0)).stdout == "hi\n"
+
+
+def test_an_absolute_path_stored_before_ids_still_works_inside_the_root(
+    provider: LocalProvider,
+) -> None:
+    """A job submitted by a worker before the upgrade, still running after it, is stored
+    with its directory's absolute path: it is polled, read and cancelled as before."""
+    path = provider.submit(make_task(["sh", "-c", "echo hi; sleep 60"]))
+    old = str(jdir(provider, path))
+    harness = LocalHarness(provider)
+    wait_for_state(harness, old, {JobStatus.RUNNING}, 5)
+    wait_until(lambda: provider.read_output(old, (0, 0)).stdout == "hi\n", 5)
+    provider.cancel(old)
+    st = wait_until(lambda: (got := provider.status([old])[old]).exit_code is not None and got, 3)
+    assert (st.state, st.exit_code) == (JobStatus.CANCELLED, 143)
+    assert provider.status([path])[path].state is JobStatus.CANCELLED
+
+
+def test_a_resource_path_outside_the_root_names_no_job(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    """Resource paths come from the store: neither ``..``, nor a symlink, nor an absolute
+    path leads a provider to a directory outside its root, even to a real job's."""
+    other = LocalProvider(tmp_path / "other", container_engine=None)  # another root
+    outside = other.submit(make_task(SLEEP_60))
+    wait_for_state(LocalHarness(other), outside, {JobStatus.RUNNING}, 5)
+    name = jdir(other, outside).name
+    (provider.base_dir / "j-link-0").symlink_to(jdir(other, outside))
+    base = provider.base_dir
+    paths = [
+        "/etc", "/", "local:../../x", "local:..", "local:", "local:/etc", "local:j-x-0/../..",
+        f"local:../other/{name}", "relative/j-x-0", "j-x-0", "local:j-x\0-0", "/etc\0",
+        str(jdir(other, outside)), f"{base}/../other/{name}", f"{base}/{name}/..",
+        "local:j-link-0", str(base / "j-link-0"), str(base),
+    ]
+    statuses = provider.status(paths)
+    assert {p: (s.state, s.message) for p, s in statuses.items()} == dict.fromkeys(
+        paths, (None, "unknown job"))
+    for p in paths:
+        provider.cancel(p)
+        assert provider.read_output(p, (0, 0)).offsets == (0, 0)
+    assert other.status([outside])[outside].state is JobStatus.RUNNING
+    assert not (jdir(other, outside) / r.CANCELLED).exists()
+    assert not Path("/etc", r.CANCELLED).exists()
+    other.cancel(outside)
+
+
+def test_no_status_message_or_provider_error_carries_a_host_path(
+    provider: LocalProvider,
+) -> None:
+    p, root = provider, str(provider.base_dir)
+    harness = LocalHarness(p)
+    timed = with_spec(make_task(SLEEP_60),
+                      resource_override=ResourceOverride(max_run_duration_seconds=1))
+    ends = [p.submit(t) for t in (make_task(EXIT_0), make_task(EXIT_3), timed,
+                                  make_task(["no-such-command-jennah"]))]
+    cancelled, lost = p.submit(make_task(SLEEP_60)), p.submit(make_task(SLEEP_60))
+    seen = [p.status([path])[path] for path in (*ends, cancelled, lost)]  # queued or running
+    wait_for_state(harness, cancelled, {JobStatus.RUNNING}, 5)
+    p.cancel(cancelled)
+    wait_for_state(harness, lost, {JobStatus.RUNNING}, 5)
+    os.kill(int(r.read_text(jdir(p, lost) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    for path in (*ends, cancelled, lost):
+        seen.append(wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED,
+                                                   JobStatus.CANCELLED}, 5))
+    seen.append(p.status([harness.unknown_path()])[harness.unknown_path()])
+    assert {s.raw_state for s in seen} >= {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED",
+                                           "LOST", "UNKNOWN"}
+    for st in seen:
+        assert root not in f"{st.message} {st.raw_state}", st
+    assert root not in p.read_output(ends[3], (0, 0)).stderr  # the runner's own words
+
+    # Failures: the errno's reason and the job's id, never the file's path.
+    task = make_task(EXIT_0)
+    (p.base_dir / task.provider_job_id).write_text("")  # a file where its directory goes
+    with pytest.raises(ProviderUnavailable) as submit_err:
+        p.submit(task)
+    broken = p.base_dir / "j-broken-0"
+    for name in (r.PID, r.STDOUT):  # cancel reads the pid, read_output the stdout
+        (broken / name).mkdir(parents=True)
+    (broken / r.SPEC).write_text("{}")
+    with pytest.raises(ProviderUnavailable) as cancel_err:
+        p.cancel("local:j-broken-0")
+    with pytest.raises(ProviderUnavailable) as output_err:
+        p.read_output("local:j-broken-0", (0, 0))
+    (broken / r.EXIT_CODE).mkdir()
+    with pytest.raises(ProviderUnavailable) as status_err:
+        p.status(["local:j-broken-0"])
+    errors = [submit_err.value, cancel_err.value, output_err.value, status_err.value]
+    for err, reason in zip(errors, ["Not a directory", "Is a directory", "Is a directory",
+                                    "Is a directory"], strict=True):
+        assert reason in str(err) and root not in str(err), err
+    assert task.provider_job_id in str(submit_err.value)
+    assert "j-broken-0" in str(cancel_err.value)
+    shutil.rmtree(broken)
+    (p.base_dir / task.provider_job_id).unlink()
+
+
+def test_what_a_tenant_sees_of_local_jobs_names_no_host_path(provider: LocalProvider) -> None:
+    """Through a worker's JobService and Poller: the job, its resource path, the SCHEDULED
+    message and every other event, of a failed, a cancelled and a rejected job."""
+    store = MemoryStore()
+    jobs = JobService(store, provider, worker_id="w1", lease_ttl=30)
+    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+
+    async def cycle_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline
+            await poller.cycle()
+            await asyncio.sleep(0.05)
+
+    def status(job_id: str) -> JobStatus:
+        return store.get_job("acme", job_id).status
+
+    async def go() -> list[str]:
+        failed = await jobs.submit("acme", JobSpec(IMAGE, ("sh", "-c", "echo out; exit 3")), "")
+        running = await jobs.submit("acme", JobSpec(IMAGE, SLEEP_60), "")
+        rejected = await jobs.submit(
+            "acme", JobSpec(IMAGE, ("true",), labels={"local-runtime": "container"}), "")
+        await cycle_until(lambda: status(running.job_id) is JobStatus.RUNNING)
+        await jobs.cancel("acme", running.job_id)
+        ids = [failed.job_id, running.job_id, rejected.job_id]
+        await cycle_until(lambda: all(status(i).terminal for i in ids))
+        return ids
+
+    ids = asyncio.run(go())
+    root = str(provider.base_dir)
+    finals = [store.get_job("acme", i) for i in ids]
+    assert [j.status for j in finals] == [JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.FAILED]
+    for job in finals[:2]:
+        assert job.cloud_resource_path == f"local:{job.provider_job_id}"
+        scheduled = [e for e in store.list_events("acme", job.job_id, 0, 100)
+                     if e.kind is EventKind.SCHEDULED]
+        assert [e.message for e in scheduled] == [f"submitted to local as {job.provider_job_id}"]
+    assert finals[0].error_message == "exited with code 3"
+    for job in finals:
+        events = store.list_events("acme", job.job_id, 0, 100)
+        texts = [str(job_to_pb(job)), *(str(event_to_pb(e)) for e in events)]
+        assert not [t for t in texts if root in t]
+
 # --- submit rules, settings, containers ---------------------------------------------------
 
 
@@ -491,7 +659,7 @@ def test_container_runtime_runs_the_engine_with_values_only_in_its_env(
     lines = p.read_output(path, (0, 0)).stdout.splitlines()
     assert lines[:2] == ["run", "--rm"]
     assert lines[-4:] == [IMAGE, "echo", "hi", "A=s3cret"]
-    assert "s3cret" not in json.dumps(json.loads((Path(path) / r.SPEC).read_text())["argv"])
+    assert "s3cret" not in json.dumps(json.loads((jdir(p, path) / r.SPEC).read_text())["argv"])
     default = p.submit(make_task([]))  # no commands, an engine: the image's default
     wait_for_state(LocalHarness(p), default, {JobStatus.COMPLETED}, 5)
     assert p.read_output(default, (0, 0)).stdout.splitlines()[-2] == IMAGE
