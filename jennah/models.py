@@ -131,6 +131,9 @@ class JobSpec:
     use_spot_vms: bool = False
     service_account: str = ""
     max_retries: int = 0
+    # GPUs per task: a provider's accelerator type (GCP) and how many (0: none).
+    accelerator_type: str = ""
+    accelerator_count: int = 0
 
     def to_dict(self) -> dict[str, object]:
         # Written out rather than dataclasses.asdict, whose recursive deep copy was a
@@ -150,6 +153,8 @@ class JobSpec:
             "use_spot_vms": self.use_spot_vms,
             "service_account": self.service_account,
             "max_retries": self.max_retries,
+            "accelerator_type": self.accelerator_type,
+            "accelerator_count": self.accelerator_count,
         }
 
     @classmethod

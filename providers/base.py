@@ -17,6 +17,11 @@ contract:
 * Vendor exceptions never leave the adapter: they become ``ProviderError`` subclasses
   with ``retryable`` set.
 * Calls are blocking; the worker runs them in a thread.
+* What the cloud would refuse, or could not honour, is declared in ``capabilities``
+  (label limits, reserved keys, machine type, spot, accelerators) and checked by
+  :func:`check_spec` at SubmitJob, before anything is stored, so the job is refused as
+  ``invalid_argument`` instead of being accepted and failing later, or having a setting
+  silently dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from jennah.errors import InvalidArgument
 from jennah.models import FailureClass, JobSpec, JobStatus
 
 
@@ -52,6 +58,18 @@ class Capabilities:
     # that answers from memory (dry, fake) says False and is called on the event loop,
     # sparing each call a thread hand-off.
     blocking: bool = True
+    # --- what SubmitJob may ask of it (check_spec) ---
+    # Most user labels a job may carry (None: no limit of the provider's own); a provider
+    # that adds labels or tags of its own counts them out of its cloud's limit here.
+    max_labels: int | None = None
+    # Label keys the cloud reserves for itself: by prefix, and whole keys.
+    reserved_label_prefixes: tuple[str, ...] = ()
+    reserved_label_keys: frozenset[str] = frozenset()
+    # Whether a job's machine_type, use_spot_vms and accelerator (type, count) take effect.
+    machine_type: bool = True
+    spot: bool = True
+    accelerator_type: bool = False
+    accelerator_count: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,3 +128,25 @@ class BatchProvider(Protocol):
     def close(self) -> None:
         """Release clients and connections. Idempotent."""
         ...
+
+
+def check_spec(name: str, caps: Capabilities, spec: JobSpec) -> None:
+    """Raise ``InvalidArgument`` if provider ``name`` would refuse ``spec`` or could not
+    honour all of it (docs/providers.md lists each provider's limits and their sources)."""
+    labels = spec.labels
+    if caps.max_labels is not None and len(labels) > caps.max_labels:
+        raise InvalidArgument(
+            f"labels: {len(labels)} given; the {name} provider takes at most {caps.max_labels}")
+    for key in labels:
+        if key in caps.reserved_label_keys or key.startswith(caps.reserved_label_prefixes):
+            raise InvalidArgument(f"labels: key {key!r} is reserved by the {name} provider")
+    refused = [what for what, asked, honoured in (
+        ("machine_type", spec.machine_type, caps.machine_type),
+        ("use_spot_vms", spec.use_spot_vms, caps.spot),
+        ("accelerator.type", spec.accelerator_type, caps.accelerator_type),
+        ("accelerator.count", spec.accelerator_count, caps.accelerator_count),
+    ) if asked and not honoured]
+    if refused:
+        raise InvalidArgument(
+            f"{', '.join(refused)}: the {name} provider cannot honour "
+            + ("it" if len(refused) == 1 else "them"))

@@ -91,9 +91,9 @@ class FakeProvider:
         self.clock = clock
         # Without a test to call advance(), each status() call steps the polled jobs.
         self.step_on_status = step_on_status
-        self.capabilities = capabilities or Capabilities(max_status_batch=100,
-                                                         poll_interval_seconds=0.05,
-                                                         blocking=False)
+        self.capabilities = capabilities or Capabilities(
+            max_status_batch=100, poll_interval_seconds=0.05, blocking=False,
+            accelerator_type=True, accelerator_count=True)
         self.submissions: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self._jobs: dict[str, _FakeJob] = {}
@@ -219,8 +219,10 @@ class DryProvider:
     """
 
     name = "dry"
+    # It runs nothing, so it "honours" every setting: benchmarks and API tests use it.
     capabilities = Capabilities(supports_cancel=True, max_status_batch=10_000,
-                                poll_interval_seconds=0.05, blocking=False)
+                                poll_interval_seconds=0.05, blocking=False,
+                                accelerator_type=True, accelerator_count=True)
     PREFIX = "dry://"
 
     def __init__(self, clock: Clock = utcnow, remember: int = 100_000) -> None:

@@ -99,3 +99,15 @@ def test_spec_defaults_and_ranges() -> None:
         _spec(override=ResourceOverride(cpu_millis=-1))
     with pytest.raises(InvalidArgument, match="machine_type"):
         _spec(machine_type="N2 Standard")
+
+
+def test_accelerator_rules() -> None:
+    spec = _spec(accelerator_type="nvidia-tesla-t4")
+    assert (spec.accelerator_type, spec.accelerator_count) == ("nvidia-tesla-t4", 1)  # type: ignore[attr-defined]
+    assert _spec(accelerator_count=4).accelerator_count == 4  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument, match=r"accelerator\.type"):
+        _spec(accelerator_type="NVIDIA Tesla")
+    with pytest.raises(InvalidArgument, match=r"accelerator\.count"):
+        _spec(accelerator_count=17)
+    with pytest.raises(InvalidArgument, match=r"accelerator\.count"):
+        _spec(accelerator_count=-1)

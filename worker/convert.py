@@ -78,6 +78,8 @@ def spec_from_request(req: pb.SubmitJobRequest) -> tuple[JobSpec, str]:
         use_spot_vms=req.use_spot_vms,
         service_account=req.service_account,
         max_retries=req.max_retries,
+        accelerator_type=req.accelerator.type,
+        accelerator_count=req.accelerator.count,
     )
     return spec, validate_request_id(req.request_id)
 
@@ -105,6 +107,8 @@ def job_to_pb(job: Job) -> pb.Job:
         use_spot_vms=s.use_spot_vms,
         service_account=s.service_account,
         max_retries=s.max_retries,
+        accelerator=pb.Accelerator(type=s.accelerator_type, count=s.accelerator_count)
+        if s.accelerator_count else None,
         retry_count=job.attempt,
         request_id=job.request_id,
         error_message=job.error_message,

@@ -51,7 +51,13 @@ from jennah.models import (
     Page,
 )
 from jennah.rpc import DRAINING_MESSAGE
-from providers.base import BatchProvider, ProviderStatus, ProviderTask, provider_job_id
+from providers.base import (
+    BatchProvider,
+    ProviderStatus,
+    ProviderTask,
+    check_spec,
+    provider_job_id,
+)
 from worker.admission import Admission, Ticket
 from worker.commit import GroupCommitter
 
@@ -162,6 +168,7 @@ class JobService:
         if self.draining:
             raise ShuttingDown(DRAINING_MESSAGE)
         self._check_service_account(tenant_id, spec)
+        check_spec(self.provider.name, self.provider.capabilities, spec)
         ticket = await self.admission.admit(tenant_id, request_id)
         job = Job(
             job_id=self.new_id(),

@@ -18,6 +18,8 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LABEL_VALUE_RE = re.compile(r"[a-z0-9_-]{0,63}")
 MACHINE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+ACCELERATOR_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+MAX_ACCELERATORS = 16
 
 # The OCI distribution reference grammar: [domain[:port]/]path[:tag][@digest].
 _ALNUM = r"[a-z0-9]+"
@@ -129,6 +131,8 @@ def validate_spec(
     use_spot_vms: bool,
     service_account: str,
     max_retries: int,
+    accelerator_type: str = "",
+    accelerator_count: int = 0,
 ) -> JobSpec:
     """A validated ``JobSpec`` or ``InvalidArgument`` naming the first bad field."""
     if len(name) > MAX_NAME_CHARS or not _printable(name):
@@ -143,6 +147,9 @@ def validate_spec(
         raise InvalidArgument(f"machine_type {machine_type[:70]!r} is invalid")
     if len(service_account) > 256 or not _printable(service_account):
         raise InvalidArgument("service_account must be at most 256 printable characters")
+    if accelerator_type and not ACCELERATOR_TYPE_RE.fullmatch(accelerator_type):
+        raise InvalidArgument(f"accelerator.type {accelerator_type[:70]!r} is invalid")
+    gpus = _bounded("accelerator.count", accelerator_count, MAX_ACCELERATORS)
     return JobSpec(
         image_uri=validate_image(image_uri),
         commands=validate_commands(commands),
@@ -164,6 +171,9 @@ def validate_spec(
         use_spot_vms=use_spot_vms,
         service_account=service_account,
         max_retries=_bounded("max_retries", max_retries, MAX_RETRIES),
+        accelerator_type=accelerator_type,
+        # A type alone asks for one.
+        accelerator_count=gpus or (1 if accelerator_type else 0),
     )
 
 

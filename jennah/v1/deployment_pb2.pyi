@@ -79,8 +79,16 @@ class ResourceOverride(_message.Message):
     max_run_duration_seconds: int
     def __init__(self, cpu_millis: _Optional[int] = ..., memory_mib: _Optional[int] = ..., max_run_duration_seconds: _Optional[int] = ...) -> None: ...
 
+class Accelerator(_message.Message):
+    __slots__ = ("type", "count")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    count: int
+    def __init__(self, type: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("image_uri", "commands", "env_vars", "name", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "request_id")
+    __slots__ = ("image_uri", "commands", "env_vars", "name", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "request_id", "accelerator")
     class EnvVarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +116,7 @@ class SubmitJobRequest(_message.Message):
     SERVICE_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     image_uri: str
     commands: _containers.RepeatedScalarFieldContainer[str]
     env_vars: _containers.ScalarMap[str, str]
@@ -121,7 +130,8 @@ class SubmitJobRequest(_message.Message):
     service_account: str
     max_retries: int
     request_id: str
-    def __init__(self, image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    accelerator: Accelerator
+    def __init__(self, image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., request_id: _Optional[str] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id", "status", "worker_id")
@@ -134,7 +144,7 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "tenant_id", "name", "status", "image_uri", "commands", "env_var_names", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "retry_count", "request_id", "error_message", "failure_class", "exit_code", "provider", "cloud_resource_path", "owner_worker_id", "created_at", "updated_at", "scheduled_at", "started_at", "completed_at", "lease_version", "lease_expires_at", "cancel_requested")
+    __slots__ = ("job_id", "tenant_id", "name", "status", "image_uri", "commands", "env_var_names", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "retry_count", "request_id", "error_message", "failure_class", "exit_code", "provider", "cloud_resource_path", "owner_worker_id", "created_at", "updated_at", "scheduled_at", "started_at", "completed_at", "lease_version", "lease_expires_at", "cancel_requested", "accelerator")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +183,7 @@ class Job(_message.Message):
     LEASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     tenant_id: str
     name: str
@@ -204,7 +215,8 @@ class Job(_message.Message):
     lease_version: int
     lease_expires_at: _timestamp_pb2.Timestamp
     cancel_requested: bool
-    def __init__(self, job_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_var_names: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., retry_count: _Optional[int] = ..., request_id: _Optional[str] = ..., error_message: _Optional[str] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., exit_code: _Optional[int] = ..., provider: _Optional[str] = ..., cloud_resource_path: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_version: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    accelerator: Accelerator
+    def __init__(self, job_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_var_names: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., retry_count: _Optional[int] = ..., request_id: _Optional[str] = ..., error_message: _Optional[str] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., exit_code: _Optional[int] = ..., provider: _Optional[str] = ..., cloud_resource_path: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_version: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
