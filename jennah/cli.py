@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from connectrpc.errors import ConnectError
 from google.protobuf import json_format
@@ -45,29 +45,106 @@ def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
 
 def _client(args: argparse.Namespace) -> JennahClient:
     return JennahClient(args.url, tenant=args.tenant, api_key=args.api_key,
-                        timeout=args.timeout)  # fmt: skip
+                        timeout=args.rpc_timeout)  # fmt: skip
+
+
+def _duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (90, 90s, 15m, 2h)") from None
+    return round(seconds)
+
+
+def _request_from_file(path: str) -> Message:
+    """A SubmitJobRequest from a JSON or YAML file (field names in either spelling)."""
+    import yaml  # type: ignore[import-untyped]
+
+    from jennah.v1 import deployment_pb2 as pb
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)  # YAML 1.2 reads JSON too
+        req = pb.SubmitJobRequest()
+        json_format.ParseDict(data if data is not None else {}, req)
+    except (OSError, yaml.YAMLError, json_format.ParseError, TypeError) as exc:
+        raise SystemExit(f"jennah: {path}: {exc}") from None
+    return req
+
+
+def submit_request(args: argparse.Namespace) -> Message:
+    """The SubmitJobRequest a ``jennah submit`` names: the file (``-f``), if any, with
+    every flag given on top of it (env vars and labels are merged, key by key)."""
+    from jennah.v1 import deployment_pb2 as pb
+
+    req = _request_from_file(args.file) if args.file else pb.SubmitJobRequest()
+    assert isinstance(req, pb.SubmitJobRequest)
+    if args.image:
+        req.image_uri = args.image
+    if not req.image_uri:
+        raise SystemExit("jennah: submit needs an IMAGE (or image_uri in the -f file)")
+    if args.commands:
+        del req.commands[:]
+        req.commands.extend(args.commands)
+    req.env_vars.update(_pairs(args.env, "--env"))
+    req.labels.update(_pairs(args.label, "--label"))
+    for flag, field in (("name", "name"), ("profile", "resource_profile"),
+                        ("machine_type", "machine_type"),
+                        ("service_account", "service_account"), ("request_id", "request_id"),
+                        ("max_retries", "max_retries"), ("boot_disk_gb", "boot_disk_size_gb")):
+        value = getattr(args, flag)
+        if value not in (None, ""):
+            setattr(req, field, value)
+    if args.spot:
+        req.use_spot_vms = True
+    for flag, field in (("cpu_millis", "cpu_millis"), ("memory_mib", "memory_mib"),
+                        ("timeout", "max_run_duration_seconds")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(req.resource_override, field, value)
+    if args.gpu_type:
+        req.accelerator.type = args.gpu_type
+    if args.gpus is not None:
+        req.accelerator.count = args.gpus
+    return req
+
+
+# What ``jennah submit --wait`` exits with when the job did not complete.
+EXIT_JOB_FAILED = 1  # FAILED with no exit code that fits in 1..255
+EXIT_JOB_CANCELLED = 130
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from jennah.v1 import deployment_pb2 as pb
 
     client = _client(args)
-    commands = list(args.commands)
-    if commands and commands[0] == "--":
-        commands = commands[1:]
-    req = pb.SubmitJobRequest(
-        image_uri=args.image,
-        commands=commands,
-        env_vars=_pairs(args.env, "--env"),
-        labels=_pairs(args.label, "--label"),
-        name=args.name,
-        resource_profile=args.profile,
-        max_retries=args.max_retries,
-        request_id=args.request_id,
-        use_spot_vms=args.spot,
-    )
-    _print_json(client.submit_job(req))
-    return 0
+    resp = client.submit_job(submit_request(args))  # type: ignore[arg-type]
+    if not args.wait:
+        _print_json(resp)
+        return 0
+    print(f"job {resp.job_id}", file=sys.stderr, flush=True)
+    _print_events(client.watch_job_events(pb.WatchJobEventsRequest(job_id=resp.job_id)))
+    job = client.get_job(resp.job_id)
+    return wait_exit_code(job)
+
+
+def wait_exit_code(job: Message) -> int:
+    """0 for COMPLETED; the job's own exit code for FAILED where it fits in 1..255,
+    else 1; 130 for CANCELLED."""
+    from jennah.v1 import deployment_pb2 as pb
+
+    assert isinstance(job, pb.Job)
+    if job.status == pb.JOB_STATUS_COMPLETED:
+        return 0
+    if job.status == pb.JOB_STATUS_CANCELLED:
+        return EXIT_JOB_CANCELLED
+    if job.HasField("exit_code") and 1 <= job.exit_code <= 255:
+        return job.exit_code
+    return EXIT_JOB_FAILED
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -123,12 +200,19 @@ def cmd_events(args: argparse.Namespace) -> int:
         stream = client.watch_job_events(req)
     else:
         stream = iter(client.list_job_events(args.job_id, args.after_seq))
+    _print_events(stream)
+    return 0
+
+
+def _print_events(stream: Iterable[Message]) -> None:
+    from jennah.v1 import deployment_pb2 as pb
+
     for ev in stream:
+        assert isinstance(ev, pb.JobEvent)
         kind = pb.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_")
         at = ev.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
         text = ev.output.rstrip("\n") if ev.output else ev.message
         print(f"{ev.seq:>6} {at} {kind:<14} {text}", flush=True)
-    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -168,10 +252,16 @@ def _add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("JENNAH_URL", DEFAULT_URL))
     p.add_argument("--tenant", default=os.environ.get("JENNAH_TENANT", ""))
     p.add_argument("--api-key", default=os.environ.get("JENNAH_API_KEY", ""))
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--rpc-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="each call's deadline")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``jennah`` parser and its ``submit`` subparser."""
     parser = argparse.ArgumentParser(prog="jennah", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -183,17 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
             _add_client_options(p)
         return p
 
-    p = add("submit", cmd_submit, "submit a job: jennah submit IMAGE -- CMD ARGS...")
-    p.add_argument("image")
-    p.add_argument("commands", nargs=argparse.REMAINDER)
+    p = submit = add("submit", cmd_submit,
+            "submit a job: jennah submit [OPTIONS] IMAGE [OPTIONS] -- CMD ARGS...")
+    p.add_argument("image", nargs="?", default="",
+                   help="the container image (or image_uri in the -f file)")
+    p.add_argument("commands", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--file", "-f", default="", metavar="JOB.json|yaml",
+                   help="a SubmitJobRequest in JSON or YAML; flags override it")
     p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--name", default="")
     p.add_argument("--profile", default="", help="small | medium | large | xlarge")
-    p.add_argument("--max-retries", type=int, default=0)
+    p.add_argument("--cpu-millis", type=int, default=None, help="1000 = one vCPU")
+    p.add_argument("--memory-mib", type=int, default=None)
+    p.add_argument("--timeout", type=_duration, default=None, metavar="DURATION",
+                   help="the job's longest run: 90, 90s, 15m, 2h")
+    p.add_argument("--machine-type", default="")
+    p.add_argument("--boot-disk-gb", type=int, default=None)
+    p.add_argument("--service-account", default="")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs per task")
+    p.add_argument("--gpu-type", default="", help="the provider's accelerator type "
+                   "(GCP: nvidia-tesla-t4, ...)")
+    p.add_argument("--max-retries", type=int, default=None)
     p.add_argument("--request-id", default="",
                    help="idempotency key (default: a new one, reused by every retry)")
     p.add_argument("--spot", action="store_true", help="use spot VMs")
+    p.add_argument("--wait", "-w", action="store_true",
+                   help="follow the job live; exit 0 if it COMPLETED, its exit code if it "
+                   "FAILED (1 if none fits), 130 if CANCELLED")
     for name, fn, help_ in (("get", cmd_get, "show a job"), ("cancel", cmd_cancel, "cancel a job"),
                             ("delete", cmd_delete, "delete a job")):
         add(name, fn, help_).add_argument("job_id")
@@ -228,11 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_wal_commands(sub)
-    return parser
+    return parser, submit
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line. ``submit`` takes its options before or after the image, as
+    the README writes them, and everything after the first ``--`` is the job's command,
+    options and all (argparse alone would swallow every option after the image)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, submit = _build_parsers()
+    if argv[:1] != ["submit"]:
+        return parser.parse_args(argv)
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1:]
+    args = submit.parse_intermixed_args(argv[1:])
+    args.commands = [*args.commands, *command]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code: int = args.fn(args)
     except SettingsError as exc:

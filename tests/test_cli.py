@@ -53,3 +53,35 @@ def test_list_status_choices_are_the_protos_and_a_bad_one_is_a_usage_error() -> 
     proc = _jennah("list", "--status", "bogus", "--url", "http://127.0.0.1:9", env={})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "invalid choice: 'bogus'" in proc.stderr
+
+
+def test_submit_options_go_before_or_after_the_image_and_the_command_follows_dashes(
+        tmp_path: Path) -> None:
+    from jennah.cli import parse_args, submit_request
+
+    job = tmp_path / "job.yaml"
+    job.write_text("imageUri: alpine\ncommands: [echo, file]\nenv_vars: {A: '0', B: '2'}\n"
+                   "labels: {team: ml}\nmax_retries: 2\n")
+    args = parse_args(["submit", "-e", "A=1", "busybox", "--name", "hello", "-f", str(job),
+                       "--timeout", "15m", "--gpus", "2", "--", "sh", "-c", "echo",
+                       "--name", "-e", "X=1"])
+    req = submit_request(args)
+    assert req.image_uri == "busybox" and req.name == "hello"  # type: ignore[attr-defined]
+    assert list(req.commands) == ["sh", "-c", "echo", "--name", "-e", "X=1"]  # type: ignore[attr-defined]
+    assert dict(req.env_vars) == {"A": "1", "B": "2"}  # type: ignore[attr-defined]
+    assert dict(req.labels) == {"team": "ml"} and req.max_retries == 2  # type: ignore[attr-defined]
+    assert req.resource_override.max_run_duration_seconds == 900  # type: ignore[attr-defined]
+    assert req.accelerator.count == 2  # type: ignore[attr-defined]
+    from_file = submit_request(parse_args(["submit", "-f", str(job)]))
+    assert from_file.image_uri == "alpine" and list(from_file.commands) == ["echo", "file"]  # type: ignore[attr-defined]
+
+
+def test_submit_usage_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("image_uri: busybox\ncomands: [x]\n")
+    for args, text in ((["submit", "busybox", "--timeout", "soon"], "not a duration"),
+                       (["submit", "-f", str(bad)], "comands"),
+                       (["submit", "--name", "x"], "needs an IMAGE")):
+        proc = _jennah(*args, "--url", "http://127.0.0.1:9", env={})
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert text in proc.stderr

@@ -115,3 +115,53 @@ def test_the_python_client_example_works_as_written(readme_stack: Stack) -> None
     assert "EVENT_KIND_OUTPUT hi" in "\n".join(lines)
     assert lines[-1].split()[1] == "EVENT_KIND_COMPLETED"
     assert [int(ln.split()[0]) for ln in lines] == list(range(1, len(lines) + 1))
+
+
+CLI = README[README.index("## The `jennah` command"):README.index("## Configuration")]
+
+
+def test_the_cli_examples_work_as_written(readme_stack: Stack, tmp_path: Path) -> None:
+    """Each line of the CLI block runs as written (in a directory holding the README's
+    ``job.yaml``), with ``<job id>`` replaced by a job of the right kind: the one the
+    first submit made, or, for ``cancel``, one still running."""
+    block, job_file = blocks(CLI, "sh")[0], blocks(CLI, "yaml")[0]
+    (tmp_path / "job.yaml").write_text(job_file)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
+           "JENNAH_URL": readme_stack.gateway}
+    lines = [ln.split("  #")[0].strip() for ln in block.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(". ")]
+
+    def run(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path)
+
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+    job_id = ""
+    for line in lines:
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value
+            continue
+        if "<job id>" in line:
+            target = job_id
+            if line.startswith("jennah cancel"):
+                sleeper = run("jennah submit busybox -- sleep 60")
+                assert sleeper.returncode == 0, sleeper.stderr
+                target = json.loads(sleeper.stdout)["jobId"]
+            line = line.replace("<job id>", target)
+        results[line] = proc = run(line)
+        if not job_id and line.startswith("jennah submit"):
+            job_id = json.loads(proc.stdout)["jobId"]
+    by_start = {line.split(" --")[0].split(" -")[0]: r for line, r in results.items()}
+    failed = {line: (r.returncode, r.stderr[-300:]) for line, r in results.items()
+              if r.returncode != (3 if "exit 3" in line else 0)}
+    assert not failed
+    waited = next(r for line, r in results.items() if "exit 3" in line)
+    assert "OUTPUT" in waited.stdout and "working" in waited.stdout
+    assert "FAILED" in waited.stdout.splitlines()[-1]
+    from_file = next(r for line, r in results.items() if "job.yaml" in line)
+    assert "from a file" in from_file.stdout and "COMPLETED" in from_file.stdout
+    assert json.loads(by_start["jennah tenant"].stdout)["tenantId"] == "acme"
+    listed = next(r for line, r in results.items() if line.startswith("jennah list --status"))
+    assert {j["status"] for j in json.loads(listed.stdout).get("jobs", [])} == {
+        "JOB_STATUS_FAILED"}
