@@ -17,7 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from jennah.errors import Conflict, InvalidArgument, LeaseLost, StoreError, StoreUnavailable
+from jennah.errors import (
+    Conflict,
+    InvalidArgument,
+    LeaseLost,
+    StoreBusy,
+    StoreError,
+    StoreUnavailable,
+)
 from jennah.models import (
     ACTIVE_STATUSES,
     EVENT_FOR_STATUS,
@@ -366,11 +373,12 @@ def together_or_one_by_one(
     run: Callable[[Sequence[Any]], list[Any]], ops: Sequence[Any]
 ) -> list[Any]:
     """``run(ops)`` (one transaction); if that transaction fails as a whole for another
-    reason than the store being down, each op runs in a transaction of its own, with its
-    error in its slot, so that one op cannot fail the others."""
+    reason than the store being down or busy, each op runs in a transaction of its own,
+    with its error in its slot, so that one op cannot fail the others. (Running a batch
+    refused for a busy store one op at a time would only queue it again, once per op.)"""
     try:
         return run(ops)
-    except StoreUnavailable:
+    except (StoreUnavailable, StoreBusy):
         raise
     except StoreError:
         if len(ops) == 1:
@@ -379,7 +387,7 @@ def together_or_one_by_one(
     for op in ops:
         try:
             results += run([op])
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreBusy):
             raise
         except StoreError as exc:
             results.append(exc)

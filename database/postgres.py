@@ -5,13 +5,41 @@ transaction's start time, constant inside it), so every worker agrees on lease e
 whatever its own clock says. Claims lock candidate rows with ``FOR UPDATE SKIP LOCKED``,
 so concurrent claimers split the expired jobs instead of queueing on them; fenced
 updates lock their row with ``FOR UPDATE``. Driver errors are translated here:
-connection problems and pool timeouts become ``StoreUnavailable``, unique violations
-``Conflict``.
+connection problems become ``StoreUnavailable``, unique violations ``Conflict``, and a
+pool timeout either of the two below.
+
+**Busy is not down** (docs/design.md §11). A call that waited the whole pool timeout for a
+connection gets
+
+* ``StoreBusy`` (``resource_exhausted`` with a retry hint) when the server is up and
+  every connection is in use: some connection is checked out by a transaction of this
+  store right now, or one was handed out while we waited (the pool checks a connection
+  with a round trip before handing it out, so either means the server answers);
+* ``StoreUnavailable`` otherwise: no connection could be had at all, the server is down
+  (a dead server's connections fail at once, so none stays checked out). For
+  ``DOWN_HOLD_SECONDS`` after that, every call fails at once (the circuit breaker).
+
+A server that hangs without closing its sockets (a network partition) keeps its
+connections checked out, so it reads as busy; the clients' retries after the hint are
+the right answer to that too.
+
+**Seeing it coming.** :meth:`PostgresStore.busy_for` tells admission control
+(``worker/admission.py``) that the pool is saturated, so that a new SubmitJob is refused
+at once with a retry hint instead of joining a queue that cannot be served in time. It
+is saturated while connections are checked out and ``QUEUE_PER_CONNECTION`` callers per
+pooled connection wait behind them (the bound on this process's queued store work, from
+``DATABASE_POOL_SIZE``), and for ``BUSY_HOLD_SECONDS`` after a caller waited a quarter of
+the pool timeout or more for its connection (a healthy pool hands one out in
+milliseconds) or timed out while the server was busy. Only new jobs are refused that
+way; work already accepted (updates, lease renewals, reads) still queues for its
+connection. The bookkeeping costs a transaction two counters under a lock and three
+clock reads; ``busy_for`` reads it without a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
@@ -27,7 +55,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from database import _common as c
 from database._sql import SqlStore, Tx
-from jennah.errors import Conflict, StoreError, StoreUnavailable
+from jennah.errors import Conflict, StoreBusy, StoreError, StoreUnavailable
 from jennah.settings import StoreSettings
 
 TABLE_COLUMNS = c.TABLE_COLUMNS
@@ -51,6 +79,11 @@ psycopg_pool.pool.AttemptWithBackoff = _CappedBackoff  # type: ignore[misc,attr-
 # pg_advisory_xact_lock key serializing migrate() across processes ("jennahmg").
 MIGRATION_LOCK_KEY = 0x6A656E6E61686D67
 DOWN_HOLD_SECONDS = 1.0
+# Saturation (see the module docstring): callers waiting per pooled connection before new
+# jobs are refused, how long a sign of saturation counts, and the retry hint given.
+QUEUE_PER_CONNECTION = 4
+BUSY_HOLD_SECONDS = 1.0
+BUSY_RETRY_SECONDS = 1.0
 
 
 def _to_db(value: Any) -> Any:
@@ -123,6 +156,8 @@ class PostgresStore(SqlStore):
         connect_timeout: int = 2,
     ) -> None:
         super().__init__()
+        self.max_size = max_size
+        self.timeout = timeout
         self._pool = ConnectionPool(
             url,
             min_size=min_size,
@@ -139,34 +174,94 @@ class PostgresStore(SqlStore):
         # and the store recovers by itself when the server returns. 2 s is far above the
         # wait for a free connection under load (queries take about a millisecond).
         self._down_until = 0.0  # see _tx: fail fast while the server is known to be down
+        # Saturation bookkeeping (module docstring): transactions waiting for or holding
+        # a connection, those holding one, when the server last answered one (handed out
+        # or committed), and until when the pool counts as saturated.
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._held = 0
+        self._answered_at = 0.0
+        self._busy_until = 0.0
+        self._queue_bound = QUEUE_PER_CONNECTION * max_size
+        self._slow_wait = timeout / 4
         # Opening does not wait: a server that is down shows up as StoreUnavailable on
         # the first call (after ``timeout``), not as a crash at construction.
         self._pool.open(wait=False)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> PostgresStore:
-        return cls(settings.database_url)
+        return cls(settings.database_url, max_size=settings.pool_size)
+
+    def busy_for(self) -> float:
+        """Seconds a new job should wait because the pool is saturated now; 0 when it is
+        not (see the module docstring). Lock-free: called on every SubmitJob."""
+        if self._held and self._in_flight - self._held >= self._queue_bound:
+            return BUSY_RETRY_SECONDS
+        now = time.monotonic()
+        if now < self._busy_until and now >= self._down_until:
+            return BUSY_RETRY_SECONDS
+        return 0.0
+
+    def ping(self) -> None:
+        """Return while the server answers; a saturated pool is an answering server (a busy
+        worker stays ready: only a store that is down makes ``/ready`` 503)."""
+        if self.busy_for():
+            return  # no need to queue behind the work that saturates it
+        with contextlib.suppress(StoreBusy):
+            super().ping()
 
     @contextlib.contextmanager
     def _tx(self, write: bool = True) -> Iterator[Tx]:
-        # Circuit breaker: once a call waited the whole pool timeout for a connection, the
-        # server is down (or hopelessly overloaded); for DOWN_HOLD_SECONDS every call fails
-        # at once instead of queueing for another timeout each. Under load those waits
-        # stacked up in the worker's threads and refusals took 4-7 s (bench.faults).
-        if time.monotonic() < self._down_until:
+        # Circuit breaker: once a call waited the whole pool timeout for a connection with
+        # the server down, for DOWN_HOLD_SECONDS every call fails at once instead of
+        # queueing for another timeout each. Under load those waits stacked up in the
+        # worker's threads and refusals took 4-7 s (bench.faults).
+        start = time.monotonic()
+        if start < self._down_until:
             raise StoreUnavailable("postgres: no connection could be had just now; failing fast")
+        with self._lock:
+            self._in_flight += 1
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield _PgTx(conn)
+            with self._pool.connection() as conn:
+                self._handed_out(start)
+                try:
+                    with conn.transaction():
+                        yield _PgTx(conn)
+                    self._answered_at = time.monotonic()  # before _held drops: _timed_out
+                finally:
+                    with self._lock:
+                        self._held -= 1
         except PoolTimeout as exc:
-            self._down_until = time.monotonic() + DOWN_HOLD_SECONDS
-            raise StoreUnavailable(f"postgres: {exc}") from exc
+            raise self._timed_out(start, exc) from exc
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(f"postgres: {exc}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise StoreUnavailable(f"postgres: {exc}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"postgres: {exc}") from exc
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _handed_out(self, start: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._held += 1
+        self._answered_at = now  # the pool checked the connection with a round trip
+        if now - start >= self._slow_wait:
+            self._busy_until = now + BUSY_HOLD_SECONDS
+
+    def _timed_out(self, start: float, exc: PoolTimeout) -> StoreError:
+        """A pool timeout: busy if a connection is checked out or the server answered
+        while we waited, else down. (A transaction that ends records its answer before it
+        stops counting as held, so one ending just as we time out is seen either way.)"""
+        now = time.monotonic()
+        if self._held or self._answered_at >= start:
+            self._busy_until = now + BUSY_HOLD_SECONDS
+            return StoreBusy(f"postgres is busy: all {self.max_size} pooled connections "
+                             f"stayed in use for {self.timeout:g} s", BUSY_RETRY_SECONDS)
+        self._down_until = now + DOWN_HOLD_SECONDS
+        return StoreUnavailable(f"postgres: {exc}")
 
     def _split(self, script: str) -> list[str]:
         return [script]

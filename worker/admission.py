@@ -1,6 +1,15 @@
 """Admission control for SubmitJob (issue 6): refuse early, cheaply, with a retry hint.
 
-Three limits are checked, in this order, before anything is stored:
+First, **the job store's saturation**: a store with a connection pool (PostgreSQL) says
+when its pool is saturated (``PostgresStore.busy_for``: connections all in use with a
+queue of ``QUEUE_PER_CONNECTION`` callers per connection behind them, or a recent long
+wait for one). A submit then fails at once with ``StoreBusy`` (``resource_exhausted``, retry
+after about a second) instead of waiting up to the pool timeout for a connection: busy is
+back-pressure, not an outage (docs/design.md §11). It comes before everything else, the
+active-jobs count included (a store query), and before a known request id's retry
+(which needs the store as well). One call and a few attribute reads per submit.
+
+Then three limits are checked, in this order, before anything is stored:
 
 1. **Active jobs per tenant** (``TENANT_MAX_ACTIVE_JOBS``, default 1,000; 0 disables): a
    tenant may have at most that many non-terminal (PENDING, SCHEDULED, RUNNING) jobs.
@@ -54,9 +63,10 @@ same tenant on *other* workers are seen at the next count only; the gateway rout
 tenant to one worker, so that is rare, and the cap can then be exceeded by at most the
 number of submits admitted elsewhere in one ``recount_interval``.
 
-**Idempotent retries are not refused.** A ``(tenant, request_id)`` that this worker has
-stored or found already (the last 10,000 of them) skips every limit: the store will
-return the existing job and nothing new is created or submitted. A retry that reaches a
+**Idempotent retries are not refused** (except by a busy store, which would have to
+answer them). A ``(tenant, request_id)`` that this worker has stored or found already
+(the last 10,000 of them) skips every limit: the store will return the existing job and
+nothing new is created or submitted. A retry that reaches a
 *different* worker (after a failover) is not in that worker's memory and goes through the
 limits; if refused, the client retries after the hint and then gets its existing job.
 Asking the store first would cost a query per submit, which is what this module avoids.
@@ -72,11 +82,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import anyio.to_thread
 
 from database.base import MAX_PAGE_SIZE, JobStore
-from jennah.errors import ResourceExhausted
+from jennah.errors import ResourceExhausted, StoreBusy
 from jennah.models import JobFilter, JobStatus
 from jennah.settings import AdmissionSettings
 
@@ -100,6 +111,8 @@ PRUNE_EVERY_SECONDS = 10.0
 Clock = Callable[[], float]
 # (tenant_id, limit) -> the tenant's active jobs, counted up to at least ``limit``.
 ActiveCounter = Callable[[str, int], int]
+# Seconds a new job should wait because the job store is saturated; 0 when it is not.
+StorePressure = Callable[[], float]
 
 
 def provider_submit_rate(provider: str, override: float | None) -> float | None:
@@ -127,6 +140,12 @@ def store_active_counter(store: JobStore) -> ActiveCounter:
         return total
 
     return count
+
+
+def store_pressure(store: JobStore) -> StorePressure | None:
+    """The store's saturation signal (``busy_for``), if it has one: pooled stores do."""
+    busy_for = getattr(store, "busy_for", None)
+    return cast(StorePressure, busy_for) if callable(busy_for) else None
 
 
 class TokenBucket:
@@ -217,6 +236,7 @@ class Admission:
         counter: ActiveCounter | None = None,
         clock: Clock = time.monotonic,
         recount_interval: float = 1.0,
+        pressure: StorePressure | None = None,
     ) -> None:
         self.tenant_rate = settings.tenant_submit_rate
         self.tenant_burst = max(1.0, float(settings.tenant_submit_burst))
@@ -224,6 +244,7 @@ class Admission:
         self.provider = provider
         self.provider_rate = provider_submit_rate(provider, settings.provider_submit_rate)
         self.counter = counter
+        self.pressure = pressure
         self.clock = clock
         self.recount_interval = recount_interval
         self.counts = 0  # store counts made (for tests and /info)
@@ -257,6 +278,7 @@ class Admission:
 
     async def admit(self, tenant_id: str, request_id: str) -> Ticket:
         """A ticket for one submit, or ``ResourceExhausted`` with a retry hint."""
+        self._check_store()
         if request_id and (tenant_id, request_id) in self._recent:
             self._recent.move_to_end((tenant_id, request_id))
             return Ticket(self, tenant_id, request_id, retry=True)
@@ -283,6 +305,7 @@ class Admission:
             )
             if entry is None or (near and now - entry.counted_at >= self.recount_interval):
                 assert self.counter is not None
+                self._check_store()  # again: it may have waited for the tenant's lock
                 counted = await anyio.to_thread.run_sync(self.counter, tenant_id, self.max_active)
                 self.counts += 1
                 if entry is None:
@@ -297,6 +320,13 @@ class Admission:
                     retry_after_seconds=ACTIVE_CAP_RETRY_SECONDS,
                 )
             entry.inflight += 1
+
+    def _check_store(self) -> None:
+        if self.pressure is not None:
+            wait = self.pressure()
+            if wait > 0:
+                raise StoreBusy("the job store is busy (every connection of this worker is "
+                                "in use); nothing was stored", retry_after_seconds=_hint(wait))
 
     def _take_tokens(self, tenant_id: str) -> None:
         now = self.clock()

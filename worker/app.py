@@ -30,7 +30,7 @@ from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
 from providers import create_provider
 from providers.base import BatchProvider
-from worker.admission import Admission, store_active_counter
+from worker.admission import Admission, store_active_counter, store_pressure
 from worker.auth import CallerAuth
 from worker.commit import GroupCommitter
 from worker.events import ExecutionLog
@@ -85,7 +85,7 @@ def build_runtime(
         max_pending_bytes=settings.wal_max_pending_bytes,
     )  # fmt: skip
     admission = Admission(settings.admission, provider=settings.provider.kind,
-                          counter=store_active_counter(store))
+                          counter=store_active_counter(store), pressure=store_pressure(store))
     jobs = JobService(
         store, provider, committer=committer,
         worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
