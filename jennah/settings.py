@@ -39,6 +39,9 @@ REQUIRED_BY_STORE: Mapping[str, tuple[str, ...]] = {
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # the tenant id format (docs/design.md §8)
+# AWS Batch share identifiers and scheduling priorities (providers/aws.py).
+_SHARE_ID = re.compile(r"[A-Za-z0-9]{1,255}")
+_PRIORITY = re.compile(r"[0-9]{1,4}")
 
 
 def jennah_home(env: Mapping[str, str]) -> Path:
@@ -114,6 +117,19 @@ class _Env:
             lists[tenant.strip()] = lists.get(tenant.strip(), frozenset()) | items
         return lists
 
+    def tenant_map(self, name: str, value: re.Pattern[str], expected: str) -> dict[str, str]:
+        """``tenant=v;tenant2=w;*=default`` → ``{tenant: v, tenant2: w, "*": default}``."""
+        values: dict[str, str] = {}
+        for entry in filter(None, (e.strip() for e in self.text(name).split(";"))):
+            tenant, sep, val = (part.strip() for part in entry.partition("="))
+            if not sep or not (tenant == "*" or _TENANT.fullmatch(tenant)) or not (
+                    value.fullmatch(val)):
+                self.problems.append(
+                    f"{name} entry {entry[:80]!r} (expected tenant=<{expected}>;*=<{expected}>)")
+                continue
+            values[tenant] = val
+        return values
+
     def require(self, names: tuple[str, ...], owner: str) -> None:
         for name in names:
             alternatives = name.split("|")
@@ -131,6 +147,9 @@ class StoreSettings:
     kind: str = "sqlite"
     sqlite_path: Path = Path("jennah.db")
     database_url: str = ""
+    # DATABASE_POOL_SIZE: the most PostgreSQL connections one process opens; it also sets
+    # how much store work a worker queues before SubmitJob refuses (database/postgres.py).
+    pool_size: int = 10
     spanner_project: str = ""
     spanner_instance: str = ""
     spanner_database: str = ""
@@ -146,16 +165,38 @@ class ProviderSettings:
     region: str = ""
     local_batch_dir: Path = Path("local")
     gcp_project_id: str = ""
+    # GCP: where the jobs' VMs attach, and reading their output from Cloud Logging
+    # (docs/providers.md, GCP Batch).
+    gcp_network: str = ""
+    gcp_subnetwork: str = ""
+    gcp_no_external_ip: bool = False
+    gcp_log_settle_seconds: float = 30.0
+    gcp_log_reads_per_minute: float = 50.0
     aws_account_id: str = ""
     aws_job_queue: str = ""
     aws_job_definition: str = ""
     aws_endpoint_url: str = ""
+    # AWS_SPOT_JOB_QUEUE: the queue (SPOT compute environments) for jobs with use_spot_vms;
+    # empty: such jobs are refused.
+    aws_spot_job_queue: str = ""
+    # AWS_SHARE_IDENTIFIER: fair-share identifier per tenant, ``tenant=share;*=default``
+    # (used only on queues with a scheduling policy; providers/aws.py share_identifier).
+    aws_share_identifiers: Mapping[str, str] = field(default_factory=dict)
+    # AWS_SCHEDULING_PRIORITY: schedulingPriorityOverride per tenant, ``tenant=N;*=N``.
+    aws_scheduling_priorities: Mapping[str, int] = field(default_factory=dict)
+    # AWS_JOB_DEFINITION_CACHE_SECONDS: how long job definitions and queue facts are cached.
+    aws_definition_cache_seconds: float = 300.0
     azure_subscription_id: str = ""
     azure_resource_group: str = ""
     azure_batch_endpoint: str = ""
     azure_batch_pool_id: str = ""
     azure_batch_account_name: str = ""
     azure_batch_account_key: str = ""
+    # A private registry for the Azure jobs' images (providers/azure.py Registry).
+    azure_registry_server: str = ""
+    azure_registry_username: str = ""
+    azure_registry_password: str = field(default="", repr=False)
+    azure_registry_identity: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -227,6 +268,7 @@ def _store_settings(e: _Env, home: Path) -> StoreSettings:
         kind=kind,
         sqlite_path=Path(e.text("DB_PATH", str(home / "jennah.db"))).expanduser(),
         database_url=e.text("DATABASE_URL"),
+        pool_size=e.number("DATABASE_POOL_SIZE", StoreSettings.pool_size, int, minimum=1),
         spanner_project=e.text("DB_PROJECT_ID"),
         spanner_instance=e.text("DB_INSTANCE"),
         spanner_database=e.text("DB_DATABASE"),
@@ -245,16 +287,30 @@ def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
         region=e.text("BATCH_REGION") or e.text("AWS_REGION"),
         local_batch_dir=Path(e.text("LOCAL_BATCH_DIR", str(home / "local"))).expanduser(),
         gcp_project_id=e.text("BATCH_PROJECT_ID"),
+        gcp_network=e.text("GCP_NETWORK"),
+        gcp_subnetwork=e.text("GCP_SUBNETWORK"),
+        gcp_no_external_ip=e.flag("GCP_NO_EXTERNAL_IP"),
+        gcp_log_settle_seconds=e.number("GCP_LOG_SETTLE_SECONDS", 30.0, float),
+        gcp_log_reads_per_minute=e.number("GCP_LOG_READS_PER_MINUTE", 50.0, float, 1),
         aws_account_id=e.text("AWS_ACCOUNT_ID"),
         aws_job_queue=e.text("AWS_JOB_QUEUE"),
         aws_job_definition=e.text("AWS_JOB_DEFINITION"),
         aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
+        aws_spot_job_queue=e.text("AWS_SPOT_JOB_QUEUE"),
+        aws_share_identifiers=e.tenant_map("AWS_SHARE_IDENTIFIER", _SHARE_ID, "letters/digits"),
+        aws_scheduling_priorities={k: int(v) for k, v in e.tenant_map(
+            "AWS_SCHEDULING_PRIORITY", _PRIORITY, "0-9999").items()},
+        aws_definition_cache_seconds=e.number("AWS_JOB_DEFINITION_CACHE_SECONDS", 300.0, float),
         azure_subscription_id=e.text("AZURE_SUBSCRIPTION_ID"),
         azure_resource_group=e.text("AZURE_RESOURCE_GROUP"),
         azure_batch_endpoint=e.text("AZURE_BATCH_ENDPOINT"),
         azure_batch_pool_id=e.text("AZURE_BATCH_POOL_ID"),
         azure_batch_account_name=e.text("AZURE_BATCH_ACCOUNT_NAME"),
         azure_batch_account_key=e.text("AZURE_BATCH_ACCOUNT_KEY"),
+        azure_registry_server=e.text("AZURE_REGISTRY_SERVER"),
+        azure_registry_username=e.text("AZURE_REGISTRY_USERNAME"),
+        azure_registry_password=e.text("AZURE_REGISTRY_PASSWORD"),
+        azure_registry_identity=e.text("AZURE_REGISTRY_IDENTITY_RESOURCE_ID"),
     )
 
 

@@ -3,10 +3,18 @@
 
 **Ids and resource path**: the job id is the deterministic provider job id and the task
 id is derived from it (``<job id>-task``); the resource path is the task's URL,
-``<endpoint>/jobs/<job id>/tasks/<task id>``. Creating a job or task that already exists
-(409 ``JobExists``/``TaskExists``) adopts it, so a resubmit never runs the job twice.
-Jobs are created with ``onAllTasksComplete=terminatejob`` so that finished jobs stop
-counting against the account's active-job quota.
+``<endpoint>/jobs/<job id>/tasks/<task id>``.
+
+**Submit** is three idempotent steps, each of which a resubmit (same job id) repeats:
+create the job with ``onAllTasksComplete=noaction``, add the task, then patch the job to
+``terminatejob`` so that it ends with its task and stops counting against the account's
+active-job quota. The order is Batch's own advice: a job with no task counts as complete,
+so a job *created* with ``terminatejob`` may be ended before its task is added, and the
+add then fails with 409 for good. An existing job or task (409 ``JobExists`` /
+``TaskExists``) is adopted, so a resubmit never runs the job twice, and finishes
+whatever the previous attempt left: a job without its task, or a task whose job is still
+``noaction``. Patching a job that is already over (409 ``JobCompleted``,
+``JobBeingTerminated``: cancelled) is fine: there is nothing left to end.
 
 **Status**: ``get_task`` per path (in a small thread pool). A task that is still queued
 or that failed may belong to a job we terminated, so for those the job is read too: a
@@ -14,9 +22,23 @@ job terminated with Jennah's reason is CANCELLED. **Cancel**: ``begin_terminate_
 with that reason, waiting for the operation (``BatchJobTerminateOptions`` is required,
 docs/design.md §9).
 
+**Output**: the task's ``stdout.txt`` and ``stderr.txt`` on its node, read with
+``list_task_files`` (their lengths) and ranged ``download_task_file`` (``ocp-range``);
+offsets are byte offsets into each file (``read_output``).
+
 Resources: CPU and memory go to the container as ``--cpus``/``--memory`` run options, the
-run limit to the task's ``maxWallClockTime``. Machine type, spot and boot disk belong to
-the pool on Azure and are not per job (docs/providers.md).
+run limit to the task's ``maxWallClockTime``. The container starts in the image's own
+``WORKDIR`` (``workingDirectory=containerImageDefault``; Batch's default would be the
+task directory). Machine type, spot (low-priority) nodes and GPUs are properties of the
+*pool* on Azure, chosen by its VM size and node counts, not of a job: Jennah does not pick
+pools per job, so ``capabilities`` refuses ``machine_type``, ``use_spot_vms`` and
+``accelerator`` at SubmitJob rather than ignoring them (docs/providers.md).
+
+**Private registry** (``AZURE_REGISTRY_*``): a user name and password, or the resource id
+of a user-assigned managed identity of the pool, sent as ``containerSettings.registry``
+only for images whose registry host is ``AZURE_REGISTRY_SERVER``, so the credentials are
+never offered to another registry. The password is kept out of every ``repr``, and any
+error text that would carry it is redacted.
 
 Vendor errors never leave this module: ``HttpResponseError`` and connection errors become
 ``ProviderUnavailable`` (429, 5xx, connection: retried here first, the SDK's own retries
@@ -31,7 +53,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -45,11 +69,13 @@ from jennah.errors import (
     ProviderQuotaExceeded,
     ProviderRejected,
     ProviderUnavailable,
+    SettingsError,
 )
 from jennah.models import FailureClass, JobStatus
 from jennah.settings import ProviderSettings
-from providers.base import Capabilities, ProviderStatus, ProviderTask
-from providers.resources import job_environment, job_labels, resolve
+from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
+from providers.local import _utf8_boundary
+from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
 from providers.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -65,6 +91,15 @@ AZURE_TASK_STATES: Mapping[str, JobStatus] = {
 }
 QUOTA_CODES = frozenset({"ActiveJobAndScheduleQuotaReached", "AccountQuotaExceeded",
                          "TaskQuotaExceeded"})
+# The job is over (completed, or being terminated by a cancel): nothing left to patch.
+JOB_OVER_CODES = frozenset({"JobCompleted", "JobBeingTerminated"})
+# The metadata names Jennah sets on every job (providers.resources.job_labels): a tenant's
+# label with one of these names would be silently replaced, so it is refused instead.
+JENNAH_METADATA = frozenset({JOB_ID_LABEL, "jennah-tenant-id", "jennah-attempt"})
+# The task's output files in its directory on the node, in OutputChunk order.
+OUTPUT_FILES = ("stdout.txt", "stderr.txt")
+# Bytes read per file per read_output call, at most.
+OUTPUT_CAP = 1 << 20
 _ENDPOINT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.(?P<region>[a-z0-9-]+)\.batch\.azure\.com$")
 
 
@@ -87,39 +122,101 @@ def error_code(exc: HttpResponseError) -> str:
     return str(getattr(exc.error, "code", "") or "")
 
 
-def translate(exc: Exception, what: str) -> ProviderError:
-    """An azure-core error as one of ours."""
+def translate(exc: Exception, what: str, secrets: Sequence[str] = ()) -> ProviderError:
+    """An azure-core error as one of ours, with every one of ``secrets`` redacted from its
+    text (Batch's error details may echo a property's value)."""
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         code, status = error_code(exc), int(exc.status_code)
-        text = f"Azure Batch {what}: {code or type(exc).__name__} ({status}): {exc.message}"
+        text = redact(f"Azure Batch {what}: {code or type(exc).__name__} ({status}): "
+                      f"{exc.message}", secrets)
         if code in QUOTA_CODES:
             return ProviderQuotaExceeded(text)
         if status == 429 or status >= 500:
             return ProviderUnavailable(text)
         return ProviderRejected(text)
     # ServiceRequestError/ServiceResponseError (connection), or a credential not yet there.
-    return ProviderUnavailable(f"Azure Batch {what}: {type(exc).__name__}: {exc}")
+    return ProviderUnavailable(redact(f"Azure Batch {what}: {type(exc).__name__}: {exc}",
+                                      secrets))
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Credentials for the private registry ``server`` (``AZURE_REGISTRY_*``): a user name
+    and password, or the ARM resource id of a user-assigned managed identity of the pool
+    (Batch accepts one or the other)."""
+
+    server: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_resource_id: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: ProviderSettings) -> Registry | None:
+        """None when no registry is configured; ``SettingsError`` naming the variables
+        when the combination is incomplete (never their values)."""
+        server, user = settings.azure_registry_server, settings.azure_registry_username
+        password, identity = settings.azure_registry_password, settings.azure_registry_identity
+        if not (server or user or password or identity):
+            return None
+        problems = []
+        if not server:
+            problems.append("AZURE_REGISTRY_SERVER is required with the other "
+                            "AZURE_REGISTRY_* variables")
+        if bool(user) != bool(password):
+            problems.append("AZURE_REGISTRY_USERNAME and AZURE_REGISTRY_PASSWORD go together")
+        if bool(password) == bool(identity):
+            problems.append("set either AZURE_REGISTRY_PASSWORD (with AZURE_REGISTRY_USERNAME) "
+                            "or AZURE_REGISTRY_IDENTITY_RESOURCE_ID")
+        if problems:
+            raise SettingsError("invalid Azure registry settings: " + "; ".join(problems))
+        return cls(server.lower(), user, password, identity)
+
+    def serves(self, image: str) -> bool:
+        """Whether ``image`` is pulled from this registry: its first path component is
+        the server (``myacr.azurecr.io/app:2``)."""
+        host, slash, _ = image.partition("/")
+        return bool(slash) and host.lower() == self.server
+
+    def reference(self) -> am.ContainerRegistryReference:
+        if self.identity_resource_id:
+            return am.ContainerRegistryReference(
+                registry_server=self.server, identity_reference=am.BatchNodeIdentityReference(
+                    resource_id=self.identity_resource_id))
+        return am.ContainerRegistryReference(registry_server=self.server,
+                                             username=self.username, password=self.password)
 
 
 def build_job(task: ProviderTask, pool_id: str) -> am.BatchJobCreateOptions:
+    """The job, created with ``noaction``: ``terminatejob`` comes after the task is added
+    (module docstring)."""
     return am.BatchJobCreateOptions(
         id=task.provider_job_id, pool_info=am.BatchPoolInfo(pool_id=pool_id),
-        all_tasks_complete_mode="terminatejob",
+        all_tasks_complete_mode="noaction",
         metadata=[am.BatchMetadataItem(name=k, value=v) for k, v in job_labels(task).items()])
 
 
-def build_task(task: ProviderTask) -> am.BatchTaskCreateOptions:
+def build_task(task: ProviderTask, registry: Registry | None = None) -> am.BatchTaskCreateOptions:
     """The task for one execution: every field Jennah promises (issue 5)."""
     spec, res = task.spec, resolve(task.spec)
     constraints = am.BatchTaskConstraints(max_task_retry_count=0)  # Jennah retries
     if res.max_run_duration_seconds:
         constraints.max_wall_clock_time = timedelta(seconds=res.max_run_duration_seconds)
+    container = am.BatchTaskContainerSettings(
+        image_name=spec.image_uri, working_directory="containerImageDefault",
+        container_run_options=f"--cpus={res.vcpus} --memory={res.memory_mib}m")
+    if registry is not None and registry.serves(spec.image_uri):
+        container.registry = registry.reference()
     return am.BatchTaskCreateOptions(
         id=task_id_for(task.provider_job_id),
         command_line=shlex.join(spec.commands),
-        container_settings=am.BatchTaskContainerSettings(
-            image_name=spec.image_uri,
-            container_run_options=f"--cpus={res.vcpus} --memory={res.memory_mib}m"),
+        container_settings=container,
         environment_settings=[am.EnvironmentSetting(name=k, value=v)
                               for k, v in job_environment(task).items()],
         constraints=constraints,
@@ -164,20 +261,39 @@ def failure_class(task: am.BatchTask, exit_code: int | None,
     return FailureClass.INFRASTRUCTURE
 
 
+def whole_lines(data: bytes, final: bool) -> bytes:
+    """The part of ``data`` (at most ``OUTPUT_CAP`` bytes read from a file) to return now:
+    whole lines only, unless the file is final and ``data`` reaches its end; a line
+    longer than the cap goes out in pieces, never splitting a character."""
+    if final and len(data) < OUTPUT_CAP:
+        return data
+    end = data.rfind(b"\n") + 1
+    if end:
+        return data[:end]
+    return data[:_utf8_boundary(data)] if len(data) >= OUTPUT_CAP else b""
+
+
 class AzureBatchProvider:
     """Azure Batch, through an injected ``azure.batch.BatchClient``."""
 
     name = "azure"
+    # No label limit: Batch documents none for job metadata (docs/providers.md); Jennah's
+    # own metadata names are reserved. Machine type, spot and GPUs belong to the pool.
     capabilities = Capabilities(supports_cancel=True, max_status_batch=100,
-                                poll_interval_seconds=10.0)
+                                poll_interval_seconds=10.0, supports_output=True,
+                                reserved_label_keys=JENNAH_METADATA, machine_type=False,
+                                spot=False, accelerator_type=False, accelerator_count=False)
 
     def __init__(self, client: BatchClient, *, endpoint: str, pool_id: str,
+                 registry: Registry | None = None,
                  retry: RetryPolicy | None = None, status_concurrency: int = 8,
                  cancel_timeout: float = 60.0, lro_poll_seconds: int = 1) -> None:
         self.client = client
         self.endpoint = endpoint.rstrip("/")
         self.region = endpoint_region(endpoint)
         self.pool_id = pool_id
+        self.registry = registry
+        self._secrets = (registry.password,) if registry is not None else ()
         self.retry = retry or RetryPolicy()
         self.cancel_timeout = cancel_timeout
         self.lro_poll_seconds = lro_poll_seconds
@@ -187,6 +303,7 @@ class AzureBatchProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> AzureBatchProvider:
+        registry = Registry.from_settings(settings)  # first: a bad setting stops the start
         endpoint = settings.azure_batch_endpoint
         if settings.azure_batch_account_key:
             from azure.core.credentials import AzureNamedKeyCredential
@@ -199,14 +316,15 @@ class AzureBatchProvider:
 
             credential = DefaultAzureCredential()
         client = BatchClient(endpoint, credential, retry_total=0)
-        return cls(client, endpoint=endpoint, pool_id=settings.azure_batch_pool_id)
+        return cls(client, endpoint=endpoint, pool_id=settings.azure_batch_pool_id,
+                   registry=registry)
 
     @contextmanager
     def _vendor(self, what: str) -> Iterator[None]:
         try:
             yield
         except AzureError as exc:
-            raise translate(exc, what) from exc
+            raise translate(exc, what, self._secrets) from exc
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def once() -> T:
@@ -226,21 +344,18 @@ class AzureBatchProvider:
     # --- submit -----------------------------------------------------------------------
 
     def submit(self, task: ProviderTask) -> str:
+        """Create the job (``noaction``), add its task, then engage ``terminatejob``; each
+        step adopts what a previous attempt did (module docstring)."""
         job_id = task.provider_job_id
-        job, body = build_job(task, self.pool_id), build_task(task)
+        job, body = build_job(task, self.pool_id), build_task(task, self.registry)
+        engage = am.BatchJobUpdateOptions(all_tasks_complete_mode="terminatejob")
 
         def once() -> str:
             with self._vendor("submit"):
-                try:
-                    self.client.create_job(job)
-                except HttpResponseError as exc:
-                    if error_code(exc) != "JobExists":
-                        raise
-                try:
-                    self.client.create_task(job_id, body)
-                except HttpResponseError as exc:
-                    if error_code(exc) != "TaskExists":
-                        raise
+                _unless(frozenset({"JobExists"}), lambda: self.client.create_job(job))
+                _unless(frozenset({"TaskExists"}),
+                        lambda: self.client.create_task(job_id, body))
+                _unless(JOB_OVER_CODES, lambda: self.client.update_job(job_id, engage))
             return f"{self.endpoint}/jobs/{job_id}/tasks/{body.id}"
 
         return self.retry.call("azure submit", once)
@@ -302,9 +417,85 @@ class AzureBatchProvider:
 
         self.retry.call("azure cancel", once)
 
+    # --- output -----------------------------------------------------------------------
+
+    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
+        """New stdout/stderr text after the byte ``offsets`` into the task's
+        ``stdout.txt``/``stderr.txt``: whole lines only until the task has completed,
+        invalid UTF-8 replaced.
+
+        Cost per call, bounded: one ``list_task_files`` (both lengths), then one ranged
+        read of at most ``OUTPUT_CAP`` bytes per file that grew. Only when a file ends in
+        a partial line is the task read (``get_task``): if it has completed, its files no
+        longer grow, and they are read once more so that the last line goes out whole.
+        A task not started yet, or whose files are gone with its node, has no output."""
+        ids = self._ids(resource_path)
+        if ids is None:
+            return OutputChunk(offsets=offsets)
+        data = self._read_files(ids, offsets)
+        final = False
+        if any(d and len(d) < OUTPUT_CAP and not d.endswith(b"\n") for d in data):
+            final = self._task_completed(ids)
+            if final:
+                data = self._read_files(ids, offsets)  # read after the end was seen
+        kept = [whole_lines(d, final) for d in data]
+        return OutputChunk(stdout=kept[0].decode("utf-8", errors="replace"),
+                           stderr=kept[1].decode("utf-8", errors="replace"),
+                           offsets=(offsets[0] + len(kept[0]), offsets[1] + len(kept[1])))
+
+    def _read_files(self, ids: tuple[str, str], offsets: tuple[int, int]) -> list[bytes]:
+        """Up to ``OUTPUT_CAP`` bytes of each output file from its offset."""
+        job_id, task_id = ids
+
+        def lengths() -> dict[str, int]:
+            files = _unless_absent(lambda: list(self.client.list_task_files(job_id, task_id)))
+            return {f.name: int(f.properties.content_length) for f in files or ()
+                    if f.name in OUTPUT_FILES and f.properties is not None}
+
+        def download(name: str, start: int, end: int) -> bytes:
+            return _unless_absent(lambda: b"".join(self.client.download_task_file(
+                job_id, task_id, name, ocp_range=f"bytes={start}-{end - 1}"))) or b""
+
+        sizes = self._call("list_task_files", lengths)
+        out = []
+        for name, start in zip(OUTPUT_FILES, offsets, strict=True):
+            end = min(sizes.get(name, 0), start + OUTPUT_CAP)
+            out.append(self._call("download_task_file", partial(download, name, start, end))
+                       if end > start else b"")
+        return out
+
+    def _task_completed(self, ids: tuple[str, str]) -> bool:
+        try:
+            task = self._call("get_task", lambda: self.client.get_task(*ids))
+        except ProviderRejected as exc:
+            if getattr(exc.__cause__, "status_code", None) == 404:
+                return True  # gone: nothing will be written any more
+            raise
+        return _text(task.state) == "completed"
+
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         self._pool.shutdown(wait=True)
         self.client.close()
+
+
+def _unless(codes: frozenset[str], fn: Callable[[], object]) -> None:
+    """Call ``fn``; an ``HttpResponseError`` with one of ``codes`` counts as done."""
+    try:
+        fn()
+    except HttpResponseError as exc:
+        if error_code(exc) not in codes:
+            raise
+
+
+def _unless_absent(fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None when there is nothing to read: the task has not started on a
+    node yet (409), or it, its files or its node are gone (404)."""
+    try:
+        return fn()
+    except HttpResponseError as exc:
+        if exc.status_code in (404, 409):
+            return None
+        raise

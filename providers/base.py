@@ -70,6 +70,8 @@ class Capabilities:
     spot: bool = True
     accelerator_type: bool = False
     accelerator_count: bool = False
+    # A GPU count needs a type (GCP: the accelerator's type is what is asked for).
+    accelerator_type_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,9 @@ def check_spec(name: str, caps: Capabilities, spec: JobSpec) -> None:
     for key in labels:
         if key in caps.reserved_label_keys or key.startswith(caps.reserved_label_prefixes):
             raise InvalidArgument(f"labels: key {key!r} is reserved by the {name} provider")
+    if spec.accelerator_count and not spec.accelerator_type and caps.accelerator_type_required:
+        raise InvalidArgument(f"accelerator.type: the {name} provider needs it with "
+                              "accelerator.count (for example nvidia-tesla-t4)")
     refused = [what for what, asked, honoured in (
         ("machine_type", spec.machine_type, caps.machine_type),
         ("use_spot_vms", spec.use_spot_vms, caps.spot),

@@ -11,7 +11,25 @@ finds the job already there (ALREADY_EXISTS) adopts it.
 one paged ``list_jobs`` per active state (``status.state="RUNNING"`` …) covers every
 active job of the region; only the paths not seen there (just finished, or unknown) are
 fetched one by one. If the service refuses the filter, the provider falls back to
-``get_job`` for good. **Cancel**: ``cancel_job`` and wait for its long-running operation.
+``get_job`` for good.
+
+**Cancel**: ``cancel_job``, wait for its long-running operation, then read the job back:
+``cancel`` returns only once GCP reports the job ended (CANCELLED, or it had already
+finished); a cancel GCP failed, or one still in progress, raises ``ProviderUnavailable``,
+so the worker keeps the job marked and cancels again next cycle. Until GCP confirms,
+``CANCELLATION_IN_PROGRESS`` and ``DELETION_IN_PROGRESS`` are *not* terminal: they report
+the state before them (RUNNING if the job started, else SCHEDULED) with a message, which
+the poller records as a STATUS_DETAIL.
+
+**Output**: ``read_output`` reads the job's task logs from Cloud Logging
+(``providers/gcp_output.py``: offsets, ingestion delay, cost). So that a finished job's
+last lines are read, ``status`` reports a job that ran and has ended as still RUNNING
+(``raw_state`` the real one, with a message) until ``log_settle_seconds`` after its end.
+
+**Limits** (``capabilities``, checked at SubmitJob; docs/providers.md gives the sources):
+63 custom labels per job, of which this adapter uses 3 (``jennah-*``); keys starting with
+``goog-`` or ``google-`` and Batch's predefined ``batch-*`` keys are reserved.
+Accelerators need a type (``check``).
 
 Vendor errors never leave this module: ``google.api_core`` exceptions become
 ``ProviderUnavailable`` (429, RESOURCE_EXHAUSTED, 5xx: retried here first, see
@@ -23,12 +41,15 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from google.api_core import exceptions as gexc
@@ -45,8 +66,17 @@ from jennah.errors import (
 )
 from jennah.models import FailureClass, JobStatus
 from jennah.settings import ProviderSettings
-from providers.base import Capabilities, ProviderStatus, ProviderTask
-from providers.resources import job_environment, job_labels, resolve
+from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
+from providers.gcp_output import (
+    READ_SCOPE,
+    HttpSession,
+    OutputReader,
+    ReadRation,
+    RestLogReader,
+    remember,
+    to_nanos,
+)
+from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
 from providers.retry import RetryPolicy
 
 T = TypeVar("T")
@@ -60,10 +90,22 @@ GCP_STATES: Mapping[str, JobStatus] = {
     "RUNNING": JobStatus.RUNNING,
     "SUCCEEDED": JobStatus.COMPLETED,
     "FAILED": JobStatus.FAILED,
-    "CANCELLATION_IN_PROGRESS": JobStatus.CANCELLED,
     "CANCELLED": JobStatus.CANCELLED,
-    "DELETION_IN_PROGRESS": JobStatus.CANCELLED,
 }
+# Not terminal until GCP confirms: the job keeps the state it had (RUNNING if it started,
+# else SCHEDULED), with this message.
+IN_PROGRESS_STATES: Mapping[str, str] = {
+    "CANCELLATION_IN_PROGRESS": "cancellation in progress, not yet confirmed by GCP",
+    "DELETION_IN_PROGRESS": "deletion in progress, not yet confirmed by GCP",
+}
+# Batch: at most 63 custom labels per job ("Organize resources using labels"); the
+# adapter adds its own three (providers/resources.py job_labels).
+GCP_MAX_JOB_LABELS = 63
+ADAPTER_LABELS = frozenset({JOB_ID_LABEL, "jennah-tenant-id", "jennah-attempt"})
+RESERVED_LABEL_PREFIXES = ("goog-", "google-")
+# Batch's predefined labels (overriding one is an error), and the adapter's own keys
+# (they would silently replace the tenant's).
+RESERVED_LABEL_KEYS = frozenset({"batch-job-id", "batch-job-uid", "batch-node"}) | ADAPTER_LABELS
 # Google's reserved exit codes (https://cloud.google.com/batch/docs/troubleshooting);
 # any other 500xx is treated as infrastructure too.
 GCP_EXIT_CODES: Mapping[int, FailureClass] = {
@@ -110,7 +152,25 @@ def translate(exc: Exception, what: str) -> ProviderError:
     return ProviderRejected(text)
 
 
-def build_job(task: ProviderTask) -> batch_v1.Job:
+@dataclass(frozen=True)
+class Network:
+    """Where the job's VMs attach (settings ``GCP_NETWORK``, ``GCP_SUBNETWORK``,
+    ``GCP_NO_EXTERNAL_IP``); empty: the project's default network, with external IPs."""
+
+    network: str = ""
+    subnetwork: str = ""
+    no_external_ip: bool = False
+
+    def policy(self) -> batch_v1.AllocationPolicy.NetworkPolicy | None:
+        if not (self.network or self.subnetwork or self.no_external_ip):
+            return None
+        nic = batch_v1.AllocationPolicy.NetworkInterface(
+            network=self.network, subnetwork=self.subnetwork,
+            no_external_ip_address=self.no_external_ip)
+        return batch_v1.AllocationPolicy.NetworkPolicy(network_interfaces=[nic])
+
+
+def build_job(task: ProviderTask, network: Network | None = None) -> batch_v1.Job:
     """The Batch job for one execution: every field Jennah promises (issue 5)."""
     spec, res = task.spec, resolve(task.spec)
     container = batch_v1.Runnable.Container(image_uri=spec.image_uri,
@@ -131,8 +191,15 @@ def build_job(task: ProviderTask) -> batch_v1.Job:
     )
     if spec.boot_disk_size_gb:
         policy.boot_disk = batch_v1.AllocationPolicy.Disk(size_gb=spec.boot_disk_size_gb)
+    if spec.accelerator_type:
+        policy.accelerators = [batch_v1.AllocationPolicy.Accelerator(
+            type_=spec.accelerator_type, count=spec.accelerator_count or 1)]
     allocation = batch_v1.AllocationPolicy(
-        instances=[batch_v1.AllocationPolicy.InstancePolicyOrTemplate(policy=policy)])
+        instances=[batch_v1.AllocationPolicy.InstancePolicyOrTemplate(
+            policy=policy, install_gpu_drivers=bool(spec.accelerator_type))])
+    nets = (network or Network()).policy()
+    if nets is not None:
+        allocation.network = nets
     if spec.service_account:
         allocation.service_account = batch_v1.ServiceAccount(email=spec.service_account)
     return batch_v1.Job(
@@ -146,8 +213,13 @@ def build_job(task: ProviderTask) -> batch_v1.Job:
 def job_status(job: batch_v1.Job) -> ProviderStatus:
     """Map one Batch job (its state and status events) to a ``ProviderStatus``."""
     raw = State(job.status.state).name
-    state = GCP_STATES.get(raw)
     events = list(job.status.status_events)
+    if raw in IN_PROGRESS_STATES:
+        started = _first_event(events, ("RUNNING",))
+        return ProviderStatus(state=JobStatus.RUNNING if started else JobStatus.SCHEDULED,
+                              raw_state=raw, message=IN_PROGRESS_STATES[raw],
+                              started_at=started)
+    state = GCP_STATES.get(raw)
     exit_code: int | None = None
     for event in events:
         if "task_execution" in event:
@@ -159,8 +231,7 @@ def job_status(job: batch_v1.Job) -> ProviderStatus:
     started = _first_event(events, ("RUNNING",))
     completed = None
     if state is not None and state.terminal:
-        completed = _first_event(events, ("SUCCEEDED", "FAILED", "CANCELLED",
-                                          "CANCELLATION_IN_PROGRESS", "DELETION_IN_PROGRESS"))
+        completed = _first_event(events, ("SUCCEEDED", "FAILED", "CANCELLED"))
         if completed is None and "update_time" in job:
             completed = job.update_time
         if started is None and completed is not None and raw in ("SUCCEEDED", "FAILED"):
@@ -181,12 +252,19 @@ def _first_event(events: Sequence[batch_v1.StatusEvent], states: Sequence[str]
     return None
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """What ``read_output`` needs of a job, remembered from the last status read."""
+
+    uid: str
+    ended: datetime | None  # when it ended, if it ended after running
+
+
 class GcpBatchProvider:
-    """Google Cloud Batch, through an injected ``BatchServiceClient``."""
+    """Google Cloud Batch, through an injected ``BatchServiceClient`` (and, for output, a
+    Cloud Logging reader)."""
 
     name = "gcp"
-    capabilities = Capabilities(supports_cancel=True, max_status_batch=10_000,
-                                poll_interval_seconds=10.0)
 
     def __init__(
         self,
@@ -201,6 +279,12 @@ class GcpBatchProvider:
         call_timeout: float = 30.0,
         cancel_timeout: float = 60.0,
         lro_poll_seconds: float = 0.5,
+        network: Network | None = None,
+        logs: RestLogReader | None = None,
+        log_settle_seconds: float = 30.0,
+        log_reads_per_minute: float = 50.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.client = client
         self.parent = f"projects/{project}/locations/{region}"
@@ -209,6 +293,21 @@ class GcpBatchProvider:
         self.page_size = page_size
         self.call_timeout = call_timeout
         self.cancel_timeout = cancel_timeout
+        self.network = network or Network()
+        self.log_settle = timedelta(seconds=log_settle_seconds)
+        self.clock = clock
+        self._output = OutputReader(logs) if logs is not None else None
+        self._ration = ReadRation(log_reads_per_minute, clock=lambda: self.clock().timestamp(),
+                                  sleep=sleep or time.sleep)
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self.capabilities = Capabilities(
+            supports_cancel=True, max_status_batch=10_000, poll_interval_seconds=10.0,
+            supports_output=logs is not None,
+            max_labels=GCP_MAX_JOB_LABELS - len(ADAPTER_LABELS),
+            reserved_label_prefixes=RESERVED_LABEL_PREFIXES,
+            reserved_label_keys=RESERVED_LABEL_KEYS,
+            machine_type=True, spot=True, accelerator_type=True, accelerator_count=True,
+            accelerator_type_required=True)
         self._polling = gretry.Retry(predicate=polling.POLLING_PREDICATE, initial=lro_poll_seconds,
                                      maximum=max(lro_poll_seconds, 5.0), multiplier=1.5,
                                      timeout=cancel_timeout)
@@ -219,13 +318,26 @@ class GcpBatchProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> GcpBatchProvider:
+        import google.auth
         import google.auth.exceptions
+        from google.auth.transport.requests import AuthorizedSession
 
+        if settings.gcp_no_external_ip and not (settings.gcp_network
+                                                or settings.gcp_subnetwork):
+            raise SettingsError("GCP_NO_EXTERNAL_IP needs GCP_SUBNETWORK or GCP_NETWORK "
+                                "(a subnetwork with Private Google Access or Cloud NAT)")
         try:
             client = batch_v1.BatchServiceClient()  # credentials: ADC
+            credentials, _ = google.auth.default(scopes=[READ_SCOPE])  # type: ignore[no-untyped-call]
         except google.auth.exceptions.GoogleAuthError as exc:
             raise SettingsError(f"BATCH_PROVIDER=gcp: no Google credentials ({exc})") from exc
-        return cls(client, project=settings.gcp_project_id, region=settings.region)
+        session: HttpSession = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
+        return cls(client, project=settings.gcp_project_id, region=settings.region,
+                   network=Network(settings.gcp_network, settings.gcp_subnetwork,
+                                   settings.gcp_no_external_ip),
+                   logs=RestLogReader(session, project=settings.gcp_project_id),
+                   log_settle_seconds=settings.gcp_log_settle_seconds,
+                   log_reads_per_minute=settings.gcp_log_reads_per_minute)
 
     @contextmanager
     def _vendor(self, what: str) -> Iterator[None]:
@@ -245,8 +357,13 @@ class GcpBatchProvider:
     def submit(self, task: ProviderTask) -> str:
         if not JOB_ID_RULE.match(task.provider_job_id):
             raise ProviderRejected(f"{task.provider_job_id!r} is not a valid GCP Batch job id")
+        if task.spec.accelerator_count and not task.spec.accelerator_type:
+            # SubmitJob refuses it first (check_spec); this guards any other caller.
+            raise ProviderRejected("accelerator.type: the gcp provider needs it with "
+                                   "accelerator.count")
         request = batch_v1.CreateJobRequest(
-            parent=self.parent, job_id=task.provider_job_id, job=build_job(task),
+            parent=self.parent, job_id=task.provider_job_id,
+            job=build_job(task, self.network),
             request_id=request_uuid(task.job_id, task.attempt))
         name = f"{self.parent}/jobs/{task.provider_job_id}"
 
@@ -288,7 +405,7 @@ class GcpBatchProvider:
                                                    filter=f'status.state="{state}"')
                 for job in self._pages(request):
                     if job.name in wanted and job.name not in found:
-                        found[job.name] = job_status(job)
+                        found[job.name] = self._map(job)
         except ProviderRejected as exc:
             log.warning("GCP Batch refused the list filter, polling job by job: %s", exc)
             self._list_works = False
@@ -315,7 +432,7 @@ class GcpBatchProvider:
                 return exc
             except ProviderError as exc:
                 return exc
-            return job_status(job)
+            return self._map(job)
 
         outcomes = dict(zip(paths, self._pool.map(one, paths), strict=True))
         errors = [o for o in outcomes.values() if isinstance(o, ProviderError)]
@@ -324,6 +441,59 @@ class GcpBatchProvider:
         return {p: o if isinstance(o, ProviderStatus)
                 else ProviderStatus(None, "UNKNOWN", message=f"status unavailable: {o}")
                 for p, o in outcomes.items()}
+
+    def _map(self, job: batch_v1.Job) -> ProviderStatus:
+        """``job_status``, remembering the job for ``read_output``, and holding back the end
+        of a job that ran until its last output can have reached Cloud Logging."""
+        st = job_status(job)
+        ran_and_ended = st.state is not None and st.state.terminal and st.started_at is not None
+        ended = st.completed_at if ran_and_ended else None
+        remember(self._seen, str(job.name), _Seen(str(job.uid), ended))
+        if ended is None or self._output is None or self.clock() >= ended + self.log_settle:
+            return st
+        return ProviderStatus(
+            JobStatus.RUNNING, st.raw_state, started_at=st.started_at,
+            message=f"{st.raw_state}; reading its last output from Cloud Logging for "
+                    f"{self.log_settle.total_seconds():g}s before recording the end")
+
+    # --- output -----------------------------------------------------------------------
+
+    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
+        """The job's task-log lines after ``offsets`` (``providers/gcp_output.py``): one
+        ``entries.list`` page per call (at most 1,000 entries and 1 MiB of text), fewer
+        when Cloud Logging's read quota is rationed among the jobs."""
+        reader = self._output
+        if reader is None or not JOB_NAME_RULE.match(resource_path):
+            return OutputChunk(offsets=offsets)
+        seen = self._seen.get(resource_path) or self._look_up(resource_path)
+        if seen is None:
+            return OutputChunk(offsets=offsets)
+        now = self.clock()
+        settled = seen.ended is not None and now >= seen.ended + self.log_settle
+        if settled:
+            self._ration.wait(resource_path)  # the last reads: wait for quota
+        elif not self._ration.turn(resource_path):
+            return OutputChunk(offsets=offsets)  # not this job's turn: next cycle
+        cutoff = None if settled else to_nanos(now - self.log_settle)
+        try:
+            page = self._call("entries.list", lambda: reader.read(
+                seen.uid, offsets, cutoff, lambda: self._ration.wait(resource_path)))
+        except ProviderUnavailable as exc:
+            if settled:
+                raise  # the end waits for this read: the poller tries again next cycle
+            log.info("output of %s not read this cycle: %s", resource_path, exc)
+            return OutputChunk(offsets=offsets)
+        return OutputChunk(page.stdout, page.stderr, page.offsets)
+
+    def _look_up(self, path: str) -> _Seen | None:
+        try:
+            self._map(self._call("get_job", lambda: self.client.get_job(
+                name=path, retry=None, timeout=self.call_timeout)))
+        except ProviderRejected as exc:
+            if isinstance(exc.__cause__, gexc.NotFound):
+                return None
+            raise
+        return self._seen.get(path)
 
     # --- cancel -----------------------------------------------------------------------
 
@@ -336,14 +506,37 @@ class GcpBatchProvider:
                 with self._vendor("cancel_job"):
                     op = self.client.cancel_job(name=resource_path, retry=None,
                                                 timeout=self.call_timeout)
-                    op.result(timeout=self.cancel_timeout,  # type: ignore[no-untyped-call]
-                              polling=self._polling)
+                    try:
+                        op.result(timeout=self.cancel_timeout,  # type: ignore[no-untyped-call]
+                                  polling=self._polling)
+                    except gexc.GoogleAPICallError as exc:  # the operation itself failed
+                        raise ProviderUnavailable(
+                            f"GCP Batch failed to cancel {resource_path}: "
+                            f"{type(exc).__name__}: {exc.message}") from exc
             except ProviderRejected as exc:
-                # Unknown or already finished: nothing to stop (cancel is idempotent).
+                # Unknown, finished or being cancelled already: the read below decides.
                 if not isinstance(exc.__cause__, gexc.NotFound | gexc.FailedPrecondition):
                     raise
 
         self.retry.call("gcp cancel", once)
+        self._confirm_ended(resource_path)
+
+    def _confirm_ended(self, path: str) -> None:
+        """Return only if GCP reports the job ended (or unknown); else raise
+        ``ProviderUnavailable``, so that the worker asks again next cycle."""
+        try:
+            job = self._call("get_job", lambda: self.client.get_job(
+                name=path, retry=None, timeout=self.call_timeout))
+        except ProviderRejected as exc:
+            if isinstance(exc.__cause__, gexc.NotFound):
+                return
+            raise
+        self._map(job)
+        raw = State(job.status.state).name
+        if raw in ("CANCELLED", "SUCCEEDED", "FAILED"):
+            return
+        why = IN_PROGRESS_STATES.get(raw, "the cancel failed or was not applied")
+        raise ProviderUnavailable(f"GCP Batch has not cancelled {path} yet: it is {raw} ({why})")
 
     def close(self) -> None:
         if self._closed.is_set():

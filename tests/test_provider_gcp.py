@@ -1,28 +1,49 @@
-"""GCP Batch provider against the wire-level gRPC fake (``tests/fakes/gcp_batch.py``):
-the provider contract, every row of the state table and of the exit-code table, every
-request field we promise, adoption, throttling, cancel through the long-running operation,
-and list-based polling."""
+"""GCP Batch provider against the wire-level gRPC fake (``tests/fakes/gcp_batch.py``) and
+the REST fake of Cloud Logging (``tests/fakes/gcp_logging.py``): the provider contract,
+every row of the state table and of the exit-code table, every request field we promise,
+the documented limits (labels, accelerators, networks) refused at SubmitJob, adoption,
+throttling, cancel through the long-running operation (in progress, failed), list-based
+polling, and the jobs' output read back from Cloud Logging."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 import pytest
+import requests
+from google.api_core import exceptions as gexc
 from google.cloud import batch_v1
 
-from jennah.errors import ProviderRejected, ProviderUnavailable
-from jennah.models import FailureClass, JobSpec, JobStatus, ResourceOverride
-from providers.base import ProviderTask
+from database.memory import MemoryStore
+from jennah.errors import InvalidArgument, ProviderRejected, ProviderUnavailable, SettingsError
+from jennah.models import FailureClass, JobFilter, JobSpec, JobStatus, ResourceOverride
+from jennah.settings import ProviderSettings
+from providers.base import OutputChunk, ProviderTask, check_spec
 from providers.base import provider_job_id as make_pid
-from providers.gcp import GCP_EXIT_CODES, GCP_STATES, GcpBatchProvider, request_uuid
+from providers.gcp import (
+    GCP_EXIT_CODES,
+    GCP_STATES,
+    IN_PROGRESS_STATES,
+    GcpBatchProvider,
+    Network,
+    build_job,
+    request_uuid,
+)
+from providers.gcp_output import RestLogReader
 from providers.retry import RetryPolicy
+from tests.fakes import serve_http
 from tests.fakes.gcp_batch import FakeGcpBatch, client_for, serve
+from tests.fakes.gcp_logging import FakeCloudLogging
 from tests.provider_contract import EXIT_0, EXIT_3, SLEEP_60, ProviderContract, make_task
+from worker.jobs import JobService
 
 State = batch_v1.JobStatus.State
 
@@ -37,18 +58,44 @@ class Sleeps:
         self.seen.append(seconds)
 
 
+class Clock:
+    """The one clock of a test: the provider's, both fakes', and a sleep that moves it."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def log_session() -> requests.Session:
+    session = requests.Session()
+    session.headers["Authorization"] = "Bearer test-token"  # what AuthorizedSession adds
+    return session
+
+
 @dataclass
 class GcpHarness:
     provider: GcpBatchProvider
     fake: FakeGcpBatch
     sleeps: Sleeps
     address: str
+    logs: FakeCloudLogging
+    logs_url: str
+    clock: Clock
     supports_long_running: bool = True
 
     @contextmanager
     def another_provider(self, **kwargs: Any) -> Iterator[GcpBatchProvider]:
-        """A second provider on the same fake (another worker, or other settings)."""
+        """A second provider on the same fakes (another worker, or other settings)."""
         client, channel = client_for(self.address)
+        kwargs.setdefault("logs", RestLogReader(log_session(), project=self.logs.project,
+                                                endpoint=self.logs_url))
+        kwargs.setdefault("clock", self.clock)
+        kwargs.setdefault("sleep", self.clock.tick)
         provider = GcpBatchProvider(client, project=self.fake.project, region=self.fake.region,
                                     **kwargs)
         try:
@@ -59,6 +106,7 @@ class GcpHarness:
 
     def advance(self) -> None:
         self.fake.advance()
+        self.clock.tick(1)
 
     def executions(self, provider_job_id: str) -> int:
         return self.fake.created[provider_job_id]
@@ -67,17 +115,24 @@ class GcpHarness:
         return f"{self.fake.parent}/jobs/j-never-submitted-0"
 
 
+SETTLE = 30.0  # seconds: the tests' Cloud Logging safety margin
+
+
 @pytest.fixture
 def gcp() -> Iterator[GcpHarness]:
-    fake = FakeGcpBatch()
-    with serve(fake) as address:
+    clock = Clock()
+    fake = FakeGcpBatch(clock=clock)
+    logs = FakeCloudLogging(project=fake.project, clock=clock)
+    with serve(fake) as address, serve_http(logs.handle) as logs_url:
         client, channel = client_for(address)
         sleeps = Sleeps()
         provider = GcpBatchProvider(
             client, project=fake.project, region=fake.region,
             retry=RetryPolicy(attempts=4, sleep=sleeps), lro_poll_seconds=0.001,
-            call_timeout=5.0, cancel_timeout=5.0)
-        yield GcpHarness(provider, fake, sleeps, address)
+            call_timeout=5.0, cancel_timeout=5.0, clock=clock, sleep=clock.tick,
+            logs=RestLogReader(log_session(), project=fake.project, endpoint=logs_url),
+            log_settle_seconds=0)  # the output tests make their own, with a margin
+        yield GcpHarness(provider, fake, sleeps, address, logs, logs_url, clock)
         provider.close()
         channel.close()
 
@@ -100,10 +155,10 @@ def test_state_table_is_design_section_3() -> None:
         "RUNNING": JobStatus.RUNNING,
         "SUCCEEDED": JobStatus.COMPLETED,
         "FAILED": JobStatus.FAILED,
-        "CANCELLATION_IN_PROGRESS": JobStatus.CANCELLED,
         "CANCELLED": JobStatus.CANCELLED,
-        "DELETION_IN_PROGRESS": JobStatus.CANCELLED,
     }
+    # Every state of the installed SDK's enum is either mapped, in progress, or UNKNOWN.
+    assert set(State.__members__) == {*GCP_STATES, *IN_PROGRESS_STATES, "STATE_UNSPECIFIED"}
 
 
 @pytest.mark.parametrize("raw", [*GCP_STATES, "STATE_UNSPECIFIED"])
@@ -346,3 +401,284 @@ def test_one_failing_path_is_unknown_and_all_failing_raises(gcp: GcpHarness) -> 
         gcp.fake.throttle(4, methods={"GetJob"})
         with pytest.raises(ProviderUnavailable):
             serial.status([ok, other])
+
+
+# --- documented limits, refused at SubmitJob (docs/providers.md, GCP Batch) ----------------
+
+SPEC = JobSpec(image_uri="busybox", commands=("true",))
+
+
+def test_declared_limits_are_batchs_minus_our_own_labels(gcp: GcpHarness) -> None:
+    caps = gcp.provider.capabilities
+    assert caps.max_labels == 60  # 63 custom labels per job, 3 of them jennah-*
+    assert caps.reserved_label_prefixes == ("goog-", "google-")
+    assert {"batch-job-id", "batch-job-uid", "batch-node", "jennah-job-id"} <= (
+        caps.reserved_label_keys)
+    assert (caps.machine_type, caps.spot, caps.accelerator_type, caps.accelerator_count) == (
+        True, True, True, True)
+    assert caps.supports_output
+
+
+@pytest.mark.parametrize(("labels", "complaint"), [
+    ({f"k{i}": "v" for i in range(61)}, "61 given; the gcp provider takes at most 60"),
+    ({"goog-x": "1"}, "key 'goog-x' is reserved by the gcp provider"),
+    ({"google-x": "1"}, "key 'google-x' is reserved by the gcp provider"),
+    ({"batch-node": ""}, "key 'batch-node' is reserved by the gcp provider"),
+    ({"jennah-job-id": "x"}, "key 'jennah-job-id' is reserved by the gcp provider"),
+])
+def test_what_batch_refuses_is_refused_at_submitjob_and_nothing_is_stored(
+        gcp: GcpHarness, labels: dict[str, str], complaint: str) -> None:
+    spec = dataclasses.replace(SPEC, labels=labels)
+    store = MemoryStore()
+    jobs = JobService(store, gcp.provider, worker_id="w1", lease_ttl=30)
+    with pytest.raises(InvalidArgument, match=complaint):
+        asyncio.run(jobs.submit("acme", spec, "r1"))
+    assert store.list_jobs("acme", JobFilter(), 10, "").jobs == []
+    assert gcp.fake.create_requests == []
+
+
+@pytest.mark.parametrize("labels", [
+    {f"k{i}": "v" for i in range(64)},  # 64 + our 3: over Batch's 63
+    {"goog-x": "1"}, {"google-x": "1"}, {"batch-job-id": "mine"},
+])
+def test_the_fake_refuses_what_batch_documents(gcp: GcpHarness, labels: dict[str, str]
+                                               ) -> None:
+    # Straight to the service, past check_spec: the fake is the documentation's referee.
+    with pytest.raises(ProviderRejected, match=r"reserved|custom labels"):
+        gcp.provider.submit(make_task(EXIT_0, labels=labels))
+    assert gcp.fake.created == {}
+
+
+def test_sixty_labels_are_accepted_end_to_end(gcp: GcpHarness) -> None:
+    spec = dataclasses.replace(SPEC, labels={f"k{i}": "v" for i in range(60)})
+    check_spec("gcp", gcp.provider.capabilities, spec)
+    gcp.provider.submit(make_task(EXIT_0, labels=spec.labels))
+    assert len(gcp.fake.create_requests[0].job.labels) == 63
+
+
+def test_gpus_are_asked_for_with_their_drivers(gcp: GcpHarness) -> None:
+    task = make_task(EXIT_0)
+    spec = dataclasses.replace(task.spec, accelerator_type="nvidia-tesla-t4",
+                               accelerator_count=2, machine_type="n1-standard-8")
+    check_spec("gcp", gcp.provider.capabilities, spec)
+    gcp.provider.submit(dataclasses.replace(task, spec=spec))
+    [req] = gcp.fake.create_requests
+    instances = req.job.allocation_policy.instances[0]
+    [acc] = instances.policy.accelerators
+    assert (acc.type_, acc.count, instances.install_gpu_drivers) == ("nvidia-tesla-t4", 2, True)
+    assert instances.policy.machine_type == "n1-standard-8"
+
+
+def test_a_gpu_count_without_a_type_is_refused(gcp: GcpHarness) -> None:
+    spec = dataclasses.replace(SPEC, accelerator_count=1)
+    with pytest.raises(InvalidArgument, match=r"accelerator\.type"):
+        check_spec("gcp", gcp.provider.capabilities, spec)
+    task = make_task(EXIT_0)
+    with pytest.raises(ProviderRejected, match=r"accelerator\.type"):
+        gcp.provider.submit(dataclasses.replace(task, spec=spec))
+    assert gcp.fake.create_requests == []  # refused before any call
+    # and the service itself refuses an accelerator without a type
+    req = batch_v1.CreateJobRequest(parent=gcp.fake.parent, job_id="j-x-0",
+                                    request_id=str(uuid.uuid4()))
+    req.job = build_job(make_task(EXIT_0))
+    req.job.allocation_policy.instances[0].policy.accelerators = [
+        batch_v1.AllocationPolicy.Accelerator(count=1)]
+    with pytest.raises(gexc.InvalidArgument, match="accelerator needs a type"):
+        gcp.provider.client.create_job(request=req, retry=None)
+
+
+def test_network_settings_reach_the_allocation_policy(gcp: GcpHarness) -> None:
+    net = Network(network="projects/p/global/networks/vpc",
+                  subnetwork="projects/p/regions/us-central1/subnetworks/jobs",
+                  no_external_ip=True)
+    with gcp.another_provider(network=net) as p:
+        p.submit(make_task(EXIT_0))
+    [nic] = gcp.fake.create_requests[0].job.allocation_policy.network.network_interfaces
+    assert (nic.network, nic.subnetwork, nic.no_external_ip_address) == (
+        net.network, net.subnetwork, True)
+    gcp.provider.submit(make_task(EXIT_0))  # no settings: the default network, untouched
+    assert "network" not in gcp.fake.create_requests[1].job.allocation_policy
+    with gcp.another_provider(network=Network(subnetwork="jobs")) as bad, pytest.raises(
+            ProviderRejected, match="not a subnetwork URL"):
+        bad.submit(make_task(EXIT_0))
+
+
+def test_no_external_ip_needs_a_network_setting() -> None:
+    settings = ProviderSettings(kind="gcp", region="us-central1", gcp_project_id="p",
+                                gcp_no_external_ip=True)
+    with pytest.raises(SettingsError, match="GCP_NO_EXTERNAL_IP needs GCP_SUBNETWORK"):
+        GcpBatchProvider.from_settings(settings)
+
+
+# --- cancel: not over until GCP says so --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("started", "expected"), [(True, JobStatus.RUNNING),
+                                                   (False, JobStatus.SCHEDULED)])
+@pytest.mark.parametrize("raw", list(IN_PROGRESS_STATES))
+def test_in_progress_states_are_not_terminal(gcp: GcpHarness, raw: str, started: bool,
+                                             expected: JobStatus) -> None:
+    path = gcp.provider.submit(make_task(SLEEP_60))
+    if started:
+        gcp.fake.advance(2)
+    gcp.fake.set_state(path, getattr(State, raw))
+    st = gcp.provider.status([path])[path]
+    assert (st.state, st.raw_state, st.completed_at) == (expected, raw, None)
+    assert "not yet confirmed by GCP" in st.message
+
+
+def test_cancel_goes_through_cancellation_in_progress(gcp: GcpHarness) -> None:
+    gcp.fake.cancel_polls = 10**6  # GCP takes its time
+    path = gcp.provider.submit(make_task(SLEEP_60))
+    gcp.fake.advance(2)
+    with gcp.another_provider(cancel_timeout=0.05, lro_poll_seconds=0.001,
+                              retry=RetryPolicy(attempts=1)) as impatient, pytest.raises(
+            ProviderUnavailable):
+        impatient.cancel(path)
+    st = gcp.provider.status([path])[path]
+    assert (st.state, st.raw_state) == (JobStatus.RUNNING, "CANCELLATION_IN_PROGRESS")
+    # asked again while GCP is still at it: refused, and not taken for done
+    with pytest.raises(ProviderUnavailable, match="cancellation in progress"):
+        gcp.provider.cancel(path)
+    gcp.fake.cancel_polls = 1
+    gcp.fake.advance()  # GCP finishes
+    gcp.provider.cancel(path)  # asked again: now confirmed
+    assert gcp.provider.status([path])[path].state is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("code", ["INTERNAL", "FAILED_PRECONDITION"])
+def test_a_cancel_gcp_fails_is_not_taken_for_done(gcp: GcpHarness, code: str) -> None:
+    path = gcp.provider.submit(make_task(SLEEP_60))
+    gcp.fake.advance(2)
+    gcp.fake.fail_cancels(10, code=getattr(grpc.StatusCode, code))
+    with pytest.raises(ProviderUnavailable, match="cancel"):
+        gcp.provider.cancel(path)
+    assert gcp.provider.status([path])[path].state is JobStatus.RUNNING
+    gcp.fake.fail_cancels(-10 + 1, code=getattr(grpc.StatusCode, code))  # one more failure
+    gcp.provider.cancel(path)  # retried within the call, then confirmed
+    assert State(gcp.fake.jobs[path].status.state).name == "CANCELLED"
+
+
+# --- output, from Cloud Logging -------------------------------------------------------------
+
+
+@contextmanager
+def output_provider(gcp: GcpHarness, **kwargs: Any) -> Iterator[GcpBatchProvider]:
+    kwargs.setdefault("log_settle_seconds", SETTLE)
+    kwargs.setdefault("retry", RetryPolicy(attempts=1))
+    with gcp.another_provider(**kwargs) as p:
+        yield p
+
+
+def running_job(gcp: GcpHarness) -> tuple[str, str]:
+    path = gcp.provider.submit(make_task(SLEEP_60))
+    gcp.fake.advance(2)
+    return path, str(gcp.fake.jobs[path].uid)
+
+
+def drain(p: GcpBatchProvider, path: str, offsets: tuple[int, int]
+          ) -> tuple[list[OutputChunk], tuple[int, int]]:
+    chunks = []
+    while True:
+        chunk = p.read_output(path, offsets)
+        if chunk.offsets == offsets:
+            return chunks, offsets
+        chunks.append(chunk)
+        offsets = chunk.offsets
+
+
+def test_output_in_order_exactly_once_across_polls_and_a_new_worker(gcp: GcpHarness) -> None:
+    path, uid = running_job(gcp)
+    for i in range(3):
+        gcp.logs.write(uid, f"out {i}")
+    gcp.logs.write(uid, "err 0", stream="stderr")
+    with output_provider(gcp) as p:
+        assert p.read_output(path, (0, 0)).offsets == (0, 0)  # younger than the margin
+        gcp.clock.tick(SETTLE + 1)
+        first = p.read_output(path, (0, 0))
+        assert (first.stdout, first.stderr, first.offsets) == ("out 0\nout 1\nout 2\n",
+                                                               "err 0\n", (3, 1))
+        for i in range(3, 5):
+            gcp.logs.write(uid, f"out {i}")
+        gcp.clock.tick(SETTLE + 1)
+        second = p.read_output(path, first.offsets)
+        assert (second.stdout, second.stderr, second.offsets) == ("out 3\nout 4\n", "", (5, 1))
+        assert p.read_output(path, second.offsets).offsets == (5, 1)  # nothing new
+    gcp.logs.write(uid, "out 5")
+    gcp.logs.write(uid, "err 1", stream="stderr")
+    gcp.clock.tick(SETTLE + 1)
+    with output_provider(gcp) as newcomer:  # a new worker, from the stored offsets
+        chunk = newcomer.read_output(path, (5, 1))
+        assert (chunk.stdout, chunk.stderr, chunk.offsets) == ("out 5\n", "err 1\n", (6, 2))
+        # the same offsets give the same text, on any worker (the WAL dedups on them)
+        gcp.clock.tick(2)  # the job's next turn to read
+        assert newcomer.read_output(path, (5, 1)) == chunk
+
+
+def test_a_late_entry_within_the_margin_keeps_its_place(gcp: GcpHarness) -> None:
+    path, uid = running_job(gcp)
+    t0 = gcp.clock()
+    gcp.logs.write(uid, "early", at=t0, delay=20)  # ingested 20 s late
+    gcp.logs.write(uid, "later", at=t0 + timedelta(seconds=1))
+    gcp.clock.tick(5)
+    with output_provider(gcp) as p:
+        assert p.read_output(path, (0, 0)).stdout == ""  # "later" is within the margin
+        gcp.clock.tick(SETTLE)
+        assert p.read_output(path, (0, 0)).stdout == "early\nlater\n"
+
+
+def test_a_finished_job_ends_only_after_its_last_output(gcp: GcpHarness) -> None:
+    path, uid = running_job(gcp)
+    with output_provider(gcp) as p:
+        assert p.status([path])[path].state is JobStatus.RUNNING
+        gcp.logs.write(uid, "last words", delay=10)
+        gcp.fake.set_state(path, State.SUCCEEDED, exit_code=0)
+        st = p.status([path])[path]
+        assert (st.state, st.raw_state) == (JobStatus.RUNNING, "SUCCEEDED")  # held back
+        assert "Cloud Logging" in st.message
+        gcp.clock.tick(SETTLE)
+        st = p.status([path])[path]
+        assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
+        chunks, end = drain(p, path, (0, 0))  # the poller's final read
+        assert "".join(c.stdout for c in chunks) == "last words\n" and end == (1, 0)
+        gcp.logs.write(uid, "after the end?")  # nothing after the end is new text …
+        assert p.read_output(path, end).offsets == (2, 0)  # … unless Batch wrote it
+
+
+def test_reads_are_capped_per_call_and_resume(gcp: GcpHarness) -> None:
+    path, uid = running_job(gcp)
+    for i in range(25):
+        gcp.logs.write(uid, f"line {i:02d}")
+        gcp.clock.tick(0.1)
+    gcp.fake.set_state(path, State.SUCCEEDED, exit_code=0)
+    gcp.clock.tick(SETTLE + 1)
+    with output_provider(gcp) as p:
+        p._output.page_size = 10  # type: ignore[union-attr]
+        before = gcp.logs.calls["POST /v2/entries:list"]
+        chunks, end = drain(p, path, (0, 0))
+        # a page of 10 each; from the second on, its first entry is the last one returned
+        # (``timestamp >=`` the position), skipped
+        assert [len(c.stdout.splitlines()) for c in chunks] == [10, 9, 6]
+        assert "".join(c.stdout for c in chunks) == "".join(f"line {i:02d}\n" for i in range(25))
+        assert end == (25, 0)
+        # one page per call, each from where the last stopped (timestamp >= …)
+        assert gcp.logs.calls["POST /v2/entries:list"] - before == 4
+        assert 'timestamp>="' in gcp.logs.requests[-1]["filter"]
+
+
+def test_reads_stay_within_the_logging_read_quota(gcp: GcpHarness) -> None:
+    jobs = [running_job(gcp) for _ in range(80)]
+    for _, uid in jobs:
+        gcp.logs.write(uid, "hello")
+    gcp.clock.tick(SETTLE + 1)
+    with output_provider(gcp, log_reads_per_minute=50) as p:
+        got: dict[str, str] = {}
+        offsets = {path: (0, 0) for path, _ in jobs}
+        for _cycle in range(36):  # 6 minutes of 10-second poll cycles
+            for path, _ in jobs:
+                chunk = p.read_output(path, offsets[path])  # a 429 would raise here
+                got[path] = got.get(path, "") + chunk.stdout
+                offsets[path] = chunk.offsets
+            gcp.clock.tick(10)
+        assert sorted(got.values()) == ["hello\n"] * len(jobs)  # every job had turns
+        assert gcp.logs.throttled == 0  # and Cloud Logging never said 429

@@ -54,3 +54,12 @@ def test_the_local_provider_refuses_what_it_cannot_run_and_stores_nothing(
         with pytest.raises(InvalidArgument, match="the local provider cannot honour"):
             asyncio.run(jobs.submit("acme", dataclasses.replace(SPEC, **change), "r"))  # type: ignore[arg-type]
     assert store.list_jobs("acme", JobFilter(), 10, "").jobs == []
+
+
+def test_a_provider_may_need_the_gpu_type_with_the_count() -> None:
+    caps = Capabilities(accelerator_type=True, accelerator_count=True,
+                        accelerator_type_required=True)
+    with pytest.raises(InvalidArgument, match=r"accelerator\.type: the gcp provider needs it"):
+        check_spec("gcp", caps, dataclasses.replace(SPEC, accelerator_count=1))
+    check_spec("gcp", caps, dataclasses.replace(SPEC, accelerator_type="nvidia-l4",
+                                                accelerator_count=1))

@@ -56,12 +56,15 @@ def serve_http(handle: Handler) -> Iterator[str]:
                 response = handle(request)
             except Exception as exc:  # a bug in a fake must be loud, not a hang
                 response = Response(500, {"message": f"fake crashed: {exc!r}"})
-            payload = b"" if response.body is None else json.dumps(response.body).encode()
+            body = response.body  # bytes go out as they are (a file's content), else JSON
+            raw_body = isinstance(body, bytes)
+            payload = body if raw_body else b"" if body is None else json.dumps(body).encode()
             self.send_response(response.status)
             for name, value in response.headers.items():
                 self.send_header(name, value)
             if payload:
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type",
+                                 "application/octet-stream" if raw_body else "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)

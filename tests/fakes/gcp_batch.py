@@ -15,8 +15,16 @@ What it models:
   ``sleep`` runs until cancelled). ``set_state`` forces any state, such as a preemption
   with exit code 50001.
 * ``CancelJob`` is a real long-running operation: the job goes CANCELLATION_IN_PROGRESS
-  and the operation is done (and the job CANCELLED) at the client's first
-  ``GetOperation`` poll. Cancelling a finished job is FAILED_PRECONDITION.
+  and the operation is done (and the job CANCELLED) at the client's ``cancel_polls``-th
+  ``GetOperation`` poll. ``fail_cancels(n)`` makes the next ``n`` cancel operations end in
+  an error, the job back in the state it had; ``advance()`` moves pending operations on as
+  a poll would. Cancelling a finished job, or one already being cancelled, is
+  FAILED_PRECONDITION.
+* Labels as Batch documents them ("Organize resources using labels", and the ``Job.labels``
+  reference): at most 63 custom labels, keys starting ``goog-`` or ``google-`` reserved,
+  and Batch's predefined keys (``batch-job-id``, ``batch-job-uid``, ``batch-node``) cannot
+  be set. Accelerators need a type and a positive count; network interfaces take the
+  documented URL forms.
 * ``ListJobs`` pages and understands the filter Jennah sends (``status.state="X"``).
 * ``throttle(n)`` answers the next ``n`` calls with RESOURCE_EXHAUSTED.
 """
@@ -38,6 +46,7 @@ import grpc  # type: ignore[import-untyped]
 from google.cloud import batch_v1
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from providers.memory import planned_exit
 
@@ -49,6 +58,12 @@ LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TERMINAL = {State.SUCCEEDED, State.FAILED, State.CANCELLED}
+MAX_JOB_LABELS = 63
+RESERVED_LABEL_PREFIXES = ("goog-", "google-")
+PREDEFINED_LABELS = frozenset({"batch-job-id", "batch-job-uid", "batch-node"})
+_COMPUTE = r"(https://www\.googleapis\.com/compute/v1/)?(projects/[a-z][-a-z0-9]*/)?"
+NETWORK = re.compile(_COMPUTE + r"global/networks/[a-z]([-a-z0-9]*[a-z0-9])?$")
+SUBNETWORK = re.compile(_COMPUTE + r"regions/[a-z0-9-]+/subnetworks/[a-z]([-a-z0-9]*[a-z0-9])?$")
 _NEXT = {State.QUEUED: State.SCHEDULED, State.SCHEDULED: State.RUNNING}
 _FILTER = re.compile(r'^status\.state="([A-Z_]+)"$')
 
@@ -95,12 +110,27 @@ def problems_with(req: batch_v1.CreateJobRequest, parent: str) -> list[str]:
     for key, value in job.labels.items():
         if not LABEL_KEY.match(key) or not LABEL_VALUE.match(value):
             out.append(f"label {key}={value} breaks the label rules")
+        if key.startswith(RESERVED_LABEL_PREFIXES) or key in PREDEFINED_LABELS:
+            out.append(f"label key {key} is reserved")
+    if len(job.labels) > MAX_JOB_LABELS:
+        out.append(f"{len(job.labels)} labels: at most {MAX_JOB_LABELS} custom labels")
+    if len(policies) == 1:
+        for acc in policies[0].policy.accelerators:
+            if not acc.type_ or acc.count <= 0:
+                out.append("an accelerator needs a type and a positive count")
+    for nic in job.allocation_policy.network.network_interfaces:
+        if nic.network and not NETWORK.match(nic.network):
+            out.append(f"network {nic.network!r} is not a network URL")
+        if nic.subnetwork and not SUBNETWORK.match(nic.subnetwork):
+            out.append(f"subnetwork {nic.subnetwork!r} is not a subnetwork URL")
     return out
 
 
 @dataclass
 class _Op:
     job_name: str
+    before: int  # the job's state before the cancel
+    fails: bool = False
     polls: int = 0
 
 
@@ -119,6 +149,10 @@ class FakeGcpBatch:
     list_requests: list[batch_v1.ListJobsRequest] = field(default_factory=list)
     # False: refuse every list filter, as a service without filter support would.
     accept_filters: bool = True
+    # The GetOperation poll at which a cancel operation is done.
+    cancel_polls: int = 1
+    _failing_cancels: int = 0
+    _cancel_error: grpc.StatusCode = grpc.StatusCode.INTERNAL
     _request_ids: dict[str, str] = field(default_factory=dict)
     _ops: dict[str, _Op] = field(default_factory=dict)
     _throttle: list[Collection[str] | None] = field(default_factory=list)
@@ -135,6 +169,12 @@ class FakeGcpBatch:
         with self._lock:
             self._throttle.extend([methods] * n)
 
+    def fail_cancels(self, n: int, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        """End the next ``n`` cancel operations in error ``code`` (the job back as it was)."""
+        with self._lock:
+            self._failing_cancels = max(0, self._failing_cancels + n)
+            self._cancel_error = code
+
     def forget_request_ids(self) -> None:
         """Drop the request-id memory (the real service keeps it for a limited time), so
         that a repeated create meets ALREADY_EXISTS instead."""
@@ -142,10 +182,16 @@ class FakeGcpBatch:
             self._request_ids.clear()
 
     def advance(self, steps: int = 1) -> None:
+        """Step every job; a pending cancel operation moves on as if polled (GCP finishes
+        it whether or not anyone watches)."""
         with self._lock:
             for _ in range(steps):
                 for job in self.jobs.values():
                     self._step(job)
+                for name, op in list(self._ops.items()):
+                    job = self.jobs.get(op.job_name)
+                    if job is not None and job.status.state == State.CANCELLATION_IN_PROGRESS:
+                        self._finish_op(name, op)
 
     def set_state(self, name: str, state: int, *, exit_code: int | None = None,
                   description: str = "") -> None:
@@ -247,10 +293,15 @@ class FakeGcpBatch:
             if job.status.state in TERMINAL:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                              f"job {req.name} is {State(job.status.state).name}")
-            if job.status.state != State.CANCELLATION_IN_PROGRESS:
-                self._move(job, State.CANCELLATION_IN_PROGRESS)
+            if job.status.state == State.CANCELLATION_IN_PROGRESS:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"job {req.name} is already being cancelled")
+            before = int(job.status.state)
+            self._move(job, State.CANCELLATION_IN_PROGRESS)
             op_name = f"{self.parent}/operations/{uuid.uuid4().hex}"
-            self._ops[op_name] = _Op(req.name)
+            fails = self._failing_cancels > 0
+            self._failing_cancels -= fails
+            self._ops[op_name] = _Op(req.name, before, fails)
             return operations_pb2.Operation(name=op_name, done=False)
 
     def get_operation(self, req: operations_pb2.GetOperationRequest) -> operations_pb2.Operation:
@@ -259,9 +310,22 @@ class FakeGcpBatch:
             op = self._ops.get(req.name)
             if op is None:
                 raise _Abort(grpc.StatusCode.NOT_FOUND, f"no operation {req.name}")
+            return self._finish_op(req.name, op)
+
+    def _finish_op(self, name: str, op: _Op) -> operations_pb2.Operation:
+        with self._lock:
+            req = operations_pb2.GetOperationRequest(name=name)
             op.polls += 1
+            if op.polls < self.cancel_polls:
+                return operations_pb2.Operation(name=req.name, done=False)
             job = self.jobs.get(op.job_name)
-            if job is not None and job.status.state == State.CANCELLATION_IN_PROGRESS:
+            in_progress = job is not None and job.status.state == State.CANCELLATION_IN_PROGRESS
+            if op.fails:
+                if job is not None and in_progress:
+                    self._move(job, op.before, description="Job cancellation failed.")
+                return operations_pb2.Operation(name=req.name, done=True, error=status_pb2.Status(
+                    code=self._cancel_error.value[0], message="cancellation failed"))
+            if job is not None and in_progress:
                 self._move(job, State.CANCELLED)
             return operations_pb2.Operation(name=req.name, done=True,
                                             response=_pack(batch_v1.CancelJobResponse()))
