@@ -23,6 +23,13 @@ A server that hangs without closing its sockets (a network partition) keeps its
 connections checked out, so it reads as busy; the clients' retries after the hint are
 the right answer to that too.
 
+**An outage is not saturation, nor is its recovery.** For the pool timeout plus
+``DOWN_HOLD_SECONDS`` after the server last failed us (a connection error, or a timeout
+classified as down), nothing is reported busy: the callers queued behind a dead server,
+and the slow hand-outs while the pool reconnects after a restart, would otherwise read as
+a saturated pool and answer ``resource_exhausted`` during an outage
+(``bench.faults`` outage scenario: 40 such answers before this rule, none after).
+
 **Seeing it coming.** :meth:`PostgresStore.busy_for` tells admission control
 (``worker/admission.py``) that the pool is saturated, so that a new SubmitJob is refused
 at once with a retry hint instead of joining a queue that cannot be served in time. It
@@ -174,6 +181,10 @@ class PostgresStore(SqlStore):
         # and the store recovers by itself when the server returns. 2 s is far above the
         # wait for a free connection under load (queries take about a millisecond).
         self._down_until = 0.0  # see _tx: fail fast while the server is known to be down
+        # When the server last failed us (a connection error, or a pool timeout with no
+        # answer): for a while after, waits and queues are an outage or its recovery (the
+        # pool reconnecting), not saturation, and nothing is reported busy.
+        self._down_at = -1e9
         # Saturation bookkeeping (module docstring): transactions waiting for or holding
         # a connection, those holding one, when the server last answered one (handed out
         # or committed), and until when the pool counts as saturated.
@@ -195,12 +206,17 @@ class PostgresStore(SqlStore):
     def busy_for(self) -> float:
         """Seconds a new job should wait because the pool is saturated now; 0 when it is
         not (see the module docstring). Lock-free: called on every SubmitJob."""
+        now = time.monotonic()
+        if self._recently_down(now):
+            return 0.0
         if self._held and self._in_flight - self._held >= self._queue_bound:
             return BUSY_RETRY_SECONDS
-        now = time.monotonic()
-        if now < self._busy_until and now >= self._down_until:
+        if now < self._busy_until:
             return BUSY_RETRY_SECONDS
         return 0.0
+
+    def _recently_down(self, now: float) -> bool:
+        return now - self._down_at < self.timeout + DOWN_HOLD_SECONDS
 
     def ping(self) -> None:
         """Return while the server answers; a saturated pool is an answering server (a busy
@@ -236,6 +252,7 @@ class PostgresStore(SqlStore):
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(f"postgres: {exc}") from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._down_at = time.monotonic()
             raise StoreUnavailable(f"postgres: {exc}") from exc
         except psycopg.Error as exc:
             raise StoreError(f"postgres: {exc}") from exc
@@ -248,7 +265,7 @@ class PostgresStore(SqlStore):
         with self._lock:
             self._held += 1
         self._answered_at = now  # the pool checked the connection with a round trip
-        if now - start >= self._slow_wait:
+        if now - start >= self._slow_wait and not self._recently_down(now):
             self._busy_until = now + BUSY_HOLD_SECONDS
 
     def _timed_out(self, start: float, exc: PoolTimeout) -> StoreError:
@@ -256,11 +273,12 @@ class PostgresStore(SqlStore):
         while we waited, else down. (A transaction that ends records its answer before it
         stops counting as held, so one ending just as we time out is seen either way.)"""
         now = time.monotonic()
-        if self._held or self._answered_at >= start:
+        if (self._held or self._answered_at >= start) and not self._recently_down(now):
             self._busy_until = now + BUSY_HOLD_SECONDS
             return StoreBusy(f"postgres is busy: all {self.max_size} pooled connections "
                              f"stayed in use for {self.timeout:g} s", BUSY_RETRY_SECONDS)
         self._down_until = now + DOWN_HOLD_SECONDS
+        self._down_at = now
         return StoreUnavailable(f"postgres: {exc}")
 
     def _split(self, script: str) -> list[str]:
