@@ -372,6 +372,11 @@ def _ms(value: Any) -> datetime | None:
     return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int | float) else None
 
 
+# Account-wide submits per second: AWS Batch SubmitJob takes 50 transactions a
+# second per account and region (service quotas).
+SUBMIT_RATE = 50.0
+
+
 class AwsBatchProvider:
     """AWS Batch, through an injected boto3 ``batch`` client (and a ``logs`` client for
     output; without one, ``supports_output`` is False)."""
@@ -395,11 +400,14 @@ class AwsBatchProvider:
         self.scheduling_priorities = dict(scheduling_priorities or {})
         self.capabilities = Capabilities(
             supports_cancel=True, max_status_batch=DESCRIBE_BATCH, poll_interval_seconds=10.0,
+            submit_rate=SUBMIT_RATE,
             supports_output=logs_client is not None,
             max_labels=AWS_MAX_TAGS - len(OWN_TAG_KEYS),
             reserved_label_prefixes=RESERVED_TAG_PREFIXES, reserved_label_keys=OWN_TAG_KEYS,
+            # The job definition's role and the compute environment's launch template
+            # decide these; a job cannot choose them.
             machine_type=False, spot=bool(spot_job_queue), accelerator_type=False,
-            accelerator_count=True)
+            accelerator_count=True, boot_disk=False, service_account=False)
         self.definitions = JobDefinitions(client, job_definition, definition_ttl, clock, now)
         self._fair_share_queues: TtlCache[str, bool] = TtlCache(definition_ttl, clock)
         self.retry = retry or RetryPolicy()

@@ -273,6 +273,11 @@ def whole_lines(data: bytes, final: bool) -> bytes:
     return data[:_utf8_boundary(data)] if len(data) >= OUTPUT_CAP else b""
 
 
+# Account-wide submits per second. Azure publishes no fixed rate: a conservative
+# pick (worker/admission.py says why).
+SUBMIT_RATE = 20.0
+
+
 class AzureBatchProvider:
     """Azure Batch, through an injected ``azure.batch.BatchClient``."""
 
@@ -281,7 +286,9 @@ class AzureBatchProvider:
     # own metadata names are reserved. Machine type, spot and GPUs belong to the pool.
     capabilities = Capabilities(supports_cancel=True, max_status_batch=100,
                                 poll_interval_seconds=10.0, supports_output=True,
+                                submit_rate=SUBMIT_RATE,
                                 reserved_label_keys=JENNAH_METADATA, machine_type=False,
+                                boot_disk=False, service_account=False,
                                 spot=False, accelerator_type=False, accelerator_count=False)
 
     def __init__(self, client: BatchClient, *, endpoint: str, pool_id: str,

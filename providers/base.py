@@ -65,11 +65,17 @@ class Capabilities:
     # Label keys the cloud reserves for itself: by prefix, and whole keys.
     reserved_label_prefixes: tuple[str, ...] = ()
     reserved_label_keys: frozenset[str] = frozenset()
-    # Whether a job's machine_type, use_spot_vms and accelerator (type, count) take effect.
+    # Whether a job's machine_type, use_spot_vms, boot_disk_size_gb, service_account and
+    # accelerator (type, count) take effect.
     machine_type: bool = True
     spot: bool = True
+    boot_disk: bool = True
+    service_account: bool = True
     accelerator_type: bool = False
     accelerator_count: bool = False
+    # Submits per second the cloud account takes, shared by all workers (None: no limit;
+    # PROVIDER_SUBMIT_RATE overrides it). worker/admission.py spends it.
+    submit_rate: float | None = None
     # A GPU count needs a type (GCP: the accelerator's type is what is asked for).
     accelerator_type_required: bool = False
 
@@ -148,6 +154,8 @@ def check_spec(name: str, caps: Capabilities, spec: JobSpec) -> None:
     refused = [what for what, asked, honoured in (
         ("machine_type", spec.machine_type, caps.machine_type),
         ("use_spot_vms", spec.use_spot_vms, caps.spot),
+        ("boot_disk_size_gb", spec.boot_disk_size_gb, caps.boot_disk),
+        ("service_account", spec.service_account, caps.service_account),
         ("accelerator.type", spec.accelerator_type, caps.accelerator_type),
         ("accelerator.count", spec.accelerator_count, caps.accelerator_count),
     ) if asked and not honoured]

@@ -260,6 +260,11 @@ class _Seen:
     ended: datetime | None  # when it ended, if it ended after running
 
 
+# Account-wide submits per second: Batch takes 6,000 job-changing requests a minute
+# per project and region.
+SUBMIT_RATE = 6000 / 60
+
+
 class GcpBatchProvider:
     """Google Cloud Batch, through an injected ``BatchServiceClient`` (and, for output, a
     Cloud Logging reader)."""
@@ -302,6 +307,7 @@ class GcpBatchProvider:
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self.capabilities = Capabilities(
             supports_cancel=True, max_status_batch=10_000, poll_interval_seconds=10.0,
+            submit_rate=SUBMIT_RATE,
             supports_output=logs is not None,
             max_labels=GCP_MAX_JOB_LABELS - len(ADAPTER_LABELS),
             reserved_label_prefixes=RESERVED_LABEL_PREFIXES,

@@ -212,7 +212,8 @@ class LocalProvider:
     # so a job asking for them is refused rather than run without them.
     capabilities = Capabilities(
         supports_cancel=True, max_status_batch=10_000, supports_output=True,
-        poll_interval_seconds=0.5, machine_type=False, spot=False,
+        poll_interval_seconds=0.5, machine_type=False, spot=False, boot_disk=False,
+        service_account=False,
     )
 
     def __init__(

@@ -12,6 +12,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,10 +26,12 @@ from jennah.errors import ResourceExhausted, SettingsError
 from jennah.models import Job, JobFilter, JobPatch, JobSpec, JobStatus
 from jennah.rpc import retry_after_of, to_connect_error
 from jennah.settings import AdmissionSettings, load_gateway_settings, load_worker_settings
+from providers import aws, azure, gcp
+from providers.local import LocalProvider
+from providers.memory import DryProvider
 from tests.helpers import SERVICE, ThreadServer
 from tests.test_worker_jobs import ScriptedProvider
 from worker.admission import (
-    PROVIDER_SUBMIT_RATES,
     Admission,
     TokenBucket,
     provider_submit_rate,
@@ -125,19 +128,20 @@ def test_zero_rate_and_zero_cap_disable_the_limits() -> None:
 # --- per-provider rate --------------------------------------------------------------------
 
 
-def test_provider_defaults_are_the_published_limits() -> None:
-    assert provider_submit_rate("aws", None) == 50
-    assert provider_submit_rate("gcp", None) == 100  # 6,000 job changes a minute
-    assert provider_submit_rate("azure", None) == PROVIDER_SUBMIT_RATES["azure"]
-    assert provider_submit_rate("local", None) is None
-    assert provider_submit_rate("dry", None) is None
-    assert provider_submit_rate("aws", 7.5) == 7.5
-    assert provider_submit_rate("aws", 0) is None  # explicitly off
+def test_provider_defaults_are_the_published_limits(tmp_path: Path) -> None:
+    assert aws.SUBMIT_RATE == 50
+    assert gcp.SUBMIT_RATE == 100  # 6,000 job changes a minute
+    assert azure.SUBMIT_RATE == 20 and azure.AzureBatchProvider.capabilities.submit_rate == 20
+    assert LocalProvider(tmp_path).capabilities.submit_rate is None
+    assert DryProvider().capabilities.submit_rate is None
+    assert provider_submit_rate(50, None) == 50
+    assert provider_submit_rate(50, 7.5) == 7.5
+    assert provider_submit_rate(50, 0) is None  # explicitly off
 
 
 def test_provider_rate_is_shared_by_all_tenants_and_by_workers() -> None:
     clock = Clock()
-    adm = Admission(limits(provider=None), provider="aws", clock=clock)
+    adm = Admission(limits(provider=None), provider="aws", provider_rate=50, clock=clock)
     admitted = sum(run(admit_n(adm, f"t{i}", 10)) for i in range(10))
     assert admitted == 50  # one second's worth, whoever asks
     with pytest.raises(ResourceExhausted) as err:
@@ -158,7 +162,8 @@ def test_provider_rate_is_shared_by_all_tenants_and_by_workers() -> None:
 def test_a_refused_submit_spends_no_token() -> None:
     clock = Clock()
     # The tenant bucket barely refills; the provider allows 1/s.
-    adm = Admission(limits(rate=0.001, burst=2, provider=1), provider="aws", clock=clock)
+    adm = Admission(limits(rate=0.001, burst=2, provider=1), provider="aws", provider_rate=50,
+                    clock=clock)
     assert run(admit_n(adm, "acme", 1)) == 1
     with pytest.raises(ResourceExhausted, match="aws"):
         run(adm.admit("acme", ""))  # the provider refuses: the tenant keeps its token

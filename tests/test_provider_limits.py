@@ -47,10 +47,12 @@ def test_what_a_provider_honours_passes() -> None:
 def test_the_local_provider_refuses_what_it_cannot_run_and_stores_nothing(
         tmp_path: Path) -> None:
     store = MemoryStore()
-    jobs = JobService(store, LocalProvider(tmp_path), worker_id="w1", lease_ttl=30)
+    jobs = JobService(store, LocalProvider(tmp_path), worker_id="w1", lease_ttl=30,
+                      service_accounts={"acme": frozenset({"runner@p.iam.gserviceaccount.com"})})
     for change in ({"machine_type": "n1-standard-4"}, {"use_spot_vms": True},
                    {"accelerator_type": "nvidia-tesla-t4", "accelerator_count": 1},
-                   {"accelerator_count": 1}):
+                   {"accelerator_count": 1}, {"boot_disk_size_gb": 50},
+                   {"service_account": "runner@p.iam.gserviceaccount.com"}):
         with pytest.raises(InvalidArgument, match="the local provider cannot honour"):
             asyncio.run(jobs.submit("acme", dataclasses.replace(SPEC, **change), "r"))  # type: ignore[arg-type]
     assert store.list_jobs("acme", JobFilter(), 10, "").jobs == []

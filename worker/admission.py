@@ -26,7 +26,8 @@ Nothing is stored and no token is spent for a refused submit: every check is mad
 any bucket is debited, and the buckets are debited without an ``await`` in between, so
 concurrent submits cannot overdraw them.
 
-**Provider defaults**, sized from each service's published limits (per account/project,
+**Provider defaults**, declared by each provider (``Capabilities.submit_rate``, beside
+its adapter) and sized from each service's published limits (per account/project,
 so the rate is divided by the number of live workers, refreshed by the worker's
 membership heartbeat; see :meth:`Admission.set_worker_count`):
 
@@ -35,10 +36,11 @@ membership heartbeat; see :meth:`Admission.set_worker_count`):
 * ``gcp``: 100 submits/s. Cloud Batch allows 6,000 job changes per minute per project
   and region (a create is a change), which is 100/s.
 * ``azure``: 20 submits/s. Azure Batch publishes no fixed per-second request quota (it
-  throttles with HTTP 429 and ``Retry-After``), and one submit is two calls (create the
-  job, add its task); 20/s (40 calls/s) stays well clear of throttling observed on a
-  single account, and accounts also cap *active* jobs (a quota in the hundreds), which the
-  per-tenant active cap helps to respect. Raise it with ``PROVIDER_SUBMIT_RATE``.
+  throttles with HTTP 429 and ``Retry-After``), and one submit is three calls (create the
+  job, add its task, set it to end with its task); 20/s (60 calls/s) stays clear of
+  throttling observed on a single account, and accounts also cap *active* jobs (a
+  quota in the hundreds), which the per-tenant active cap helps to respect. Raise it
+  with ``PROVIDER_SUBMIT_RATE``.
 * ``local``, ``dry``, ``fake``: unlimited. The local provider's real cost is processes on
   one machine, which the per-tenant active cap bounds; ``dry`` exists for benchmarks,
   which must measure our stack, not a limiter.
@@ -80,7 +82,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -91,15 +93,6 @@ from jennah.errors import ResourceExhausted, StoreBusy
 from jennah.models import JobFilter, JobStatus
 from jennah.settings import AdmissionSettings
 
-# Submits per second for the whole account/project (see the module docstring).
-PROVIDER_SUBMIT_RATES: Mapping[str, float | None] = {
-    "aws": 50.0,
-    "gcp": 6000 / 60,
-    "azure": 20.0,
-    "local": None,
-    "dry": None,
-    "fake": None,
-}
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.RUNNING)
 # When a tenant is at its active cap we cannot know when a job will finish; this is how
 # long a client should wait before asking again (jobs are polled about once a second).
@@ -115,11 +108,12 @@ ActiveCounter = Callable[[str, int], int]
 StorePressure = Callable[[], float]
 
 
-def provider_submit_rate(provider: str, override: float | None) -> float | None:
-    """The account-wide submit rate for ``provider``: the override if set (0 = none)."""
+def provider_submit_rate(default: float | None, override: float | None) -> float | None:
+    """The account-wide submit rate: the override if set (0 = none), else the provider's
+    own (``Capabilities.submit_rate``)."""
     if override is not None:
         return override or None
-    return PROVIDER_SUBMIT_RATES.get(provider)
+    return default
 
 
 def store_active_counter(store: JobStore) -> ActiveCounter:
@@ -233,6 +227,7 @@ class Admission:
         settings: AdmissionSettings,
         *,
         provider: str,
+        provider_rate: float | None = None,
         counter: ActiveCounter | None = None,
         clock: Clock = time.monotonic,
         recount_interval: float = 1.0,
@@ -242,7 +237,7 @@ class Admission:
         self.tenant_burst = max(1.0, float(settings.tenant_submit_burst))
         self.max_active = settings.tenant_max_active_jobs if counter is not None else 0
         self.provider = provider
-        self.provider_rate = provider_submit_rate(provider, settings.provider_submit_rate)
+        self.provider_rate = provider_submit_rate(provider_rate, settings.provider_submit_rate)
         self.counter = counter
         self.pressure = pressure
         self.clock = clock

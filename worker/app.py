@@ -85,6 +85,7 @@ def build_runtime(
         max_pending_bytes=settings.wal_max_pending_bytes,
     )  # fmt: skip
     admission = Admission(settings.admission, provider=settings.provider.kind,
+                          provider_rate=provider.capabilities.submit_rate,
                           counter=store_active_counter(store), pressure=store_pressure(store))
     jobs = JobService(
         store, provider, committer=committer,
