@@ -223,14 +223,22 @@ def error_code(ans: Answer) -> str | None:
 def check_answer(ans: Answer, request_body: bytes, request_headers: dict[str, str]) -> str | None:
     """Assert the server-side invariants on one answer; return its error code.
 
-    The one 5xx allowed: ``unimplemented`` (HTTP 501) for a compression the server does
-    not support, which the Connect protocol prescribes so that clients can fall back;
-    it is a statement about the request, not a server failure, and leaks nothing."""
+    Two 5xx are allowed, both statements about the request, not server failures:
+    ``unimplemented`` (HTTP 501) for a compression the server does not support, which the
+    Connect protocol prescribes so that clients can fall back, and ``deadline_exceeded``
+    (HTTP 504) when the request itself set a deadline (``Connect-Timeout-Ms: 1``) that a
+    slow machine missed."""
     if ans.status == 501 and any(k.lower().endswith("content-encoding")
                                  for k in request_headers):  # fmt: skip
         assert json.loads(ans.body)["code"] == "unimplemented", ans.body[:300]
         assert b"unknown compression" in ans.body
         return "unimplemented"
+    if ans.status == 504 and any(k.lower() in ("connect-timeout-ms", "grpc-timeout")
+                                 for k in request_headers):  # fmt: skip
+        # The client set the deadline (1 ms, say): the Connect protocol answers a missed
+        # deadline with HTTP 504 and deadline_exceeded. A statement about the request.
+        assert json.loads(ans.body)["code"] == "deadline_exceeded", ans.body[:300]
+        return "deadline_exceeded"
     assert ans.status < 500, (ans.status, ans.body[:300])
     code = error_code(ans)
     if code is not None:
