@@ -192,7 +192,12 @@ def test_done_segments_left_by_the_last_run_are_archived_once(tmp_path: Path) ->
 
     asyncio.run(second())
     names = sorted(a.name for a in (tmp_path / "archive" / "w1").iterdir())
-    assert names == sorted(p.name + ".zst" for p in done)
+    # Every segment left done by the first run is archived, once (no "~1" copy). The
+    # last segment may be archived too if the second run finished it before closing,
+    # which depends on timing on a loaded machine.
+    assert set(names) >= {p.name + ".zst" for p in done}
+    assert not [n for n in names if "~" in n]
+    assert len(names) <= len(done) + 1
     assert metric(registry, "wal_failures_total", {"op": "archive"}) == 0
     assert not any(p.exists() for p in done)
     assert stored(store, "x")[-1].output == "last\n"
