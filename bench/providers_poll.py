@@ -162,6 +162,19 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+def _read_cycle(parent: Connection, pool: Any, provider: Any, paths: Sequence[str],
+                offsets: dict[str, tuple[int, int]]) -> tuple[list[Any], int, float, float]:
+    """One output cycle over ``paths``, as the poller runs it (16 reads at a time): the
+    chunks, the fake's calls (counted by the child process), CPU and wall seconds."""
+    parent.send("reset")
+    parent.recv()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    chunks = list(pool.map(provider.read_output, paths, [offsets[p] for p in paths]))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    parent.send("count")
+    return chunks, int(parent.recv()), cpu, wall
+
+
 def _serve_azure_output(n: int, conn: Connection) -> None:
     """Child process: the Azure fake with ``n`` running tasks that have printed two lines
     to stdout and one to stderr; serves it and reports its call count, like ``_serve_fake``."""
@@ -202,14 +215,8 @@ def measure_azure_output(n: int) -> list[Row]:
             with ThreadPoolExecutor(16) as pool:
                 for label, new_output in (("Azure output, new lines (read_output)", True),
                                           ("Azure output, nothing new (read_output)", False)):
-                    parent.send("reset")
-                    parent.recv()
-                    cpu0, wall0 = time.process_time(), time.perf_counter()
-                    chunks = list(pool.map(provider.read_output, paths,
-                                           [offsets[p] for p in paths]))
-                    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-                    parent.send("count")
-                    calls = int(parent.recv())
+                    chunks, calls, cpu, wall = _read_cycle(parent, pool, provider, paths,
+                                                           offsets)
                     right = sum(1 for c in chunks if bool(c.stdout and c.stderr) == new_output)
                     offsets = {p: c.offsets for p, c in zip(paths, chunks, strict=True)}
                     rows.append(Row(Case(label, "azure", "running", {}), n, calls, cpu, wall,
@@ -271,15 +278,8 @@ def measure_aws_output(n: int) -> list[Row]:
                     make_client(REGION, address, **keys), job_queue=QUEUE,
                     job_definition=DEFINITION, retry=RetryPolicy(attempts=1),
                     logs_client=make_client(REGION, address, "logs", **keys))
-            parent.send("reset")
-            parent.recv()
             with ThreadPoolExecutor(16) as pool:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                chunks = list(pool.map(provider.read_output, paths,
-                                       [offsets[p] for p in paths]))
-                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            parent.send("count")
-            calls = int(parent.recv())
+                chunks, calls, cpu, wall = _read_cycle(parent, pool, provider, paths, offsets)
             offsets = {p: c.offsets for p, c in zip(paths, chunks, strict=True)}
             right = sum(1 for c in chunks if c.offsets == (2, 0))
             rows.append(Row(Case(label, "aws", "RUNNING", {}), n, calls, cpu, wall, right))
@@ -364,15 +364,8 @@ def measure_gcp_output(n: int) -> list[Row]:
                     logs=RestLogReader(session, project=fake.project, endpoint=logs_url))
                 if label.startswith("GCP output, new lines"):
                     provider.status(paths)  # the poller's status cycle comes first
-            parent.send("reset")
-            parent.recv()
             with ThreadPoolExecutor(16) as pool:
-                cpu0, wall0 = time.process_time(), time.perf_counter()
-                chunks = list(pool.map(provider.read_output, paths,
-                                       [offsets[p] for p in paths]))
-                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            parent.send("count")
-            calls = int(parent.recv())
+                chunks, calls, cpu, wall = _read_cycle(parent, pool, provider, paths, offsets)
             offsets = {p: c.offsets for p, c in zip(paths, chunks, strict=True)}
             right = sum(1 for c in chunks if c.offsets == (2, 1))
             rows.append(Row(Case(label, "gcp", "RUNNING", {}), n, calls, cpu, wall, right))
