@@ -1,4 +1,4 @@
-"""One worker's poll cycle with many active jobs (issue 7).
+"""One worker's poll cycle with many active jobs.
 
 A ``JobService`` + ``Poller`` is assembled in-process as the worker does
 (``worker/app.py``), on ``providers.memory.FakeProvider`` (which counts its calls). The

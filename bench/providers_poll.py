@@ -1,4 +1,4 @@
-"""Polling cost of the cloud providers for a large fleet of active jobs (issue 5).
+"""Polling cost of the cloud providers for a large fleet of active jobs.
 
 For each provider, a wire-level fake (``tests/fakes``) is filled directly with N active
 jobs (10,000 by default; submitting them through the SDKs would only slow the benchmark

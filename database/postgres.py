@@ -175,7 +175,7 @@ class PostgresStore(SqlStore):
             check=ConnectionPool.check_connection,
             name="jennah-store",
         )
-        # Fail fast (issue 4): with the server down, a call waits at most ``timeout`` for a
+        # Fail fast: with the server down, a call waits at most ``timeout`` for a
         # connection and then raises StoreUnavailable, so SubmitJob answers `unavailable`
         # in about 2 s instead of hanging; the pool keeps reconnecting in the background
         # and the store recovers by itself when the server returns. 2 s is far above the

@@ -301,7 +301,6 @@ WORKER_TOKEN_HEADER = "x-jennah-worker-token"
 # The message of the ``unavailable`` a draining worker answers; the gateway fails over on
 # it exactly as on a worker it could not reach (nothing was done by the worker).
 DRAINING_MESSAGE = "worker is shutting down; retry on another worker"
-WORKER_ID_HEADER = "x-jennah-worker-id"
 
 
 def final_code(exc: BaseException, ctx: RequestContext[Any, Any]) -> str:

@@ -172,7 +172,6 @@ class ProviderSettings:
     gcp_no_external_ip: bool = False
     gcp_log_settle_seconds: float = 30.0
     gcp_log_reads_per_minute: float = 50.0
-    aws_account_id: str = ""
     aws_job_queue: str = ""
     aws_job_definition: str = ""
     aws_endpoint_url: str = ""
@@ -186,8 +185,6 @@ class ProviderSettings:
     aws_scheduling_priorities: Mapping[str, int] = field(default_factory=dict)
     # AWS_JOB_DEFINITION_CACHE_SECONDS: how long job definitions and queue facts are cached.
     aws_definition_cache_seconds: float = 300.0
-    azure_subscription_id: str = ""
-    azure_resource_group: str = ""
     azure_batch_endpoint: str = ""
     azure_batch_pool_id: str = ""
     azure_batch_account_name: str = ""
@@ -292,7 +289,6 @@ def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
         gcp_no_external_ip=e.flag("GCP_NO_EXTERNAL_IP"),
         gcp_log_settle_seconds=e.number("GCP_LOG_SETTLE_SECONDS", 30.0, float),
         gcp_log_reads_per_minute=e.number("GCP_LOG_READS_PER_MINUTE", 50.0, float, 1),
-        aws_account_id=e.text("AWS_ACCOUNT_ID"),
         aws_job_queue=e.text("AWS_JOB_QUEUE"),
         aws_job_definition=e.text("AWS_JOB_DEFINITION"),
         aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
@@ -301,8 +297,6 @@ def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
         aws_scheduling_priorities={k: int(v) for k, v in e.tenant_map(
             "AWS_SCHEDULING_PRIORITY", _PRIORITY, "0-9999").items()},
         aws_definition_cache_seconds=e.number("AWS_JOB_DEFINITION_CACHE_SECONDS", 300.0, float),
-        azure_subscription_id=e.text("AZURE_SUBSCRIPTION_ID"),
-        azure_resource_group=e.text("AZURE_RESOURCE_GROUP"),
         azure_batch_endpoint=e.text("AZURE_BATCH_ENDPOINT"),
         azure_batch_pool_id=e.text("AZURE_BATCH_POOL_ID"),
         azure_batch_account_name=e.text("AZURE_BATCH_ACCOUNT_NAME"),

@@ -399,7 +399,7 @@ class AwsBatchProvider:
         self.share_identifiers = dict(share_identifiers or {})
         self.scheduling_priorities = dict(scheduling_priorities or {})
         self.capabilities = Capabilities(
-            supports_cancel=True, max_status_batch=DESCRIBE_BATCH, poll_interval_seconds=10.0,
+            max_status_batch=DESCRIBE_BATCH, poll_interval_seconds=10.0,
             submit_rate=SUBMIT_RATE,
             supports_output=logs_client is not None,
             max_labels=AWS_MAX_TAGS - len(OWN_TAG_KEYS),

@@ -203,7 +203,7 @@ def build_job(task: ProviderTask, pool_id: str) -> am.BatchJobCreateOptions:
 
 
 def build_task(task: ProviderTask, registry: Registry | None = None) -> am.BatchTaskCreateOptions:
-    """The task for one execution: every field Jennah promises (issue 5)."""
+    """The task for one execution: every field Jennah promises (docs/providers.md)."""
     spec, res = task.spec, resolve(task.spec)
     constraints = am.BatchTaskConstraints(max_task_retry_count=0)  # Jennah retries
     if res.max_run_duration_seconds:
@@ -284,7 +284,7 @@ class AzureBatchProvider:
     name = "azure"
     # No label limit: Batch documents none for job metadata (docs/providers.md); Jennah's
     # own metadata names are reserved. Machine type, spot and GPUs belong to the pool.
-    capabilities = Capabilities(supports_cancel=True, max_status_batch=100,
+    capabilities = Capabilities(max_status_batch=100,
                                 poll_interval_seconds=10.0, supports_output=True,
                                 submit_rate=SUBMIT_RATE,
                                 reserved_label_keys=JENNAH_METADATA, machine_type=False,

@@ -27,7 +27,7 @@ contract:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -48,7 +48,6 @@ def provider_job_id(job_id: str, attempt: int) -> str:
 class Capabilities:
     """What a provider can do, declared as data."""
 
-    supports_cancel: bool = True
     max_status_batch: int = 100
     # The provider can return the job's stdout/stderr (``read_output``).
     supports_output: bool = False
@@ -111,7 +110,6 @@ class OutputChunk:
     stdout: str = ""
     stderr: str = ""
     offsets: tuple[int, int] = (0, 0)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class BatchProvider(Protocol):

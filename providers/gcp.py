@@ -171,7 +171,7 @@ class Network:
 
 
 def build_job(task: ProviderTask, network: Network | None = None) -> batch_v1.Job:
-    """The Batch job for one execution: every field Jennah promises (issue 5)."""
+    """The Batch job for one execution: every field Jennah promises (docs/providers.md)."""
     spec, res = task.spec, resolve(task.spec)
     container = batch_v1.Runnable.Container(image_uri=spec.image_uri,
                                             commands=list(spec.commands))
@@ -306,7 +306,7 @@ class GcpBatchProvider:
                                   sleep=sleep or time.sleep)
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self.capabilities = Capabilities(
-            supports_cancel=True, max_status_batch=10_000, poll_interval_seconds=10.0,
+            max_status_batch=10_000, poll_interval_seconds=10.0,
             submit_rate=SUBMIT_RATE,
             supports_output=logs is not None,
             max_labels=GCP_MAX_JOB_LABELS - len(ADAPTER_LABELS),

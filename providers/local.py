@@ -211,7 +211,7 @@ class LocalProvider:
     # It runs on this machine as it is: a machine type, spot VMs or GPUs cannot be had,
     # so a job asking for them is refused rather than run without them.
     capabilities = Capabilities(
-        supports_cancel=True, max_status_batch=10_000, supports_output=True,
+        max_status_batch=10_000, supports_output=True,
         poll_interval_seconds=0.5, machine_type=False, spot=False, boot_disk=False,
         service_account=False,
     )

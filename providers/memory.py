@@ -220,7 +220,7 @@ class DryProvider:
 
     name = "dry"
     # It runs nothing, so it "honours" every setting: benchmarks and API tests use it.
-    capabilities = Capabilities(supports_cancel=True, max_status_batch=10_000,
+    capabilities = Capabilities(max_status_batch=10_000,
                                 poll_interval_seconds=0.05, blocking=False,
                                 accelerator_type=True, accelerator_count=True)
     PREFIX = "dry://"

@@ -781,7 +781,7 @@ class ReopenableContract(StoreContract):
 
 def assert_fails_fast(store: JobStore, within: float = 5.0) -> None:
     """Every kind of call on a store whose server is down raises ``StoreUnavailable``
-    within ``within`` seconds (issue 4: "a store that is down makes SubmitJob fail fast")."""
+    within ``within`` seconds (a store that is down makes SubmitJob fail fast)."""
     for call in (
         store.ping,
         lambda: store.create_job(make_job(), 30),

@@ -1,4 +1,4 @@
-"""Tenant authentication at the gateway (issue 6), with real processes outside dev mode.
+"""Tenant authentication at the gateway, with real processes outside dev mode.
 
 One ``jennah worker`` and one ``jennah gateway`` (``JENNAH_DEV_MODE=0``, a worker token,
 an API key file managed with the ``jennah keys`` CLI, ``JENNAH_TRUSTED_PROXIES=127.0.0.2``)

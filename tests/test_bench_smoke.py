@@ -1,4 +1,4 @@
-"""One smoke scenario per benchmark (issue 7 §4), so ``make bench`` stays runnable.
+"""One smoke scenario per benchmark, so ``make bench`` stays runnable.
 
 Tiny sizes; timings are never asserted, only that each figure and ratio exists, and that
 the fault counts are zero. The WAL, poller and fault benchmarks have their own smoke

@@ -1,4 +1,4 @@
-"""Failover with real processes (issue 4 §6): a gateway, 3 workers and PostgreSQL.
+"""Failover with real processes: a gateway, 3 workers and PostgreSQL.
 
 200 jobs over 20 tenants go in through the gateway; mid-stream one worker dies. Every job
 must reach a terminal state, none may be lost, and the local provider must have run each

@@ -1,4 +1,4 @@
-"""Hostile input over real HTTP (issue 6): a gateway and a worker (in-process, uvicorn on
+"""Hostile input over real HTTP: a gateway and a worker (in-process, uvicorn on
 127.0.0.1, SQLite, ``BATCH_PROVIDER=dry``, dev mode) take thousands of malformed,
 oversized and hostile requests in the JSON and binary encodings, on every RPC.
 

@@ -1,4 +1,4 @@
-"""A store outage with real processes (issue 4, "bad input and faults").
+"""A store outage with real processes (bad input and faults).
 
 A worker and a gateway run on a private PostgreSQL server, which the test stops and
 starts again. While it is down, SubmitJob fails fast with ``unavailable`` and stores

@@ -1,4 +1,4 @@
-"""Admission control for SubmitJob (issue 6): refuse early, cheaply, with a retry hint.
+"""Admission control for SubmitJob: refuse early, cheaply, with a retry hint.
 
 First, **the job store's saturation**: a store with a connection pool (PostgreSQL) says
 when its pool is saturated (``PostgresStore.busy_for``: connections all in use with a

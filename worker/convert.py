@@ -45,21 +45,12 @@ def kind_to_pb(kind: EventKind) -> str:
     return f"EVENT_KIND_{kind.value}"
 
 
-def kind_from_pb(value: int) -> EventKind:
-    return EventKind(pb.EventKind.Name(value).removeprefix("EVENT_KIND_"))  # type: ignore[arg-type]
-
-
 def ts(dt: datetime | None) -> Timestamp | None:
     if dt is None:
         return None
     t = Timestamp()
     t.FromDatetime(dt.astimezone(UTC))
     return t
-
-
-def from_ts(t: Timestamp) -> datetime:
-    dt: datetime = t.ToDatetime(tzinfo=UTC)
-    return dt
 
 
 def spec_from_request(req: pb.SubmitJobRequest) -> tuple[JobSpec, str]:
