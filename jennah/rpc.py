@@ -155,24 +155,20 @@ class SafeDecodeCodec:
             message = self._inner.decode(data, message_class)
             if self._json and _has_enums(message.DESCRIPTOR):
                 _refuse_json_enum_numbers(json.loads(data), message.DESCRIPTOR)
+            refuse_hostile(message)
+            return message
+        except HostileValue as exc:
+            raise ConnectError(Code.INVALID_ARGUMENT, encodable(str(exc))) from None
         except RecursionError:
             text = "the request is nested too deeply"
         except UnicodeDecodeError:
             text = "the request is not valid UTF-8"
-        except HostileValue as exc:
-            raise ConnectError(Code.INVALID_ARGUMENT, encodable(str(exc))) from None
         except Exception as exc:
             text = str(exc)
             if "maximum recursion depth" in text:  # json_format wraps the RecursionError
                 text = "the request is nested too deeply"
             elif _INTERNAL_TEXT.search(text):
                 text = f"the request is not a valid {message_class.__name__}"
-        else:
-            try:
-                refuse_hostile(message)
-            except HostileValue as exc:
-                raise ConnectError(Code.INVALID_ARGUMENT, encodable(str(exc))) from None
-            return message
         raise ConnectError(Code.INVALID_ARGUMENT, f"unmarshal message: {encodable(text)}") from None
 
 

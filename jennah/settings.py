@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -39,6 +39,12 @@ REQUIRED_BY_STORE: Mapping[str, tuple[str, ...]] = {
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # the tenant id format (docs/design.md §8)
+
+
+def _items(value: str) -> frozenset[str]:
+    """``a, b,,c`` → ``{a, b, c}``."""
+    return frozenset(filter(None, (v.strip() for v in value.split(","))))
+
 # AWS Batch share identifiers and scheduling priorities (providers/aws.py).
 _SHARE_ID = re.compile(r"[A-Za-z0-9]{1,255}")
 _PRIORITY = re.compile(r"[0-9]{1,4}")
@@ -104,31 +110,29 @@ class _Env:
             return default
         return value
 
+    def _per_tenant(self, name: str, expected: str, valid: Callable[[str], object],
+                    default: bool) -> Iterator[tuple[str, str]]:
+        """The ``tenant=value`` entries of ``name`` (``;``-separated; ``*=value`` too when
+        ``default``); a malformed entry is a problem naming ``expected``."""
+        for entry in filter(None, (e.strip() for e in self.text(name).split(";"))):
+            tenant, sep, value = (part.strip() for part in entry.partition("="))
+            known = _TENANT.fullmatch(tenant) or (default and tenant == "*")
+            if sep and valid(value) and known:
+                yield tenant, value
+            else:
+                self.problems.append(f"{name} entry {entry[:80]!r} (expected {expected})")
+
     def allow_lists(self, name: str) -> dict[str, frozenset[str]]:
         """``tenant=a,b;tenant2=c`` → ``{tenant: {a, b}, tenant2: {c}}``."""
-        raw = self.text(name)
         lists: dict[str, frozenset[str]] = {}
-        for entry in filter(None, (e.strip() for e in raw.split(";"))):
-            tenant, sep, values = entry.partition("=")
-            items = frozenset(filter(None, (v.strip() for v in values.split(","))))
-            if not sep or not _TENANT.fullmatch(tenant.strip()) or not items:
-                self.problems.append(f"{name} entry {entry[:80]!r} (expected tenant=a,b;tenant2=c)")
-                continue
-            lists[tenant.strip()] = lists.get(tenant.strip(), frozenset()) | items
+        for tenant, value in self._per_tenant(name, "tenant=a,b;tenant2=c", _items, False):
+            lists[tenant] = lists.get(tenant, frozenset()) | _items(value)
         return lists
 
     def tenant_map(self, name: str, value: re.Pattern[str], expected: str) -> dict[str, str]:
         """``tenant=v;tenant2=w;*=default`` → ``{tenant: v, tenant2: w, "*": default}``."""
-        values: dict[str, str] = {}
-        for entry in filter(None, (e.strip() for e in self.text(name).split(";"))):
-            tenant, sep, val = (part.strip() for part in entry.partition("="))
-            if not sep or not (tenant == "*" or _TENANT.fullmatch(tenant)) or not (
-                    value.fullmatch(val)):
-                self.problems.append(
-                    f"{name} entry {entry[:80]!r} (expected tenant=<{expected}>;*=<{expected}>)")
-                continue
-            values[tenant] = val
-        return values
+        return dict(self._per_tenant(name, f"tenant=<{expected}>;*=<{expected}>",
+                                     value.fullmatch, True))
 
     def require(self, names: tuple[str, ...], owner: str) -> None:
         for name in names:
