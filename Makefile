@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv run test lint typecheck pytest proto proto-check bench clean
+.PHONY: venv run test lint layers typecheck pytest proto proto-check bench clean
 
 venv: $(STAMP)
 
@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml
 run: venv
 	JENNAH_DEV_MODE=1 $(BIN)/jennah dev
 
-## ruff, mypy, the generated-code check, then pytest.
-test: venv proto-check lint typecheck pytest
+## ruff, the import contracts, mypy, the generated-code check, then pytest.
+test: venv proto-check lint layers typecheck pytest
 
 lint: venv
 	$(BIN)/ruff check .
+
+## The layering of docs/design.md §13 ([tool.importlinter] in pyproject.toml).
+layers: venv
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy

@@ -13,7 +13,7 @@ this order:
    misrouted deployment fails loudly. A ``Bearer`` that is not a ``jk_`` key (oauth2-proxy
    may pass the user's ID token along) does not stop the proxy identity from applying.
    The peer is the TCP peer: ``X-Forwarded-For`` and ``Forwarded`` never change it (no
-   server rewrites ``scope["client"]``, see :mod:`jennah.serve`), so a call through a
+   server rewrites ``scope["client"]``, see :mod:`commands.serve`), so a call through a
    trusted proxy is judged by the proxy's own address, whatever those headers say.
 3. **Dev mode only** (``"dev-header"``, ``JENNAH_DEV_MODE=1``): ``X-Tenant-Id`` is
    trusted; missing or malformed is ``invalid_argument`` (§11 table). Outside dev mode
@@ -36,8 +36,8 @@ from collections.abc import Iterable, Mapping
 
 from gateway.keys import KEY_PREFIX, KeyStore
 from jennah.errors import InvalidArgument, Unauthenticated
+from jennah.models import validate_tenant
 from jennah.rpc import TENANT_HEADER
-from worker.validation import validate_tenant
 
 DEV_HEADER = "dev-header"
 API_KEY = "api-key"

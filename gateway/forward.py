@@ -10,8 +10,8 @@ view may be stale, and trying beats refusing).
   connect timeout: ``ResponseMetadata.http_status is None``);
 * ``unavailable`` from HTTP 502/504 without a Connect error body: a proxy in front of
   the worker could not reach it (a worker itself answers ``unavailable`` with 503);
-* ``unavailable`` with the message ``DRAINING_MESSAGE``: the worker is shutting down and
-  refused the call before doing anything (``worker/jobs.py``);
+* ``unavailable`` carrying the ``WORKER_DRAINING`` ErrorInfo (``jennah.rpc.is_draining``):
+  the worker is shutting down and refused the call before doing anything;
 * ``unavailable`` that connectrpc raised *from* a non-Connect exception after the
   response began (the connection broke while reading it; connectrpc chains the
   transport exception as ``__cause__``, while a worker's own error has none).
@@ -53,7 +53,7 @@ from pyqwest import Client, HTTPTransport
 from gateway.health import HealthView
 from gateway.ring import TenantRing
 from jennah.logging import bind
-from jennah.rpc import DRAINING_MESSAGE, TENANT_HEADER, WORKER_TOKEN_HEADER
+from jennah.rpc import TENANT_HEADER, WORKER_TOKEN_HEADER, is_draining
 from jennah.tracing import inject_headers
 from jennah.v1.deployment_connect import DeploymentServiceClient
 
@@ -72,7 +72,7 @@ def is_transport_failure(err: ConnectError, http_status: int | None) -> bool:
     """True when ``err`` means "the worker was not reached", not "the worker said so"."""
     if err.code != Code.UNAVAILABLE:
         return False
-    if err.message == DRAINING_MESSAGE:  # the worker is shutting down: nothing was done
+    if is_draining(err):  # the worker is shutting down: nothing was done
         return True
     if http_status is None or http_status in PROXY_FAILURE_STATUSES:
         return True

@@ -1,7 +1,9 @@
-"""``python -m jennah`` is the ``jennah`` command."""
+"""``python -m jennah`` is the ``jennah`` command.
 
-import sys
+This file is an entry point, not part of the shared kernel: Python runs it, nobody imports
+it (the one exception the import contracts in ``pyproject.toml`` allow).
+"""
 
-from jennah.cli import main
+from commands.cli import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -26,7 +26,7 @@ people; the images (``Dockerfile.*``) and the systemd env files in ``docs/deploy
 ``json``, because there the reader is a log pipeline. An unknown value stops start-up.
 
 **Not covered.** uvicorn and hypercorn configure their own ``uvicorn.*`` /
-``hypercorn.error`` loggers when ``jennah.serve`` starts them (after this runs), so their
+``hypercorn.error`` loggers when ``commands.serve`` starts them (after this runs), so their
 rare lines (a malformed HTTP request, an exception outside the RPC handlers, which the
 error mapper does not see) stay plain text on stderr; Cloud Logging records those as
 unstructured entries. Passing ``log_config=None`` to ``uvicorn.run`` would route them here.

@@ -6,10 +6,25 @@ and from the wire messages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+
+from jennah.errors import InvalidArgument
+
+# A tenant id: what the gateway maps a credential to and every store row is keyed by.
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def validate_tenant(tenant_id: str) -> str:
+    """``tenant_id`` if it is a well-formed tenant id, else ``InvalidArgument``."""
+    if not TENANT_RE.fullmatch(tenant_id):
+        raise InvalidArgument(
+            f"tenant id {tenant_id[:70]!r} is invalid: expected [a-z0-9][a-z0-9-]{{0,62}}"
+        )
+    return tenant_id
 
 
 class JobStatus(StrEnum):
@@ -194,7 +209,6 @@ class Job:
     exit_code: int | None = None
     cancel_requested: bool = False
     owner_worker_id: str = ""
-    preferred_worker_id: str = ""
     lease_version: int = 0
     lease_expires_at: datetime | None = None
     last_heartbeat_at: datetime | None = None

@@ -26,7 +26,10 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
-from google.rpc.error_details_pb2 import RetryInfo  # type: ignore[import-untyped]
+from google.rpc.error_details_pb2 import (  # type: ignore[import-untyped]
+    ErrorInfo,
+    RetryInfo,
+)
 from protobuf.wkt import Any as AnyDetail
 
 from jennah import errors
@@ -54,6 +57,28 @@ _CODES: tuple[tuple[type[errors.JennahError], Code], ...] = (
 
 GENERIC_INTERNAL = "internal error"
 RETRY_INFO_TYPE = "google.rpc.RetryInfo"
+ERROR_INFO_TYPE = "google.rpc.ErrorInfo"
+# The ``google.rpc.ErrorInfo`` a draining worker's ``unavailable`` carries (ShuttingDown):
+# the gateway fails over on it exactly as on a worker it could not reach, because the
+# worker did nothing. A typed marker, so that no one compares message text.
+ERROR_DOMAIN = "jennah.dev"
+DRAINING_REASON = "WORKER_DRAINING"
+
+
+def _draining_detail() -> ErrorDetail:
+    info = ErrorInfo(reason=DRAINING_REASON, domain=ERROR_DOMAIN)
+    return ErrorDetail(AnyDetail(type_url=f"type.googleapis.com/{ERROR_INFO_TYPE}",
+                                 value=info.SerializeToString()))
+
+
+def is_draining(err: ConnectError) -> bool:
+    """True when ``err`` is a worker's "shutting down, nothing done, retry elsewhere"."""
+    for detail in err.details:
+        if detail.type_name == ERROR_INFO_TYPE:
+            info = ErrorInfo.FromString(detail.message_bytes)
+            if info.domain == ERROR_DOMAIN and info.reason == DRAINING_REASON:
+                return True
+    return False
 
 
 def retry_info_detail(seconds: float) -> ErrorDetail:
@@ -99,6 +124,8 @@ def to_connect_error(exc: BaseException) -> ConnectError:
                     # retry-after header; RetryInfo keeps the tenths.
                     message += f"; retry after {max(1, math.ceil(wait))} s"
                     return ConnectError(code, message, [retry_info_detail(wait)])
+                if isinstance(exc, errors.ShuttingDown):
+                    return ConnectError(code, message, [_draining_detail()])
                 return ConnectError(code, message)
     log.exception("unhandled error in RPC", exc_info=exc)
     return ConnectError(Code.INTERNAL, GENERIC_INTERNAL)
@@ -294,9 +321,6 @@ class ErrorMapper:
 # Headers shared by the gateway and the workers (docs/design.md §7).
 TENANT_HEADER = "x-tenant-id"
 WORKER_TOKEN_HEADER = "x-jennah-worker-token"
-# The message of the ``unavailable`` a draining worker answers; the gateway fails over on
-# it exactly as on a worker it could not reach (nothing was done by the worker).
-DRAINING_MESSAGE = "worker is shutting down; retry on another worker"
 
 
 def final_code(exc: BaseException, ctx: RequestContext[Any, Any]) -> str:

@@ -26,10 +26,11 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from commands.gateway import main as gateway_main
 from gateway.auth import TenantAuth, peer_ip
-from gateway.keys import KeyFile as KeyFileContents
-from gateway.keys import KeyStore, new_key, write_key_file
-from gateway.main import main as gateway_main
+from gateway.keyfile import KeyFile as KeyFileContents
+from gateway.keyfile import new_key, write_key_file
+from gateway.keys import KeyStore
 from jennah.errors import SettingsError, Unauthenticated
 from jennah.v1 import deployment_pb2 as pb
 from jennah.v1.deployment_connect import DeploymentServiceClientSync

@@ -45,7 +45,7 @@ def test_bad_settings_stop_start_up_with_one_line_naming_every_variable(tmp_path
 
 
 def test_list_status_choices_are_the_protos_and_a_bad_one_is_a_usage_error() -> None:
-    from jennah.cli import JOB_STATUS_CHOICES
+    from commands.cli import JOB_STATUS_CHOICES
     from jennah.v1 import deployment_pb2 as pb
 
     names = tuple(n.removeprefix("JOB_STATUS_").lower() for n in pb.JobStatus.keys()[1:])
@@ -57,7 +57,7 @@ def test_list_status_choices_are_the_protos_and_a_bad_one_is_a_usage_error() -> 
 
 def test_submit_options_go_before_or_after_the_image_and_the_command_follows_dashes(
         tmp_path: Path) -> None:
-    from jennah.cli import parse_args, submit_request
+    from commands.cli import parse_args, submit_request
 
     job = tmp_path / "job.yaml"
     job.write_text("imageUri: alpine\ncommands: [echo, file]\nenv_vars: {A: '0', B: '2'}\n"

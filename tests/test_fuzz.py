@@ -46,14 +46,13 @@ from database import create_store
 from database.base import JobStore
 from gateway.app import create_app as create_gateway
 from jennah.errors import InvalidArgument
-from jennah.models import JobFilter
+from jennah.models import JobFilter, validate_tenant
 from jennah.settings import load_gateway_settings, load_worker_settings
 from jennah.v1 import deployment_pb2 as pb
 from tests.fixtures.postgres import fresh_database
 from tests.helpers import SERVICE, ThreadServer, wait_until
 from worker.app import build_runtime, create_app
 from worker.convert import spec_from_request
-from worker.validation import validate_tenant
 
 pytestmark = pytest.mark.timeout(180)
 

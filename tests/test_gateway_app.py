@@ -19,10 +19,10 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from prometheus_client import CollectorRegistry
 
+from commands.gateway import main
 from database import create_store
 from database.base import JobStore
 from gateway.app import create_app
-from gateway.main import main
 from gateway.ring import TenantRing
 from jennah.settings import GatewaySettings, StoreSettings
 from jennah.v1 import deployment_pb2 as pb

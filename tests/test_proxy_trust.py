@@ -4,7 +4,7 @@ A client's address is the TCP peer, never ``X-Forwarded-For`` or ``Forwarded``: 
 rewrote it from ``X-Forwarded-For`` sent from 127.0.0.1 (its default
 ``forwarded_allow_ips``) and Envoy (pyvoy) from anyone, so a caller on the gateway's host
 could pose as a trusted proxy, and a same-host proxy appending ``X-Forwarded-For`` was
-refused. jennah/serve.py turns that rewriting off for every server.
+refused. commands/serve.py turns that rewriting off for every server.
 
 For each server (uvicorn, hypercorn, and pyvoy when its extra is installed) two real
 ``jennah gateway`` processes run outside dev mode with a key file that maps
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from jennah.serve import client_is_tcp_peer
+from commands.serve import client_is_tcp_peer
 from tests.helpers import free_port, start_jennah, stop, wait_http
 from tests.test_auth import call_from, code_of, jennah_cli
 

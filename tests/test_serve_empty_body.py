@@ -1,4 +1,4 @@
-"""An empty request body is answered at once under every server (jennah/serve.py).
+"""An empty request body is answered at once under every server (commands/serve.py).
 
 An empty message in binary proto is zero bytes: ``ListJobs({})`` from connect-es, our own
 ``jennah list`` or the gateway forwarding to a worker sends ``Content-Length: 0``. Under

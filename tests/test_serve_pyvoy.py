@@ -1,6 +1,6 @@
 """``JENNAH_SERVER=pyvoy``: a real ``jennah worker`` process served by pyvoy (Envoy).
 
-Checks what jennah/serve.py promises for pyvoy: host/port honoured, the ASGI lifespan runs
+Checks what commands/serve.py promises for pyvoy: host/port honoured, the ASGI lifespan runs
 inside Envoy (startup: the poller drives a job to COMPLETED; shutdown on SIGTERM: the
 lease hand-over line is logged and the process exits 0 within the grace, a follow-watch
 that outlived the drain ended first), Connect JSON unary and server-streaming, gRPC over
@@ -183,7 +183,7 @@ def canceled_watches(w: Worker) -> float:
 
 
 def test_a_client_leaving_a_follow_watch_is_noticed(worker: Worker) -> None:
-    """After the request body pyvoy's ``receive()`` is polled, not awaited (jennah/serve.py):
+    """After the request body pyvoy's ``receive()`` is polled, not awaited (commands/serve.py):
     a client that goes away still ends its call, within about the poll interval."""
     before = canceled_watches(worker)
     payload = json.dumps({"follow": True}).encode()

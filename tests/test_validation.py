@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from jennah.errors import InvalidArgument
-from jennah.models import ResourceOverride
+from jennah.models import ResourceOverride, validate_tenant
 from worker.validation import (
     validate_commands,
     validate_env,
     validate_image,
     validate_labels,
     validate_spec,
-    validate_tenant,
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from commands.wal import add_wal_commands, parse_duration, run
 from database.sqlite import SQLiteStore
 from jennah.models import EventKind, Job, JobSpec
 from tests.test_wal_legacy import life, write_v1_log
@@ -27,7 +28,6 @@ from tests.test_wal_support import (
     stored,
 )
 from worker.wal.archive import archive_file, read_archive
-from worker.wal.cli import add_wal_commands, parse_duration, run
 from worker.wal.format import HEADER_SIZE, KIND_CHECKPOINT, scan
 from worker.wal.segments import WorkerWal, list_segments
 
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.wal.cli", *args], cwd=REPO, capture_output=True,
+        [sys.executable, "-m", "commands.wal", *args], cwd=REPO, capture_output=True,
         text=True, timeout=60, env={**os.environ, **(env or {})},
     )
 

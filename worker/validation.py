@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from jennah.errors import InvalidArgument, echoed
 from jennah.models import RESOURCE_PROFILES, JobSpec, ResourceOverride
 
-TENANT_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # GCP label rules (the strictest of our providers).
 LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -43,14 +42,6 @@ MAX_NAME_CHARS = 128
 MAX_REQUEST_ID_CHARS = 128
 MAX_RETRIES = 10
 MAX_IMAGE_CHARS = 512
-
-
-def validate_tenant(tenant_id: str) -> str:
-    if not TENANT_RE.fullmatch(tenant_id):
-        raise InvalidArgument(
-            f"tenant id {tenant_id[:70]!r} is invalid: expected [a-z0-9][a-z0-9-]{{0,62}}"
-        )
-    return tenant_id
 
 
 def _printable(value: str) -> bool:

@@ -18,6 +18,8 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from commands.keys import add_keys_commands
+from commands.wal import add_wal_commands
 from jennah.client import JennahClient
 from jennah.errors import SettingsError
 
@@ -216,28 +218,28 @@ def _print_events(stream: Iterable[Message]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.main import main
+    from commands.worker import main
 
     return main()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.main import main
+    from commands.gateway import main
 
     return main()
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from jennah.dev import run_dev
+    from commands.dev import run_dev
 
     return run_dev(workers=args.workers, port=args.port)
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
-    from database import create_store
+    from database import STORES, create_store
     from jennah.settings import load_store_settings
 
-    store = create_store(load_store_settings())
+    store = create_store(load_store_settings(stores=STORES))
     try:
         applied = store.migrate()
     finally:
@@ -326,15 +328,8 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     db = sub.add_parser("db", help="job store administration").add_subparsers(
         dest="db_command", required=True)
     db.add_parser("migrate", help="apply schema migrations").set_defaults(fn=cmd_db_migrate)
-    from gateway.keys import add_keys_commands
-
     add_keys_commands(sub)
-    try:
-        from worker.wal.cli import add_wal_commands
-    except ImportError:  # the WAL tools are optional in a partial checkout
-        pass
-    else:
-        add_wal_commands(sub)
+    add_wal_commands(sub)
     return parser, submit
 
 

@@ -1,4 +1,5 @@
-"""Serve an ASGI app with the configured server (docs/design.md §11 "Serving").
+"""Serve an ASGI app, named by import string, with the configured server (docs/design.md §11
+"Serving").
 
 uvicorn (default) speaks Connect and gRPC-Web over HTTP/1.1; hypercorn adds gRPC over h2c.
 On SIGTERM both stop accepting, let in-flight calls finish for ``grace`` seconds, then run
@@ -9,13 +10,10 @@ so Connect, gRPC-Web and gRPC, from Envoy with the app embedded in it. How it di
 
 * pyvoy runs Envoy as a **child process** that embeds Python and imports the app by an
   import string (``module:attr``); an app object built in this process cannot be handed
-  over. The app is therefore built again *inside* Envoy, from the same environment, by
-  the attribute ``jennah.serve:worker_app`` or ``jennah.serve:gateway_app`` (the module
-  ``__getattr__`` below builds it on first access, exactly as ``worker/main.py`` and
-  ``gateway/main.py`` do: settings, logging, tracing, ``create_app``). Which one is
-  taken from the ``role`` argument, or else from the calling module (``worker.main`` or
-  ``gateway.main``). The app object this process built is not served; building it is
-  cheap and does no I/O (stores connect lazily; the WAL opens in the lifespan).
+  over. So every server is given the app the same way, by an ordinary import string:
+  ``commands.worker_app:app`` or ``commands.gateway_app:app``, modules that build the app
+  from the environment when imported (settings, logging, tracing, ``create_app``). uvicorn
+  imports it in this process; Envoy imports it inside itself, from the same environment.
 * Envoy's embedded interpreter runs the ASGI **lifespan** (checked: startup before the
   listener answers, shutdown when Envoy gets SIGTERM), so the worker's loops start and
   its leases are released exactly as under uvicorn. Envoy's stderr is inherited, so the
@@ -80,44 +78,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
-import os
 import signal
-import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 from jennah.asgi import ASGIApp, Receive, Scope, Send
+from jennah.lifecycle import run_stop_hooks
 
 log = logging.getLogger("jennah.serve")
 
-# The apps pyvoy can build inside Envoy, by role; the calling module that implies each.
-PYVOY_ROLES = ("worker", "gateway")
-_ROLE_OF_CALLER = {"worker.main": "worker", "gateway.main": "gateway"}
 
+def serve(target: str, *, host: str, port: int, server: str, grace: float) -> None:
+    """Serve the app at import string ``target`` (``module:attr``) until SIGTERM/SIGINT.
 
-def serve(
-    app: ASGIApp, *, host: str, port: int, server: str, grace: float, role: str | None = None
-) -> None:
+    ``target`` is imported here first, under every server, so that an error building the
+    app (a ``SettingsError``) reaches the caller before anything listens: uvicorn then
+    finds the module already imported, and under pyvoy the app Envoy builds from the same
+    environment will build too."""
+    app = import_app(target)
     if server == "hypercorn":
         _serve_hypercorn(app, host=host, port=port, grace=grace)
         return
     if server == "pyvoy":
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        _serve_pyvoy(role or _ROLE_OF_CALLER.get(caller, ""), host=host, port=port,
-                     grace=grace)
+        _serve_pyvoy(target, host=host, port=port, grace=grace)
         return
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            _run_stop_hooks()
+            run_stop_hooks()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        app,
+        target,
         host=host,
         port=port,
         lifespan="on",
@@ -133,29 +129,20 @@ def serve(
     Server(config).run()
 
 
-# Called once when SIGTERM/SIGINT arrives, *before* the server drains its in-flight calls:
-# a worker uses it to hand its leases over at once instead of after the drain. Hooks run
-# in the signal handler: they must only schedule work (``loop.call_soon_threadsafe``).
-_STOP_HOOKS: list[Callable[[], None]] = []
-_stop_hooks_ran = False
+def import_app(target: str) -> ASGIApp:
+    """The object at import string ``module:attr`` (importing the module builds it)."""
+    module_name, _, attr = target.partition(":")
+    app: ASGIApp = getattr(importlib.import_module(module_name), attr)
+    return app
 
 
-def on_stop_signal(hook: Callable[[], None]) -> None:
-    """Run ``hook`` (once) when the process is asked to stop (uvicorn and hypercorn; under
-    pyvoy the app lives in Envoy, which hears of the stop only after the drain)."""
-    _STOP_HOOKS.append(hook)
-
-
-def _run_stop_hooks() -> None:
-    global _stop_hooks_ran
-    if _stop_hooks_ran:
-        return
-    _stop_hooks_ran = True
-    for hook in list(_STOP_HOOKS):
-        try:
-            hook()
-        except Exception:  # a hook must never stop the shutdown itself
-            log.exception("stop hook failed")
+def for_server(app: ASGIApp, server: str) -> ASGIApp:
+    """``app`` as ``server`` needs it: under pyvoy, wrapped in :class:`_ReceiveWaitsAfterBody`
+    with pyvoy's cancelled-receive report filtered (module docstring); else unchanged."""
+    if server != "pyvoy":
+        return app
+    logging.getLogger("asyncio").addFilter(_PyvoyCancelledRecvFilter())
+    return _ReceiveWaitsAfterBody(app)
 
 
 def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> None:
@@ -171,7 +158,7 @@ def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> Non
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         def stopping() -> None:
-            _run_stop_hooks()
+            run_stop_hooks()
             stop.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,19 +169,6 @@ def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> Non
 
 
 # --- pyvoy -----------------------------------------------------------------------------
-
-_built: dict[str, ASGIApp] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``worker_app`` / ``gateway_app``: the app, built once, for pyvoy to import."""
-    role = name.removesuffix("_app")
-    if name.endswith("_app") and role in PYVOY_ROLES:
-        if role not in _built:
-            _built[role] = _ReceiveWaitsAfterBody(_build(role))
-        return _built[role]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 class _PyvoyCancelledRecvFilter(logging.Filter):
     """Drop asyncio's report of pyvoy completing an already-cancelled ``receive()``."""
@@ -303,32 +277,6 @@ def client_is_tcp_peer(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _build(role: str) -> ASGIApp:
-    """Build the role's app from the environment, as its ``main`` does (inside Envoy)."""
-    from jennah.logging import configure_logging
-    from jennah.tracing import configure_tracing
-
-    logging.getLogger("asyncio").addFilter(_PyvoyCancelledRecvFilter())
-
-    if role == "worker":
-        from jennah.settings import load_worker_settings
-        from worker.app import create_app
-
-        settings = load_worker_settings()
-        configure_logging("worker", worker_id=settings.worker_id)
-        configure_tracing("worker", os.environ)
-        return create_app(settings)
-    from prometheus_client import REGISTRY
-
-    from gateway.app import create_app as create_gateway
-    from jennah.settings import load_gateway_settings
-
-    gateway_settings = load_gateway_settings()
-    configure_logging("gateway")
-    configure_tracing("gateway", os.environ)
-    return create_gateway(gateway_settings, registry=REGISTRY)
-
-
 def _admin(address: str, path: str, method: str = "GET") -> str:
     req = urllib.request.Request(f"http://{address}{path}", method=method)
     with urllib.request.urlopen(req, timeout=2) as resp:
@@ -361,12 +309,7 @@ async def _drain(admin: str | None, grace: float) -> None:
         log.warning("shutdown: could not drain Envoy: %s", exc)
 
 
-def _serve_pyvoy(role: str, *, host: str, port: int, grace: float) -> None:
-    if role not in PYVOY_ROLES:
-        raise SystemExit(
-            "JENNAH_SERVER=pyvoy serves only `jennah worker` and `jennah gateway` "
-            "(pyvoy imports the app in its own process)"
-        )
+def _serve_pyvoy(target: str, *, host: str, port: int, grace: float) -> None:
     try:
         from pyvoy import PyvoyServer, StartupError
     except ImportError:
@@ -380,7 +323,7 @@ def _serve_pyvoy(role: str, *, host: str, port: int, grace: float) -> None:
 
     async def main() -> int:
         server = Server(
-            f"{__name__}:{role}_app", address=host, port=port, lifespan=True,
+            target, address=host, port=port, lifespan=True,
             stdout=None, stderr=None,  # inherit: the app logs to our stderr
         )
         stop = asyncio.Event()
@@ -392,7 +335,7 @@ def _serve_pyvoy(role: str, *, host: str, port: int, grace: float) -> None:
         except StartupError as exc:
             log.error("pyvoy: Envoy failed to start: %s", exc)
             return 1
-        log.info("pyvoy: serving %s on %s:%d", role, server.listener_address,
+        log.info("pyvoy: serving %s on %s:%d", target, server.listener_address,
                  server.listener_port)
         exited = asyncio.ensure_future(server.wait())
         stopping = asyncio.ensure_future(stop.wait())

@@ -2,7 +2,7 @@
 
 ``add_wal_commands`` registers them on the ``jennah`` parser; each subcommand sets
 ``fn(args) -> int`` (the exit code). ``run(argv)`` is a standalone entry for tests and
-``python -m worker.wal.cli``. Exit codes: 0 fine, 1 damage found (or files skipped),
+``python -m commands.wal``. Exit codes: 0 fine, 1 damage found (or files skipped),
 2 usage errors, files that are not WALs, bad settings.
 
 * ``inspect FILE``: a segment, an archive or a v1 log, record by record (read-only). A
@@ -29,6 +29,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from database.base import JobStore
+from jennah.blocking import blocking
 from jennah.errors import JennahError, SettingsError
 from jennah.models import JobEvent, Placed
 from jennah.settings import jennah_home
@@ -153,10 +154,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _store_from_env() -> JobStore:
-    from database import create_store
+    from database import STORES, create_store
     from jennah.settings import load_store_settings
 
-    store = create_store(load_store_settings())
+    store = create_store(load_store_settings(stores=STORES))
     store.migrate()
     return store
 
@@ -170,7 +171,7 @@ class _StoreSink:
     async def deliver(
         self, events: Sequence[JobEvent], legacy: bool = False
     ) -> list[tuple[Placed, JobEvent]]:
-        return await asyncio.to_thread(self.store.append_execution_events, events, legacy)
+        return await blocking(self.store.append_execution_events, events, legacy)
 
 
 def _workers(wal_dir: Path, worker: str | None) -> list[str]:
