@@ -69,8 +69,10 @@ from database.sqlite import SQLiteStore
 from jennah.models import Job, JobEvent, JobPatch, JobSpec, JobStatus
 from providers.base import ProviderTask, provider_job_id
 from providers.memory import FakeProvider
+from worker.commit import GroupCommitter
 from worker.events import ExecutionLog
-from worker.jobs import JobService
+from worker.jobs import JobService, utcnow
+from worker.output import OutputReader
 from worker.poller import Poller
 from worker.store_events import StoreExecutionLog
 
@@ -241,19 +243,23 @@ def run_config(name: str, jobs: int, cycles: int, churn: float, tmp: Path,
     js = cast(JobStore, store)
 
     async def go() -> list[Result]:
-        service = JobService(js, provider, worker_id=WORKER, lease_ttl=LEASE_TTL)
+        committer = GroupCommitter(js)
         events: ExecutionLog
         if name == "floor":
             events = NullExecutionLog()
         elif "WAL" in name:
             from worker.wal import WalExecutionLog
 
-            events = WalExecutionLog(tmp / "wal", tmp / "archive", WORKER, service.committer,
+            events = WalExecutionLog(tmp / "wal", tmp / "archive", WORKER, committer,
                                      registry=CollectorRegistry())
         else:
-            events = StoreExecutionLog(service.committer)
+            events = StoreExecutionLog(committer)
         await events.start()
-        poller = Poller(service, events, 0.0)
+        output = OutputReader(js, provider, events, worker_id=WORKER, clock=utcnow)
+        service = JobService(js, provider, worker_id=WORKER, lease_ttl=LEASE_TTL,
+                             committer=committer, before_end=output.settle)
+        poller = Poller(js, provider, events, output, service, worker_id=WORKER, clock=utcnow,
+                        interval=0.0)
         await poller.cycle()  # warm-up, not counted
         steady = await _measure(poller, provider, store, lambda k: None, cycles)
         per_cycle = max(2, round(jobs * churn))

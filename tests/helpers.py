@@ -1,4 +1,5 @@
-"""Small helpers shared by tests that talk to real servers over HTTP."""
+"""Small helpers shared by tests: talking to real servers over HTTP, and a worker's
+owner side (``JobService`` + ``Poller``) wired the way ``worker/app.py`` wires it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from database.base import JobStore
+from providers.base import BatchProvider
+from worker.commit import GroupCommitter
+from worker.events import ExecutionLog
+from worker.jobs import JobService, utcnow
+from worker.output import OutputReader
+from worker.poller import Poller
+from worker.store_events import StoreExecutionLog
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "/jennah.v1.DeploymentService"
@@ -114,3 +126,34 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=15)
+
+
+@dataclass
+class Owner:
+    """One worker's owner side: its JobService and Poller, sharing one committer, one
+    execution log and one output reader."""
+
+    jobs: JobService
+    poller: Poller
+    events: ExecutionLog
+    committer: GroupCommitter
+
+
+def owner(
+    store: JobStore, provider: BatchProvider, worker_id: str = "w1", *,
+    lease_ttl: float = 30, clock: Callable[[], datetime] = utcnow,
+    log: Callable[[GroupCommitter], ExecutionLog] = StoreExecutionLog,
+    interval: float = 0.01, **service: Any,
+) -> Owner:
+    """Build a worker's JobService and Poller as ``worker/app.py`` does (the output reader
+    first: the poller reads with it, and a cancel settles the output through it), without
+    metrics, leases or a server. ``log`` makes the execution log from the committer;
+    ``service`` goes to ``JobService`` (``new_id``, ``admission``, ...)."""
+    committer = GroupCommitter(store)
+    events = log(committer)
+    output = OutputReader(store, provider, events, worker_id=worker_id, clock=clock)
+    jobs = JobService(store, provider, worker_id=worker_id, lease_ttl=lease_ttl,
+                      committer=committer, clock=clock, before_end=output.settle, **service)
+    poller = Poller(store, provider, events, output, jobs, worker_id=worker_id, clock=clock,
+                    interval=interval)
+    return Owner(jobs, poller, events, committer)

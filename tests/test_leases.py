@@ -17,7 +17,9 @@ from jennah.errors import ProviderUnavailable
 from jennah.models import EventKind, JobStatus
 from providers.base import provider_job_id
 from tests.test_worker_jobs import SPEC, Env
-from worker.leases import NUDGE_PATH, LeaseKeeper, nudge_handler
+from worker.auth import CallerAuth
+from worker.leases import LeaseKeeper
+from worker.nudge import NUDGE_PATH, nudge_handler
 
 TTL = 30.0
 CLAIM_EVERY = 5.0
@@ -29,8 +31,7 @@ def env() -> Env:
 
 
 def keeper(env: Env, worker_id: str, **kwargs: Any) -> LeaseKeeper:
-    jobs = env.jobs if worker_id == "w1" else env.service(worker_id)
-    return LeaseKeeper(jobs, TTL, CLAIM_EVERY, **kwargs)
+    return LeaseKeeper(env.store, worker_id, TTL, CLAIM_EVERY, **kwargs)
 
 
 def test_renewal_keeps_a_lease_past_its_first_ttl(env: Env) -> None:
@@ -79,7 +80,7 @@ def test_a_claimed_job_without_a_resource_path_is_submitted_exactly_once(env: En
         env.clock.tick(TTL + 1)  # w1 died before its poller could retry
         w2 = keeper(env, "w2")
         assert [j.job_id for j in await w2.claim_once()] == [job.job_id]
-        await env.poller_of(w2.jobs).cycle()
+        await env.owner("w2").poller.cycle()
         after = env.store.get_job("acme", job.job_id)
         assert after.status is JobStatus.SCHEDULED and after.owner_worker_id == "w2"
         pid = provider_job_id(job.job_id, 0)  # the same deterministic id as w1 used
@@ -96,8 +97,9 @@ def test_a_claimed_job_that_reached_the_provider_is_not_submitted_again(env: Env
         env.clock.tick(TTL + 1)
         w2 = keeper(env, "w2")
         await w2.claim_once()
+        poller = env.owner("w2").poller
         for _ in range(3):
-            await env.poller_of(w2.jobs).cycle()
+            await poller.cycle()
         assert env.provider.executions == {job.provider_job_id: 1}
         assert env.store.get_job("acme", job.job_id).owner_worker_id == "w2"
 
@@ -213,6 +215,6 @@ def test_the_nudge_endpoint_needs_the_worker_token(
     woken: int,
 ) -> None:
     w = keeper(env, "w1")
-    handler = nudge_handler(w, dev_mode=dev_mode, token="s3cret")
+    handler = nudge_handler(w.wake, CallerAuth(dev_mode=dev_mode, worker_token="s3cret"))
     assert asyncio.run(asgi_post(handler, headers, method)) == status
     assert w.nudges_received == woken

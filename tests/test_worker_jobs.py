@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -30,9 +31,9 @@ from providers.base import (
     ProviderTask,
     provider_job_id,
 )
-from worker import poller as poller_module
+from tests.helpers import Owner, owner
+from worker import output as output_module
 from worker.jobs import JobService
-from worker.poller import Poller
 from worker.store_events import StoreExecutionLog
 from worker.wal.format import WalError
 
@@ -91,19 +92,13 @@ class Env:
         self.store = MemoryStore(clock=self.clock)
         self.provider = ScriptedProvider()
         ids = (f"00000000-0000-4000-8000-{n:012d}" for n in itertools.count(1))
-        self.jobs = self.service("w1", lambda: next(ids))
-        self.poller = self.poller_of(self.jobs)
+        w1 = self.owner("w1", new_id=lambda: next(ids))
+        self.jobs, self.poller = w1.jobs, w1.poller
 
-    def service(self, worker_id: str, new_id: object = None) -> JobService:
-        kwargs = {"new_id": new_id} if new_id else {}
-        return JobService(
-            self.store, self.provider,
-            worker_id=worker_id, lease_ttl=30, clock=self.clock, **kwargs,  # type: ignore[arg-type]
-        )
-
-    @staticmethod
-    def poller_of(jobs: JobService) -> Poller:
-        return Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+    def owner(self, worker_id: str, store: MemoryStore | None = None, **kwargs: Any) -> Owner:
+        """A worker's JobService and Poller on this env's store, provider and clock."""
+        return owner(store or self.store, kwargs.pop("provider", self.provider), worker_id,
+                     clock=self.clock, **kwargs)
 
     def kinds(self, job: Job) -> list[EventKind]:
         return [e.kind for e in self.store.list_events(job.tenant_id, job.job_id, 0, 100)]
@@ -261,7 +256,7 @@ def test_cancel_by_owner_and_by_peer(env: Env) -> None:
             await env.jobs.cancel("other", job.job_id)
         # A peer receiving CancelJob flags the job; the owner records it at its next poll.
         job2 = await env.jobs.submit("acme", SPEC, "")
-        peer = env.service("w2")
+        peer = env.owner("w2").jobs
         flagged = await peer.cancel("acme", job2.job_id)
         assert flagged.cancel_requested and flagged.status is JobStatus.SCHEDULED
         await env.poller.cycle()
@@ -282,7 +277,7 @@ def test_a_stale_owner_stops_touching_a_claimed_job(env: Env) -> None:
             await env.jobs.apply_status(job, env.provider.states[job.cloud_resource_path])
         await env.poller.cycle()  # w1 owns nothing now
         assert env.store.get_job("acme", job.job_id).status is JobStatus.SCHEDULED
-        peer = env.poller_of(env.service("w2"))
+        peer = env.owner("w2").poller
         await peer.cycle()
         done = env.store.get_job("acme", job.job_id)
         assert done.status is JobStatus.COMPLETED and done.owner_worker_id == "w2"
@@ -341,14 +336,15 @@ class FlakyStore(MemoryStore):
 
 def test_a_stored_job_is_the_answer_even_if_scheduling_fails(env: Env) -> None:
     store = FlakyStore(env.clock)
-    jobs = JobService(store, env.provider, worker_id="w1", lease_ttl=30, clock=env.clock)
+    w1 = env.owner("w1", store)
+    jobs = w1.jobs
 
     async def go() -> None:
         store.fail = 1
         job = await jobs.submit("acme", SPEC, "r-flaky")
         assert job.status is JobStatus.PENDING  # recorded; SCHEDULED could not be stored
         assert store.get_job("acme", job.job_id).status is JobStatus.PENDING
-        await env.poller_of(jobs).cycle()  # submits again under the same provider id
+        await w1.poller.cycle()  # submits again under the same provider id
         after = store.get_job("acme", job.job_id)
         assert after.status is JobStatus.SCHEDULED
         assert env.provider.executions == {after.provider_job_id: 1}
@@ -406,9 +402,9 @@ class FailingLog(StoreExecutionLog):
 
 def test_running_comes_before_output_and_the_end_comes_last(env: Env) -> None:
     provider = OutputProvider()
-    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
-    log = FailingLog(jobs.committer)
-    poller = Poller(jobs, log, 0.01)
+    w1 = env.owner("w1", provider=provider, log=FailingLog)
+    jobs, poller, log = w1.jobs, w1.poller, w1.events
+    assert isinstance(log, FailingLog)
 
     async def go() -> None:
         job = await jobs.submit("acme", SPEC, "")
@@ -435,21 +431,21 @@ def test_running_comes_before_output_and_the_end_comes_last(env: Env) -> None:
 
 def test_a_new_owner_reads_output_on_from_the_store(env: Env) -> None:
     provider = OutputProvider()
-    w1 = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
-    w2 = JobService(env.store, provider, worker_id="w2", lease_ttl=30, clock=env.clock)
+    w1 = env.owner("w1", provider=provider)
+    w2 = env.owner("w2", provider=provider)
 
     async def go() -> None:
-        job = await w1.submit("acme", SPEC, "")
+        job = await w1.jobs.submit("acme", SPEC, "")
         path = job.cloud_resource_path
         provider.states[path] = ProviderStatus(JobStatus.RUNNING, "RUNNING", started_at=T0)
         provider.out[path] = {"stdout": b"one\n"}
-        await Poller(w1, StoreExecutionLog(w1.committer), 0.01).cycle()
+        await w1.poller.cycle()
         env.store.release_leases([(job.job_id, env.store.get_job("acme", job.job_id).lease)])
         env.store.claim_expired("w2", 30, 10)
         provider.out[path] = {"stdout": b"one\ntwo\n"}
         provider.states[path] = ProviderStatus(JobStatus.COMPLETED, "SUCCEEDED", exit_code=0,
                                                started_at=T0, completed_at=T0)
-        await Poller(w2, StoreExecutionLog(w2.committer), 0.01).cycle()
+        await w2.poller.cycle()
         events = env.store.list_events("acme", job.job_id, 0, 100)
         assert [(e.kind, e.output) for e in events if e.kind is EventKind.OUTPUT] == [
             (EventKind.OUTPUT, "one\n"), (EventKind.OUTPUT, "two\n")]  # no line twice
@@ -470,10 +466,10 @@ def test_the_end_waits_for_output_beyond_one_cycles_budget(
 ) -> None:
     """A job that printed more than a cycle reads ends only after all of it is stored
     (found by bench.events: a 64 MiB job ended with 32 MiB of its output)."""
-    monkeypatch.setattr(poller_module, "OUTPUT_BUDGET_BYTES", 10)
+    monkeypatch.setattr(output_module, "OUTPUT_BUDGET_BYTES", 10)
     provider = _OneLinePerRead()
-    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
-    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+    w1 = env.owner("w1", provider=provider)
+    jobs, poller = w1.jobs, w1.poller
     lines = [f"line {i}\n" for i in range(12)]
 
     async def go() -> int:
@@ -496,8 +492,8 @@ def test_the_end_waits_for_output_beyond_one_cycles_budget(
 
 def test_a_cancel_ends_the_stream_after_the_output_printed_before_it(env: Env) -> None:
     provider = OutputProvider()
-    jobs = JobService(env.store, provider, worker_id="w1", lease_ttl=30, clock=env.clock)
-    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+    w1 = env.owner("w1", provider=provider)
+    jobs, poller = w1.jobs, w1.poller
 
     async def go() -> None:
         job = await jobs.submit("acme", SPEC, "")

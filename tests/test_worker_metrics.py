@@ -3,9 +3,11 @@ that follow what the worker did; provider errors counted by class."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,9 +16,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from database.memory import MemoryStore
 from jennah.errors import ProviderQuotaExceeded
+from jennah.models import JobSpec
+from jennah.settings import load_worker_settings
 from providers.base import Capabilities, ProviderStatus, ProviderTask
+from providers.memory import FakeProvider
 from tests.helpers import REPO, call, free_port, stop, wait_http, wait_until
+from worker.app import build_runtime
 from worker.metrics import InstrumentedProvider, worker_metrics
 
 pytestmark = pytest.mark.timeout(60)
@@ -153,3 +160,28 @@ def test_provider_errors_are_counted_by_class() -> None:
     assert value("jennah_worker_provider_errors_total", {"op": "status", "error":
                                                           "ProviderQuotaExceeded"}) is None
     assert worker_metrics(registry) is worker_metrics(registry)  # registered once
+
+
+def test_a_built_worker_is_instrumented_before_anything_uses_it() -> None:
+    """build_runtime gives JobService and the poller the instrumented provider and the
+    event-counting hook at construction: the first submit is counted and timed, with no
+    app created and nothing installed afterwards."""
+    registry = CollectorRegistry()
+    settings = load_worker_settings({
+        "JENNAH_HOME": tempfile.mkdtemp(prefix="jennah-metrics-"), "JENNAH_DEV_MODE": "1",
+        "WORKER_ID": "mw-2", "DB_PROVIDER": "memory", "BATCH_PROVIDER": "fake"})
+    rt = build_runtime(settings, store=MemoryStore(), provider=FakeProvider(),
+                       registry=registry)
+    assert isinstance(rt.provider, InstrumentedProvider)
+
+    async def go() -> None:
+        await rt.jobs.submit("acme", JobSpec(image_uri="busybox"), "r-1")
+        await rt.committer.close()
+
+    asyncio.run(go())
+    value = registry.get_sample_value
+    assert value("jennah_worker_job_events_total", {"kind": "SUBMITTED"}) == 1
+    assert value("jennah_worker_job_events_total", {"kind": "SCHEDULED"}) == 1
+    assert value("jennah_worker_provider_call_duration_seconds_count", {"op": "submit"}) == 1
+    assert value("jennah_worker_info", {"worker": "mw-2", "store": "memory",
+                                        "provider": "fake"}) == 1

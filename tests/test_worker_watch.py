@@ -23,6 +23,7 @@ from worker.commit import GroupCommitter
 from worker.jobs import JobService
 from worker.notify import Notifier
 from worker.service import WorkerService
+from worker.watch import EventWatch
 
 T = datetime(2026, 12, 1, tzinfo=UTC)
 CTX: Any = SimpleNamespace(request_headers={"x-tenant-id": "acme"})
@@ -32,11 +33,11 @@ class World:
     def __init__(self) -> None:
         self.store = MemoryStore()
         self.notifier = Notifier()
-        committer = GroupCommitter(self.store, notify=self.notifier.notify)
+        self.committer = GroupCommitter(self.store, notify=self.notifier.notify)
         self.jobs = JobService(self.store, FakeProvider(), worker_id="w1", lease_ttl=30,
-                               committer=committer)  # fmt: skip
+                               committer=self.committer)  # fmt: skip
         self.svc = WorkerService(self.jobs, CallerAuth(dev_mode=True, worker_token=""),
-                                 self.notifier)  # fmt: skip
+                                 EventWatch(self.jobs, self.notifier))  # fmt: skip
 
     def job(self, job_id: str = "j1") -> Job:
         job, _ = self.store.create_job(Job(job_id=job_id, tenant_id="acme", owner_worker_id="w1",
@@ -85,7 +86,7 @@ def test_own_commits_wake_a_watcher_at_once(monkeypatch: pytest.MonkeyPatch) -> 
         stream = asyncio.ensure_future(w.collect(pb.WatchJobEventsRequest(job_id="j1"), 2))
         await asyncio.sleep(0.05)  # the watcher has read SUBMITTED and waits
         t0 = time.monotonic()
-        await w.jobs.committer.update(job, job.lease, JobPatch(status=JobStatus.SCHEDULED), "x")
+        await w.committer.update(job, job.lease, JobPatch(status=JobStatus.SCHEDULED), "x")
         got = await asyncio.wait_for(stream, 5)
         assert kinds(got) == ["SUBMITTED", "SCHEDULED"]
         return time.monotonic() - t0

@@ -1,20 +1,24 @@
 """Assemble a worker: store + group committer + provider + execution-event WAL +
 JobService, served as an ASGI app.
 
-Background work (poller, lease renewal and claims, membership heartbeat) starts in the
-app's lifespan and stops on shutdown, after which the worker's leases are released so a
-peer takes over at once (docs/design.md §5) and the WAL is flushed.
+:func:`build_runtime` is the one place where the worker's parts are made and connected.
+Each part is built after what it needs and given it in its constructor; nothing is
+installed into a part afterwards. So the metrics pieces (``worker/metrics.py``: the
+instrumented provider, the event-counting hook) and the output reader come before
+``JobService``, and the lease keeper, the poller and the shutdown get the store, the
+worker id, the clock and the ``JobService`` operations they use, not the service itself.
+
+When the worker starts and stops, and in which order, is ``worker/lifespan.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -22,9 +26,9 @@ from prometheus_client import CollectorRegistry
 from database import create_store
 from database.base import JobStore
 from jennah.asgi import ASGIApp, Receive, Scope, Send, compose
+from jennah.blocking import blocking
 from jennah.errors import JennahError
 from jennah.rpc import ErrorMapper, safe_codecs
-from jennah.serve import on_stop_signal
 from jennah.settings import WorkerSettings
 from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
@@ -34,14 +38,18 @@ from worker.admission import Admission, store_active_counter, store_pressure
 from worker.auth import CallerAuth
 from worker.commit import GroupCommitter
 from worker.events import ExecutionLog
-from worker.jobs import JobService, blocking, utcnow
-from worker.leases import NUDGE_PATH, LeaseKeeper, nudge_handler, release_and_nudge
-from worker.metrics import instrument
+from worker.jobs import JobService, utcnow
+from worker.leases import LeaseKeeper
+from worker.lifespan import HandOver, Lifespan
+from worker.metrics import WorkerMetrics, worker_metrics
 from worker.notify import Notifier
+from worker.nudge import NUDGE_PATH, nudge_handler
+from worker.output import OutputReader
 from worker.poller import Poller
 from worker.service import WorkerService
 from worker.store_events import StoreExecutionLog
 from worker.wal import WalExecutionLog
+from worker.watch import EventWatch
 
 log = logging.getLogger("jennah.worker")
 # Peers that heartbeated within this many claim intervals are nudged on shutdown.
@@ -52,14 +60,15 @@ MEMBERSHIP_MAX_AGE_BEATS = 3
 class WorkerRuntime:
     settings: WorkerSettings
     store: JobStore
-    provider: BatchProvider
+    provider: BatchProvider  # instrumented (worker/metrics.py)
     committer: GroupCommitter
     notifier: Notifier
     events: ExecutionLog
     jobs: JobService
     leases: LeaseKeeper
     poller: Poller
-    lease_tasks: list[asyncio.Task[None]] = field(default_factory=list)  # renew + claim
+    metrics: WorkerMetrics
+    lifespan: Lifespan
 
 
 def build_runtime(
@@ -71,10 +80,14 @@ def build_runtime(
     clock: Callable[[], datetime] = utcnow,
     registry: CollectorRegistry | None = None,
 ) -> WorkerRuntime:
+    """Build and connect every part of a worker (nothing runs until its lifespan starts)."""
     store = store or create_store(settings.store)
-    provider = provider or create_provider(settings.provider)
+    metrics = worker_metrics(registry)
+    # RPC, job, lease, poll and provider metrics; provider calls traced (worker/metrics.py).
+    provider = metrics.instrument_provider(provider or create_provider(settings.provider))
+    count = metrics.count_events
     notifier = Notifier()
-    committer = GroupCommitter(store, notify=notifier.notify)
+    committer = GroupCommitter(store, notify=notifier.notify, on_stored=count)
     if events is None and store.name == "memory":
         events = StoreExecutionLog(committer)  # a local WAL would protect nothing
     events = events or WalExecutionLog(
@@ -87,95 +100,52 @@ def build_runtime(
     admission = Admission(settings.admission, provider=settings.provider.kind,
                           provider_rate=provider.capabilities.submit_rate,
                           counter=store_active_counter(store), pressure=store_pressure(store))
+    worker_id = settings.worker_id
+    output = OutputReader(store, provider, events, worker_id=worker_id, clock=clock)
     jobs = JobService(
         store, provider, committer=committer,
-        worker_id=settings.worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
+        worker_id=worker_id, lease_ttl=settings.lease_ttl_seconds, clock=clock,
         admission=admission, service_accounts=settings.tenant_service_accounts,
+        on_events=count, before_end=output.settle,
     )  # fmt: skip
-    leases = LeaseKeeper(jobs, settings.lease_ttl_seconds, settings.claim_interval_seconds)
-    leases.on_claimed = notifier.notify
-    leases.may_claim = lambda: events.ready  # the v1 upgrade's events go in first
+    leases = LeaseKeeper(
+        store, worker_id, settings.lease_ttl_seconds, settings.claim_interval_seconds,
+        on_events=count, on_claimed=notifier.notify,
+        may_claim=lambda: events.ready,  # the v1 upgrade's events go in first
+    )  # fmt: skip
     interval = min(settings.poll_interval_seconds, provider.capabilities.poll_interval_seconds)
+    poller = Poller(store, provider, events, output, jobs, worker_id=worker_id, clock=clock,
+                    interval=interval, on_cycle=metrics.observe_cycle)  # fmt: skip
+    metrics.add_worker(worker_id, store=store.name, provider=provider.name, jobs=jobs,
+                       leases=leases, poller=poller)  # fmt: skip
+    hand_over = HandOver(
+        leases.release_all, store, worker_id=worker_id, self_url=settings.advertise_url,
+        token=settings.worker_token,
+        max_age_seconds=MEMBERSHIP_MAX_AGE_BEATS * settings.claim_interval_seconds,
+    )  # fmt: skip
+
+    lifespan = Lifespan(
+        store=store, provider=provider, committer=committer, events=events, leases=leases,
+        loops=[poller.run, partial(_heartbeat, store, admission, settings)],
+        hand_over=hand_over,
+        stop_accepting=jobs.stop_accepting, drain_detached=jobs.drain,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )  # fmt: skip
     return WorkerRuntime(settings, store, provider, committer, notifier, events, jobs, leases,
-                         Poller(jobs, events, interval))  # fmt: skip
+                         poller, metrics, lifespan)  # fmt: skip
 
 
-async def _heartbeat(rt: WorkerRuntime) -> None:
+async def _heartbeat(store: JobStore, admission: Admission, settings: WorkerSettings) -> None:
+    """Membership: record this worker as live, and learn how many workers are."""
     while True:
         try:
-            await blocking(
-                rt.store.heartbeat_worker, rt.settings.worker_id, rt.settings.advertise_url
-            )
+            await blocking(store.heartbeat_worker, settings.worker_id, settings.advertise_url)
             # The provider's submit rate is per account: share it among the live workers.
-            live = await blocking(rt.store.list_workers, 3 * rt.settings.claim_interval_seconds)
-            rt.jobs.admission.set_worker_count(len(live))
+            live = await blocking(store.list_workers, 3 * settings.claim_interval_seconds)
+            admission.set_worker_count(len(live))
         except JennahError as exc:
             log.warning("membership heartbeat failed: %s", exc)
-        await asyncio.sleep(rt.settings.claim_interval_seconds)
-
-
-async def start(rt: WorkerRuntime) -> list[asyncio.Task[None]]:
-    await blocking(rt.store.migrate)
-    await rt.events.start()
-    rt.lease_tasks = [asyncio.create_task(rt.leases.run_renewals()),
-                      asyncio.create_task(rt.leases.run_claims())]  # fmt: skip
-    others: list[Callable[[], Coroutine[Any, Any, None]]] = [rt.poller.run,
-                                                              lambda: _heartbeat(rt)]
-    return [*rt.lease_tasks, *(asyncio.create_task(loop()) for loop in others)]
-
-
-async def hand_over_early(rt: WorkerRuntime) -> None:
-    """On SIGTERM, before the server drains: refuse new jobs, stop claiming and renewing
-    (a renewal would re-extend a released lease; a claim could take our own jobs back),
-    release every lease and nudge the peers. The drain and ``stop`` follow as usual;
-    ``stop`` releases again whatever in-flight calls stored meanwhile."""
-    rt.jobs.draining = True
-    for task in rt.lease_tasks:
-        task.cancel()
-    try:
-        released, nudged = await release_and_nudge(
-            rt.leases, token=rt.settings.worker_token, self_url=rt.settings.advertise_url,
-            max_age_seconds=MEMBERSHIP_MAX_AGE_BEATS * rt.settings.claim_interval_seconds,
-        )
-        log.info("stop signal: released %d leases and nudged %d peers before the drain",
-                 released, nudged)
-    except JennahError as exc:
-        log.warning("stop signal: early hand-over failed (stop retries it): %s", exc)
-
-
-async def stop(rt: WorkerRuntime, tasks: list[asyncio.Task[None]]) -> None:
-    """Stop the loops, hand the leases over (release + nudge), then flush the WAL.
-
-    The hand-over goes first because peers wait for it; the flush after it is safe: the
-    store places our late events by their dedup keys and byte ranges, so they can
-    neither collide with the new owner's nor go in twice, and the WAL keeps whatever is
-    not delivered for the next start. Each phase's duration is logged."""
-    t0 = time.monotonic()
-    rt.jobs.draining = True
-    log.info("shutdown: stopping background loops")
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    t1 = time.monotonic()
-    try:
-        released, nudged = await release_and_nudge(
-            rt.leases, token=rt.settings.worker_token, self_url=rt.settings.advertise_url,
-            max_age_seconds=MEMBERSHIP_MAX_AGE_BEATS * rt.settings.claim_interval_seconds,
-        )
-        t2 = time.monotonic()
-        flushed = await rt.events.flush(rt.settings.shutdown_grace_seconds)
-        log.info("shutdown: loops stopped in %.3f s, released %d leases and nudged %d peers "
-                 "in %.3f s, events %s in %.3f s", t1 - t0, released, nudged, t2 - t1,
-                 "flushed" if flushed else "NOT flushed", time.monotonic() - t2)  # fmt: skip
-    except JennahError as exc:
-        log.warning("shutdown: could not release or flush: %s", exc)
-    await rt.jobs.drain(rt.settings.shutdown_grace_seconds)
-    await rt.events.close()
-    await rt.committer.close()
-    rt.provider.close()
-    rt.store.close()
+        await asyncio.sleep(settings.claim_interval_seconds)
 
 
 def create_app(
@@ -184,31 +154,19 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> ASGIApp:
     rt = runtime or build_runtime(settings, registry=registry)
-    # RPC, job, lease, poll and provider metrics; provider calls traced (worker/metrics.py).
-    rpc_metrics = instrument(rt.jobs, rt.leases, rt.poller, worker_id=settings.worker_id,
-                             store=rt.store.name, registry=registry)
-    service = WorkerService(rt.jobs, CallerAuth(dev_mode=settings.dev_mode,
-                                                worker_token=settings.worker_token),
-                            rt.notifier)  # fmt: skip
+    auth = CallerAuth(dev_mode=settings.dev_mode, worker_token=settings.worker_token)
+    service = WorkerService(rt.jobs, auth, EventWatch(rt.jobs, rt.notifier))
 
     async def lifecycle() -> AsyncGenerator[WorkerService]:
-        tasks = await start(rt)
-        loop = asyncio.get_running_loop()
-
-        def begin_hand_over() -> None:  # in the event loop, soon after the signal
-            tasks.append(loop.create_task(hand_over_early(rt)))
-
-        def on_signal() -> None:  # in the signal handler: only schedule
-            loop.call_soon_threadsafe(begin_hand_over)
-
-        on_stop_signal(on_signal)
+        await rt.lifespan.start()
         try:
             yield service
         finally:
-            await stop(rt, tasks)
+            await rt.lifespan.stop()
 
     rpc = DeploymentServiceASGIApplication(
-        lifecycle(), interceptors=[TracingInterceptor("worker"), rpc_metrics, ErrorMapper()],
+        lifecycle(),
+        interceptors=[TracingInterceptor("worker"), rt.metrics.rpc_interceptor(), ErrorMapper()],
         read_max_bytes=settings.read_max_bytes, codecs=safe_codecs(),
     )
 
@@ -235,7 +193,7 @@ def create_app(
         }
 
     served = compose(rpc, ready=ready, registry=registry, info=info)
-    nudge = nudge_handler(rt.leases, dev_mode=settings.dev_mode, token=settings.worker_token)
+    nudge = nudge_handler(rt.leases.wake, auth)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == NUDGE_PATH:

@@ -4,7 +4,12 @@ call in.
 Every job write goes through the worker's group committer (``worker/commit.py``), so the
 writes of concurrent calls share transactions; the store writes each transition's
 lifecycle event in that same transaction (this module never writes events itself).
-Provider calls, which block, run in a worker thread.
+Store calls, which block, run in the IO lane (``jennah.blocking``); provider calls go
+through ``worker.provider_calls.call_provider``.
+
+Its collaborators are given to the constructor and never replaced afterwards: the
+worker's assembly (``worker/app.py``) builds the instrumented provider, the event-counting
+hook and the output reader first and passes them in.
 
 **A submit always finishes.** Once the job row is committed, SubmitJob answers with the
 job: a provider error after that point leaves the job PENDING for the poller (or FAILED
@@ -16,18 +21,16 @@ short; the client retries with its ``request_id`` and gets the job.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from functools import partial
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from database.base import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, JobStore
+from jennah.blocking import blocking
 from jennah.errors import (
     Conflict,
     FailedPrecondition,
@@ -50,7 +53,6 @@ from jennah.models import (
     JobStatus,
     Page,
 )
-from jennah.rpc import DRAINING_MESSAGE
 from providers.base import (
     BatchProvider,
     ProviderStatus,
@@ -60,11 +62,10 @@ from providers.base import (
 )
 from worker.admission import Admission, Ticket
 from worker.commit import GroupCommitter
+from worker.provider_calls import call_provider
 
 log = logging.getLogger("jennah.worker.jobs")
 
-IO_THREADS = 32
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -82,30 +83,6 @@ def new_job_id() -> str:
     return str(uuid.UUID(int=_IDS.getrandbits(128), version=4))
 
 
-# Store and provider calls run here. A plain executor rather than anyio.to_thread: the
-# profile of SubmitJob (docs/benchmarks.md) showed anyio's per-call bookkeeping (capacity
-# limiter, run-vars, cancel scopes) as the largest cost of ours on the event loop.
-_IO_POOL = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="jennah-io")
-
-
-async def blocking(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run a blocking store/provider call in a worker thread.
-
-    Cancelling the caller does not abandon the call: a store write that has started is
-    waited for before the cancellation goes on (as anyio's shielded default did), so no
-    write can land after the code that cancelled it has moved on (e.g. a lease renewal
-    after the hand-over)."""
-    # Like asyncio.to_thread, run in a copy of our context: trace spans and log fields
-    # (contextvars) must follow the call into the thread.
-    call = partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    fut = asyncio.get_running_loop().run_in_executor(_IO_POOL, call)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        await asyncio.wait({fut})
-        raise
-
-
 class JobService:
     """Submits, reads, cancels and drives jobs for one worker."""
 
@@ -121,28 +98,41 @@ class JobService:
         new_id: Callable[[], str] = new_job_id,
         admission: Admission | None = None,
         service_accounts: Mapping[str, frozenset[str]] | None = None,
+        on_events: Callable[[EventKind, int], None] | None = None,
+        before_end: Callable[[Job], Awaitable[bool]] | None = None,
     ) -> None:
-        self.store = store
+        """``on_events`` is told of each lifecycle event this worker's writes store
+        (metrics). ``before_end`` runs before a cancel is recorded: it reads the
+        execution's last output and waits until all its events are in the store, and
+        answers False if that cannot be done now (``worker.output.OutputReader.settle``,
+        which owns the output offsets)."""
+        self._store = store
         # Which cloud service accounts each tenant may run as (TENANT_SERVICE_ACCOUNTS).
-        self.service_accounts = service_accounts or {}
-        self.provider = provider
-        self.committer = committer or GroupCommitter(store)
+        self._service_accounts = service_accounts or {}
+        self._provider = provider
+        self._committer = committer or GroupCommitter(store)
         self.worker_id = worker_id
-        self.lease_ttl = lease_ttl
-        self.clock = clock
-        self.new_id = new_id
-        self.admission = admission or Admission.unlimited()
+        self._lease_ttl = lease_ttl
+        self._clock = clock
+        self._new_id = new_id
+        self._admission = admission or Admission.unlimited()
+        self._on_events = on_events
+        self._before_end = before_end
         # Set when shutdown begins: new jobs would get leases after the hand-over.
-        self.draining = False
+        self._draining = False
         self.leases_lost = 0
-        # Told of each lifecycle event this worker's writes store (metrics).
-        self.on_events: Callable[[EventKind, int], None] | None = None
-        # Before a cancel is recorded: read the execution's last output and wait until
-        # all its events are in the store; False if that cannot be done now (the poller
-        # sets it: it owns the output offsets).
-        self.before_end: Callable[[Job], Awaitable[bool]] | None = None
         # Server-side work that outlives its call (a submit whose client gave up).
         self._detached: set[asyncio.Task[Any]] = set()
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`stop_accepting` was called: submits are refused."""
+        return self._draining
+
+    def stop_accepting(self) -> None:
+        """Refuse every submit from now on (shutdown: a new job would get a lease after
+        the hand-over)."""
+        self._draining = True
 
     async def drain(self, timeout: float) -> bool:
         """Wait (bounded) for detached server-side work; True if none is left."""
@@ -165,17 +155,17 @@ class JobService:
         Admission control (``worker/admission.py``) comes first: a refused submit raises
         ``ResourceExhausted`` before anything is stored or sent to the provider.
         """
-        if self.draining:
-            raise ShuttingDown(DRAINING_MESSAGE)
+        if self._draining:
+            raise ShuttingDown("worker is shutting down; retry on another worker")
         self._check_service_account(tenant_id, spec)
-        check_spec(self.provider.name, self.provider.capabilities, spec)
-        ticket = await self.admission.admit(tenant_id, request_id)
+        check_spec(self._provider.name, self._provider.capabilities, spec)
+        ticket = await self._admission.admit(tenant_id, request_id)
         job = Job(
-            job_id=self.new_id(),
+            job_id=self._new_id(),
             tenant_id=tenant_id,
             spec=spec,
             request_id=request_id,
-            provider=self.provider.name,
+            provider=self._provider.name,
             owner_worker_id=self.worker_id,
         )
         return await self._finish_even_if_cancelled(self._submit(job, ticket))
@@ -185,21 +175,21 @@ class JobService:
         otherwise any tenant could act as anything the worker's own identity can
         impersonate (docs/design.md §8)."""
         account = spec.service_account
-        if account and account not in self.service_accounts.get(tenant_id, frozenset()):
+        if account and account not in self._service_accounts.get(tenant_id, frozenset()):
             raise InvalidArgument(
                 f"service_account {echoed(account)!r} is not allowed for this tenant "
                 "(the operator lists each tenant's accounts in TENANT_SERVICE_ACCOUNTS)")
 
     async def _submit(self, job: Job, ticket: Ticket) -> Job:
         try:
-            stored, created = await self.committer.create(job, self.lease_ttl)
+            stored, created = await self._committer.create(job, self._lease_ttl)
         except BaseException:
             ticket.abandon()
             raise
         ticket.stored(created)
         if not created:
             return stored
-        self.count(EventKind.SUBMITTED)
+        self._count(EventKind.SUBMITTED)
         try:
             return await self.start_execution(stored)
         except JennahError as exc:
@@ -209,11 +199,11 @@ class JobService:
             return stored
 
     async def get(self, tenant_id: str, job_id: str) -> Job:
-        return await blocking(self.store.get_job, tenant_id, job_id)
+        return await blocking(self._store.get_job, tenant_id, job_id)
 
     async def list_jobs(self, tenant_id: str, flt: JobFilter, page_size: int, token: str) -> Page:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
-        return await blocking(self.store.list_jobs, tenant_id, flt, size, token)
+        return await blocking(self._store.list_jobs, tenant_id, flt, size, token)
 
     async def cancel(self, tenant_id: str, job_id: str) -> Job:
         """Mark the job for cancellation and stop it at the provider. The owner records
@@ -221,49 +211,43 @@ class JobService:
         job = await self.get(tenant_id, job_id)
         if job.status.terminal:
             raise FailedPrecondition(f"job {job_id} is already {job.status.value}")
-        job = await blocking(self.store.request_cancel, tenant_id, job_id)
+        job = await blocking(self._store.request_cancel, tenant_id, job_id)
         if job.owner_worker_id == self.worker_id:
             job = await self.finish_cancel(job)
         elif job.cloud_resource_path:
-            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
+            await call_provider(self._provider, self._provider.cancel, job.cloud_resource_path)
         return job
 
     async def delete(self, tenant_id: str, job_id: str) -> None:
         """Remove the job; an active job is stopped at its provider first."""
         job = await self.get(tenant_id, job_id)
         if not job.status.terminal and job.cloud_resource_path:
-            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
-        await blocking(self.store.delete_job, tenant_id, job_id)
+            await call_provider(self._provider, self._provider.cancel, job.cloud_resource_path)
+        await blocking(self._store.delete_job, tenant_id, job_id)
 
     async def list_events(
         self, tenant_id: str, job_id: str, after_seq: int, limit: int
     ) -> list[JobEvent]:
-        return await blocking(self.store.list_events, tenant_id, job_id, after_seq, limit)
+        return await blocking(self._store.list_events, tenant_id, job_id, after_seq, limit)
 
     async def list_tenant_events(
         self, tenant_id: str, after_position: int, limit: int
     ) -> list[JobEvent]:
-        return await blocking(self.store.list_tenant_events, tenant_id, after_position, limit)
+        return await blocking(self._store.list_tenant_events, tenant_id, after_position, limit)
 
     async def has_active_jobs(self, tenant_id: str) -> bool:
-        return await blocking(self.store.has_active_jobs, tenant_id)
-
-    async def call_provider(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """A provider call: in a thread, unless the provider says its calls never block."""
-        if not self.provider.capabilities.blocking:
-            return fn(*args, **kwargs)
-        return await blocking(fn, *args, **kwargs)
+        return await blocking(self._store.has_active_jobs, tenant_id)
 
     # --- owner operations (fenced) -----------------------------------------------------
 
-    def count(self, kind: EventKind, n: int = 1) -> None:
+    def _count(self, kind: EventKind, n: int = 1) -> None:
         """Report ``n`` stored events of ``kind`` (metrics)."""
-        if self.on_events is not None:
-            self.on_events(kind, n)
+        if self._on_events is not None:
+            self._on_events(kind, n)
 
     async def _update(self, job: Job, patch: JobPatch, reason: str) -> Job:
         try:
-            updated = await self.committer.update(job, job.lease, patch, reason)
+            updated = await self._committer.update(job, job.lease, patch, reason)
         except LeaseLost:
             # Not a stream event: a stale owner cannot write one (docs/design.md §6).
             self.leases_lost += 1
@@ -271,12 +255,12 @@ class JobService:
                         job.job_id, job.lease_version)
             raise
         if patch.retry:
-            self.count(EventKind.RETRY)
+            self._count(EventKind.RETRY)
         elif updated.status is not job.status:
             if updated.status.terminal and job.status.rank < JobStatus.RUNNING.rank and (
                     patch.started_at is not None):
-                self.count(EventKind.RUNNING)  # recorded on the way (_common.apply_patch)
-            self.count(EVENT_FOR_STATUS[updated.status])
+                self._count(EventKind.RUNNING)  # recorded on the way (_common.apply_patch)
+            self._count(EVENT_FOR_STATUS[updated.status])
         return updated
 
     async def start_execution(self, job: Job) -> Job:
@@ -293,7 +277,7 @@ class JobService:
             spec=job.spec,
         )
         try:
-            path = await self.call_provider(self.provider.submit, task)
+            path = await call_provider(self._provider, self._provider.submit, task)
         except ProviderError as exc:
             if exc.retryable:
                 log.warning("submit of %s deferred: %s", job.job_id, exc)
@@ -302,7 +286,7 @@ class JobService:
                 job, JobStatus.FAILED, f"provider rejected the job: {exc}",
                 failure_class=FailureClass.USER_ERROR,
             )
-        now = self.clock()
+        now = self._clock()
         patch = JobPatch(
             status=JobStatus.SCHEDULED if job.status is JobStatus.PENDING else None,
             provider_job_id=task.provider_job_id,
@@ -310,11 +294,11 @@ class JobService:
             scheduled_at=now if job.scheduled_at is None else None,
         )
         try:
-            return await self._update(job, patch, f"submitted to {self.provider.name} as "
+            return await self._update(job, patch, f"submitted to {self._provider.name} as "
                                                   f"{task.provider_job_id}")  # fmt: skip
         except Conflict:
             # Cancelled while we were submitting: do not leave the execution running.
-            await self.call_provider(self.provider.cancel, path)
+            await call_provider(self._provider, self._provider.cancel, path)
             return await self.get(job.tenant_id, job.job_id)
 
     async def finish_cancel(self, job: Job) -> Job:
@@ -322,8 +306,8 @@ class JobService:
         (``before_end``); if that cannot be done now, the job stays marked and the poller
         finishes the cancel at its next cycle."""
         if job.cloud_resource_path:
-            await self.call_provider(self.provider.cancel, job.cloud_resource_path)
-            if self.before_end is not None and not await self.before_end(job):
+            await call_provider(self._provider, self._provider.cancel, job.cloud_resource_path)
+            if self._before_end is not None and not await self._before_end(job):
                 return job
         try:
             return await self._finish(job, JobStatus.CANCELLED, "cancelled by request")
@@ -347,7 +331,7 @@ class JobService:
             failure_class=failure_class,
             exit_code=exit_code,
             started_at=started_at if job.started_at is None else None,
-            completed_at=completed_at or self.clock(),
+            completed_at=completed_at or self._clock(),
         )
         return await self._update(job, patch, message)
 
@@ -355,7 +339,7 @@ class JobService:
         """Record RUNNING for the current attempt (before any of its output goes in)."""
         if not job.status.can_move_to(JobStatus.RUNNING):
             return job
-        now = self.clock()
+        now = self._clock()
         patch = JobPatch(status=JobStatus.RUNNING,
                          scheduled_at=now if job.scheduled_at is None else None,
                          started_at=st.started_at or now)  # fmt: skip
@@ -381,12 +365,12 @@ class JobService:
                 message,
                 failure_class=st.failure_class if new is JobStatus.FAILED else None,
                 exit_code=st.exit_code,
-                started_at=(st.started_at or st.completed_at or self.clock()) if ran else None,
+                started_at=(st.started_at or st.completed_at or self._clock()) if ran else None,
                 completed_at=st.completed_at,
             )
         if new is JobStatus.RUNNING:
             return await self.mark_running(job, st)
-        now = self.clock()
+        now = self._clock()
         patch = JobPatch(status=new, scheduled_at=now if job.scheduled_at is None else None)
         return await self._update(job, patch, st.message or f"provider: {st.raw_state}")
 

@@ -30,10 +30,18 @@ several workers in one process (tests) share the counters and each adds its own
 **Cost.** Nothing here touches the store at scrape time: job counts come from the list
 the poller reads anyway each cycle, lease counts from the renewal round.
 
-:class:`InstrumentedProvider` wraps the worker's provider: each call is timed, counted
-when it fails, runs in a CLIENT span (``jennah.tracing``) and binds the job and tenant
-ids for the log lines it causes. It is installed by :func:`instrument`, so ``jobs.py``
-and ``poller.py`` call the provider exactly as before.
+**Wiring** (``worker/app.py``): :func:`worker_metrics` gives the registry's one
+:class:`WorkerMetrics`, whose pieces are built *before* the parts that use them and given
+to their constructors, never installed afterwards:
+
+* :meth:`WorkerMetrics.instrument_provider` wraps the worker's provider in an
+  :class:`InstrumentedProvider`: each call is timed, counted when it fails, runs in a
+  CLIENT span (``jennah.tracing``) and binds the job and tenant ids for the log lines it
+  causes; ``JobService``, the poller and the output reader are given the wrapped one;
+* :meth:`WorkerMetrics.count_events` is the event-counting hook of ``JobService``, the
+  group committer and the lease keeper; :meth:`WorkerMetrics.observe_cycle` the poller's;
+* :meth:`WorkerMetrics.add_worker` registers the live worker for the scrape-time gauges;
+* :meth:`WorkerMetrics.rpc_interceptor` is the RPC interceptor.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class _Source:
     provider: str
     leases: weakref.ref[LeaseKeeper]
     poller: weakref.ref[Poller]
+    jobs: weakref.ref[JobService]
 
 
 class WorkerStateCollector(Collector):
@@ -107,16 +116,15 @@ class WorkerStateCollector(Collector):
         with self._lock:
             sources = list(self.sources.values())
         for src in sources:
-            leases, poller = src.leases(), src.poller()
-            if leases is None or poller is None:
+            leases, poller, service = src.leases(), src.poller(), src.jobs()
+            if leases is None or poller is None or service is None:
                 continue
             by_status = poller.owned_by_status
             for status in (JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.RUNNING):
                 jobs.add_metric([src.worker_id, status.value], by_status.get(status.value, 0))
             held.add_metric([src.worker_id], float(leases.held))
             claims.add_metric([src.worker_id], float(leases.claimed_total))
-            lost.add_metric([src.worker_id], float(getattr(leases, "lost_total", 0)
-                                                   + leases.jobs.leases_lost))
+            lost.add_metric([src.worker_id], float(leases.lost_total + service.leases_lost))
             info.add_metric([src.worker_id, src.store, src.provider], 1.0)
         yield from (jobs, held, claims, lost, info)
 
@@ -158,9 +166,33 @@ class WorkerMetrics:
         )
 
     def observe_cycle(self, seconds: float, ok: bool) -> None:
+        """The poller's ``on_cycle`` hook."""
         self.poll_seconds.observe(seconds)
         if not ok:
             self.poll_failures.inc()
+
+    def count_events(self, kind: EventKind, n: int) -> None:
+        """The ``on_events`` hook: ``n`` events of ``kind`` stored by this worker's writes."""
+        self.job_events.labels(kind=kind.value).inc(n)
+
+    def instrument_provider(self, provider: BatchProvider) -> BatchProvider:
+        """``provider``, timed, counted and traced (an :class:`InstrumentedProvider`)."""
+        if isinstance(provider, InstrumentedProvider):
+            return provider
+        return InstrumentedProvider(provider, self)
+
+    def add_worker(
+        self, worker_id: str, *, store: str, provider: str, jobs: JobService,
+        leases: LeaseKeeper, poller: Poller,
+    ) -> None:
+        """Report a live worker's state at scrape time (held weakly: a worker that is gone
+        drops out)."""
+        self.state.add(_Source(worker_id, store, provider, weakref.ref(leases),
+                               weakref.ref(poller), weakref.ref(jobs)))
+
+    def rpc_interceptor(self) -> RequestMetrics:
+        """The interceptor that counts and times the worker's RPCs."""
+        return RequestMetrics(self.requests, self.request_seconds)
 
 
 _lock = threading.Lock()
@@ -230,24 +262,3 @@ class InstrumentedProvider:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def instrument(
-    jobs: JobService, leases: LeaseKeeper, poller: Poller, *, worker_id: str, store: str,
-    registry: CollectorRegistry | None = None,
-) -> RequestMetrics:
-    """Wire the metrics into one worker: wrap ``jobs.provider``, count the events its
-    writes store, hook the poller's cycle, register the scrape-time source. Returns the
-    RPC interceptor."""
-    metrics = worker_metrics(registry)
-    if not isinstance(jobs.provider, InstrumentedProvider):
-        jobs.provider = InstrumentedProvider(jobs.provider, metrics)
-
-    def count(kind: EventKind, n: int) -> None:
-        metrics.job_events.labels(kind=kind.value).inc(n)
-
-    jobs.on_events = jobs.committer.on_stored = count
-    poller.on_cycle = metrics.observe_cycle
-    metrics.state.add(_Source(worker_id, store, jobs.provider.name,
-                              weakref.ref(leases), weakref.ref(poller)))
-    return RequestMetrics(metrics.requests, metrics.request_seconds)

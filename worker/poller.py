@@ -17,10 +17,14 @@ the truth: a lease lost to a peer simply drops out of the list), then:
    RUNNING is recorded first, before any output of the attempt;
 3. new output is read from where the store (or this worker's WAL) has it, appended to the
    WAL, and only then are the offsets advanced: an append that fails (a full disk) leaves
-   them, and the same bytes are read again next cycle;
+   them, and the same bytes are read again next cycle (``worker/output.py``);
 4. a terminal state is recorded only once every execution event of the job is in the
    store (``ExecutionLog.flush_job``), so the terminal event is the last of the stream;
    if the store is slow, the job simply waits for the next cycle.
+
+The poller is given what it uses and nothing more: the store (to list its owned jobs),
+the provider, the execution log, the output reader, the clock, the worker id, and the
+four ``JobService`` operations it drives jobs with (:class:`JobDriver`).
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Protocol
 
 import anyio
 
-from database._common import output_dedup_key
-from database.base import OutputOffsets
+from database.base import JobStore
+from jennah.blocking import blocking
 from jennah.errors import JennahError, LeaseLost
 from jennah.models import EventKind, Job, JobEvent, JobStatus
-from providers.base import ProviderStatus
+from providers.base import BatchProvider, ProviderStatus
 from worker.events import ExecutionLog
-from worker.jobs import JobService, blocking
+from worker.output import FLUSH_TIMEOUT_SECONDS, OutputReader
+from worker.provider_calls import call_provider
 from worker.wal.format import WalError
 
 log = logging.getLogger("jennah.worker.poller")
@@ -47,45 +54,55 @@ log = logging.getLogger("jennah.worker.poller")
 # Jobs a cycle works on at once (their store writes and WAL appends overlap and share
 # commits).
 APPLY_CONCURRENCY = 16
-# Output read per job per cycle, at most (a job printing faster catches up next cycle).
-OUTPUT_BUDGET_BYTES = 32 << 20
-# How long a terminal state waits for the job's events to reach the store in one cycle.
-FLUSH_TIMEOUT_SECONDS = 2.0
-STREAMS = ("stdout", "stderr")
+
+
+class JobDriver(Protocol):
+    """The owner operations of ``JobService`` the poller moves jobs forward with (each a
+    fenced write; ``LeaseLost`` when the job is no longer ours)."""
+
+    async def finish_cancel(self, job: Job) -> Job: ...
+
+    async def start_execution(self, job: Job) -> Job: ...
+
+    async def mark_running(self, job: Job, st: ProviderStatus) -> Job: ...
+
+    async def apply_status(self, job: Job, st: ProviderStatus) -> Job: ...
 
 
 class Poller:
     """Polls owned jobs every ``interval`` seconds."""
 
-    def __init__(self, jobs: JobService, events: ExecutionLog, interval: float) -> None:
-        self.jobs = jobs
-        self.events = events
+    def __init__(
+        self,
+        store: JobStore,
+        provider: BatchProvider,
+        events: ExecutionLog,
+        output: OutputReader,
+        jobs: JobDriver,
+        *,
+        worker_id: str,
+        clock: Callable[[], datetime],
+        interval: float,
+        on_cycle: Callable[[float, bool], None] | None = None,
+    ) -> None:
+        """``on_cycle(seconds, ok)`` is told of each cycle (metrics)."""
+        self._store = store
+        self._provider = provider
+        self._events = events
+        self._output = output
+        self._jobs = jobs
+        self._worker_id = worker_id
+        self._clock = clock
         self.interval = interval
+        self._on_cycle = on_cycle
         self.last_cycle_seconds = 0.0
         self.cycles = 0
-        # Active owned jobs by status at the last cycle, and a per-cycle hook
-        # (seconds, ok), both for the worker's metrics (worker/metrics.py).
+        # Active owned jobs by status at the last cycle, for the worker's metrics
+        # (worker/metrics.py).
         self.owned_by_status: dict[str, int] = {}
-        self.on_cycle: Callable[[float, bool], None] | None = None
-        # Where to read each job's output next: durable here (WAL) or in the store.
-        self._offsets: dict[str, OutputOffsets] = {}
         # The provider's last raw state per job, to report changes that map to no new status
         # (GCP QUEUED -> SCHEDULED are both SCHEDULED) as STATUS_DETAIL events.
         self._raw: dict[str, tuple[int, str]] = {}
-        jobs.before_end = self.settle_output
-
-    async def settle_output(self, job: Job) -> bool:
-        """Before an end the provider did not report (a cancel): read the execution's
-        last output and wait for the job's events to reach the store. False if that
-        cannot be done now (nothing is recorded then; the next cycle tries again)."""
-        if self.jobs.provider.capabilities.supports_output and job.status is JobStatus.RUNNING:
-            try:
-                if not await self._read_output(job, final=True):
-                    return False
-            except WalError as exc:
-                log.warning("output of %s not read before its cancel: %s", job.job_id, exc)
-                return False
-        return await self.events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS)
 
     async def run(self) -> None:
         while True:
@@ -100,33 +117,31 @@ class Poller:
                 log.exception("poll cycle crashed")
             self.last_cycle_seconds = time.monotonic() - started
             self.cycles += 1
-            if self.on_cycle is not None:
-                self.on_cycle(self.last_cycle_seconds, ok)
+            if self._on_cycle is not None:
+                self._on_cycle(self.last_cycle_seconds, ok)
             await anyio.sleep(max(0.0, self.interval - self.last_cycle_seconds))
 
     async def cycle(self) -> None:
-        if not self.events.ready:  # the v1 upgrade delivers its events first
+        if not self._events.ready:  # the v1 upgrade delivers its events first
             return
-        owned = await blocking(self.jobs.store.list_owned_jobs, self.jobs.worker_id)
+        owned = await blocking(self._store.list_owned_jobs, self._worker_id)
         self.owned_by_status = dict(Counter(j.status.value for j in owned))
         mine = {j.job_id for j in owned}
-        for job_id in [j for j in self._offsets if j not in mine]:
-            del self._offsets[job_id]  # finished, deleted or taken over
+        self._output.keep_only(mine)  # the others finished, were deleted or taken over
         for job_id in [j for j in self._raw if j not in mine]:
             del self._raw[job_id]
-        for job_id in self.events.take_resync():
-            self._offsets.pop(job_id, None)  # re-read from the store's offsets
+        self._output.resync(self._events.take_resync())  # re-read from the store's offsets
         to_poll = [j for j in owned if j.cloud_resource_path and not j.cancel_requested]
 
         async def act(job: Job) -> None:
             if job.cancel_requested:
-                await self.jobs.finish_cancel(job)
+                await self._jobs.finish_cancel(job)
             elif not job.cloud_resource_path:
-                await self.jobs.start_execution(job)
+                await self._jobs.start_execution(job)
 
         await self._each([j for j in owned if j.cancel_requested or not j.cloud_resource_path],
                          act)  # fmt: skip
-        batch = max(1, self.jobs.provider.capabilities.max_status_batch)
+        batch = max(1, self._provider.capabilities.max_status_batch)
         for i in range(0, len(to_poll), batch):
             await self._poll_batch(to_poll[i : i + batch])
 
@@ -158,7 +173,7 @@ class Poller:
 
     async def _poll_batch(self, jobs: Sequence[Job]) -> None:
         paths = [j.cloud_resource_path for j in jobs]
-        statuses = await self.jobs.call_provider(self.jobs.provider.status, paths)
+        statuses = await call_provider(self._provider, self._provider.status, paths)
 
         async def apply(job: Job) -> None:
             st = statuses.get(job.cloud_resource_path)
@@ -174,21 +189,21 @@ class Poller:
         if new is None:
             return
         ran = new is JobStatus.RUNNING or (new.terminal and st.started_at is not None)
-        outputs = self.jobs.provider.capabilities.supports_output
+        outputs = self._provider.capabilities.supports_output
         if ran and outputs and job.status.can_move_to(JobStatus.RUNNING):
-            job = await self.jobs.mark_running(job, st)
+            job = await self._jobs.mark_running(job, st)
         if outputs and job.status is JobStatus.RUNNING:
             try:
-                drained = await self._read_output(job, final=new.terminal)
+                drained = await self._output.read(job, final=new.terminal)
             except WalError as exc:
                 log.warning("output of %s not read this cycle: %s", job.job_id, exc)
                 return  # offsets kept: read again next cycle; never end before the output
             if new.terminal and not drained:
                 return  # more output than one cycle reads: the end comes after all of it
         flushed = not (new.terminal and job.status.can_move_to(new)) or (
-            await self.events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS))
+            await self._events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS))
         if flushed:  # else the job's events are still on their way: end it next cycle
-            await self.jobs.apply_status(job, st)
+            await self._jobs.apply_status(job, st)
 
     async def _status_detail(self, job: Job, st: ProviderStatus) -> None:
         previous = self._raw.get(job.job_id)
@@ -204,56 +219,11 @@ class Poller:
             detail += f": {st.message}"
         event = JobEvent(
             job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.STATUS_DETAIL,
-            status=job.status, message=detail, created_at=self.jobs.clock(),
-            worker_id=self.jobs.worker_id, attempt=job.attempt,
+            status=job.status, message=detail, created_at=self._clock(),
+            worker_id=self._worker_id, attempt=job.attempt,
             dedup_key=f"detail:{job.attempt}:{previous[1]}->{st.raw_state}",
         )  # fmt: skip
         try:
-            await self.events.append([event])
+            await self._events.append([event])
         except WalError as exc:
             log.warning("status detail of %s not recorded: %s", job.job_id, exc)
-
-    async def _offsets_of(self, job: Job) -> OutputOffsets:
-        offsets = self._offsets.get(job.job_id)
-        if offsets is None:
-            offsets = await blocking(self.jobs.store.output_offsets, job.job_id)
-            for key, end in self.events.pending_ends(job.job_id).items():
-                offsets[key] = max(offsets.get(key, 0), end)
-            self._offsets[job.job_id] = offsets
-        return offsets
-
-    async def _read_output(self, job: Job, *, final: bool) -> bool:
-        """Read what the job printed since the offsets, append it durably, advance.
-        Return True when everything there was to read is read (False: the cycle's budget
-        ran out first)."""
-        read = getattr(self.jobs.provider, "read_output", None)
-        if read is None:
-            return True
-        offsets = await self._offsets_of(job)
-        keys = [(job.attempt, 0, stream) for stream in STREAMS]
-        budget = OUTPUT_BUDGET_BYTES
-        while budget > 0:
-            start = tuple(offsets.get(k, 0) for k in keys)
-            chunk = await self.jobs.call_provider(read, job.cloud_resource_path, start)
-            texts = (chunk.stdout, chunk.stderr)
-            events = [
-                JobEvent(
-                    job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
-                    status=JobStatus.RUNNING, message=stream, output=text,
-                    created_at=self.jobs.clock(), worker_id=self.jobs.worker_id,
-                    attempt=job.attempt, offset=begin, end=end,
-                    dedup_key=output_dedup_key(job.attempt, 0, stream, begin),
-                )
-                for stream, text, begin, end in zip(STREAMS, texts, start, chunk.offsets,
-                                                    strict=True)
-                if end > begin
-            ]
-            if not events:
-                return True
-            await self.events.append(events)  # durable, or raises and offsets stay
-            for k, end in zip(keys, chunk.offsets, strict=True):
-                offsets[k] = end
-            budget -= sum(e.end - e.offset for e in events)
-            if not final and sum(e.end - e.offset for e in events) < 64 * 1024:
-                return True  # caught up with a running job
-        return False

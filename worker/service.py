@@ -1,4 +1,5 @@
-"""Thin Connect handlers: parse the request, call JobService, build the response."""
+"""Thin Connect handlers: parse the request, call JobService (or the event feeds of
+``worker/watch.py``), build the response. No domain rule lives here."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from jennah.v1 import deployment_pb2 as pb
 from worker import convert
 from worker.auth import CallerAuth
 from worker.jobs import JobService
-from worker.notify import Notifier
 from worker.validation import validate_labels
-from worker.watch import watch_job, watch_tenant
+from worker.watch import EventWatch
 
 Ctx = RequestContext[Any, Any]
 
@@ -26,10 +26,10 @@ EVENTS_MAX_PAGE = 1000
 class WorkerService:
     """Implements ``jennah.v1.DeploymentService`` on one worker."""
 
-    def __init__(self, jobs: JobService, auth: CallerAuth, notifier: Notifier) -> None:
+    def __init__(self, jobs: JobService, auth: CallerAuth, watch: EventWatch) -> None:
         self.jobs = jobs
         self.auth = auth
-        self.notifier = notifier
+        self.watch = watch
 
     def _tenant(self, ctx: Ctx) -> str:
         return self.auth.identify(ctx.request_headers)[0]
@@ -90,18 +90,9 @@ class WorkerService:
     async def watch_job_events(
         self, request: pb.WatchJobEventsRequest, ctx: Ctx
     ) -> AsyncIterator[pb.JobEvent]:
-        tenant = self._tenant(ctx)
-        if request.after_seq < 0 or request.after_position < 0:
-            raise InvalidArgument("after_seq and after_position must not be negative")
-        if request.job_id:
-            if request.after_position:
-                raise InvalidArgument("after_position is for tenant-wide watches (no job_id)")
-            events = watch_job(self.jobs, self.notifier, tenant, request.job_id,
-                               request.after_seq)  # fmt: skip
-        else:
-            if request.after_seq:
-                raise InvalidArgument("a tenant-wide watch resumes from after_position")
-            events = watch_tenant(self.jobs, self.notifier, tenant, request.after_position,
-                                  request.follow)  # fmt: skip
+        events = self.watch.events(
+            self._tenant(ctx), job_id=request.job_id, after_seq=request.after_seq,
+            after_position=request.after_position, follow=request.follow,
+        )
         async for event in events:
             yield convert.event_to_pb(event)

@@ -1,0 +1,128 @@
+"""OutputReader: what a job printed, read from the provider into the execution log.
+
+docs/design.md §6.4, step 3. Output is read from where the store has it (plus, for this
+worker, what is still on its way in the WAL), appended to the execution log, and only
+then are the offsets advanced: an append that fails (a full disk) leaves them, and the
+same bytes are read again next time. A read takes at most ``OUTPUT_BUDGET_BYTES`` per job;
+a running job counts as caught up once a read returns less than 64 KiB.
+
+One reader per worker, shared by the two places that read output: the poller, at each
+cycle, and ``JobService`` before it records a cancel (:meth:`OutputReader.settle`), so
+both read on from the same offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Container, Iterable
+from datetime import datetime
+
+from database._common import output_dedup_key
+from database.base import JobStore, OutputOffsets
+from jennah.blocking import blocking
+from jennah.models import EventKind, Job, JobEvent, JobStatus
+from providers.base import BatchProvider
+from worker.events import ExecutionLog
+from worker.provider_calls import call_provider
+from worker.wal.format import WalError
+
+log = logging.getLogger("jennah.worker.output")
+
+# Output read per job per call, at most (a job printing faster catches up next time).
+OUTPUT_BUDGET_BYTES = 32 << 20
+# A read of a running job returning less than this has caught up with it.
+CAUGHT_UP_BYTES = 64 * 1024
+# How long an end waits for the job's events to reach the store, per attempt.
+FLUSH_TIMEOUT_SECONDS = 2.0
+STREAMS = ("stdout", "stderr")
+
+
+class OutputReader:
+    """Reads the output of this worker's jobs into its execution log, keeping where each
+    job's output was read up to."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        provider: BatchProvider,
+        events: ExecutionLog,
+        *,
+        worker_id: str,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._store = store
+        self._provider = provider
+        self._events = events
+        self._worker_id = worker_id
+        self._clock = clock
+        # Where to read each job's output next: durable here (WAL) or in the store.
+        self._offsets: dict[str, OutputOffsets] = {}
+
+    def keep_only(self, job_ids: Container[str]) -> None:
+        """Forget the offsets of every other job (finished, deleted or taken over)."""
+        for job_id in [j for j in self._offsets if j not in job_ids]:
+            del self._offsets[job_id]
+
+    def resync(self, job_ids: Iterable[str]) -> None:
+        """Read these jobs on from the store's offsets next time (the store refused
+        their output as out of order)."""
+        for job_id in job_ids:
+            self._offsets.pop(job_id, None)
+
+    async def settle(self, job: Job) -> bool:
+        """Before an end the provider did not report (a cancel): read the execution's
+        last output and wait for the job's events to reach the store. False if that
+        cannot be done now (nothing is recorded then; the next cycle tries again)."""
+        if self._provider.capabilities.supports_output and job.status is JobStatus.RUNNING:
+            try:
+                if not await self.read(job, final=True):
+                    return False
+            except WalError as exc:
+                log.warning("output of %s not read before its cancel: %s", job.job_id, exc)
+                return False
+        return await self._events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS)
+
+    async def _offsets_of(self, job: Job) -> OutputOffsets:
+        offsets = self._offsets.get(job.job_id)
+        if offsets is None:
+            offsets = await blocking(self._store.output_offsets, job.job_id)
+            for key, end in self._events.pending_ends(job.job_id).items():
+                offsets[key] = max(offsets.get(key, 0), end)
+            self._offsets[job.job_id] = offsets
+        return offsets
+
+    async def read(self, job: Job, *, final: bool) -> bool:
+        """Read what the job printed since the offsets, append it durably, advance.
+        Return True when everything there was to read is read (False: the budget ran
+        out first). ``WalError`` when the append failed (the offsets stay)."""
+        read = getattr(self._provider, "read_output", None)
+        if read is None:
+            return True
+        offsets = await self._offsets_of(job)
+        keys = [(job.attempt, 0, stream) for stream in STREAMS]
+        budget = OUTPUT_BUDGET_BYTES
+        while budget > 0:
+            start = tuple(offsets.get(k, 0) for k in keys)
+            chunk = await call_provider(self._provider, read, job.cloud_resource_path, start)
+            texts = (chunk.stdout, chunk.stderr)
+            events = [
+                JobEvent(
+                    job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
+                    status=JobStatus.RUNNING, message=stream, output=text,
+                    created_at=self._clock(), worker_id=self._worker_id,
+                    attempt=job.attempt, offset=begin, end=end,
+                    dedup_key=output_dedup_key(job.attempt, 0, stream, begin),
+                )
+                for stream, text, begin, end in zip(STREAMS, texts, start, chunk.offsets,
+                                                    strict=True)
+                if end > begin
+            ]
+            if not events:
+                return True
+            await self._events.append(events)  # durable, or raises and offsets stay
+            for k, end in zip(keys, chunk.offsets, strict=True):
+                offsets[k] = end
+            budget -= sum(e.end - e.offset for e in events)
+            if not final and sum(e.end - e.offset for e in events) < CAUGHT_UP_BYTES:
+                return True  # caught up with a running job
+        return False
