@@ -26,10 +26,10 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-import anyio
 from pyqwest import Client
 
 from database.base import JobStore
+from jennah.blocking import blocking
 
 log = logging.getLogger("jennah.gateway.health")
 
@@ -150,7 +150,7 @@ def store_discovery(store: JobStore, max_age_seconds: float) -> Discover:
     """A ``discover`` callback listing the endpoints of workers that heartbeat recently."""
 
     async def discover() -> list[str]:
-        workers = await anyio.to_thread.run_sync(store.list_workers, max_age_seconds)
+        workers = await blocking(store.list_workers, max_age_seconds)
         return sorted({w.endpoint.rstrip("/") for w in workers if w.endpoint})
 
     return discover

@@ -5,11 +5,12 @@ needs (docs/design.md §6, "The submit path").
   request has none, *before* the first attempt, so that every retry of that submit names
   the same job.
 * **``unavailable`` and ``deadline_exceeded`` are retried** with the same request, with
-  capped exponential backoff and full jitter. Either answer can come after the server
-  stored the job (the response was lost, or the deadline passed while the server
-  finished); the retry then returns that job instead of creating a second one. Reads are
-  retried the same way. Other codes (``invalid_argument``, ``resource_exhausted``...)
-  are raised at once: retrying cannot change them, or the caller must decide.
+  capped exponential backoff and full jitter (``jennah.backoff``). Either answer can come
+  after the server stored the job (the response was lost, or the deadline passed while the
+  server finished); the retry then returns that job instead of creating a second one.
+  Reads are retried the same way. Other codes (``invalid_argument``,
+  ``resource_exhausted``...) are raised at once: retrying cannot change them, or the
+  caller must decide.
 
 ``jennah`` (the CLI) uses this client. Usage::
 
@@ -26,12 +27,13 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from jennah.backoff import Backoff
 from jennah.v1 import deployment_pb2 as pb
 from jennah.v1.deployment_connect import DeploymentServiceClientSync
 
@@ -41,13 +43,22 @@ RETRIED = frozenset({Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED})
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6  # in all, the first included
+    """How many times (``attempts``, in all, the first included) and how patiently a call
+    is tried; the client's retry loop asks it for each wait."""
+
+    attempts: int = 6
     base_seconds: float = 0.2
     cap_seconds: float = 5.0
+    random: Callable[[], float] = field(default=random.random, compare=False)
+    _backoff: Backoff = field(init=False, repr=False, compare=False)
 
-    def delay(self, attempt: int, rnd: Callable[[], float] = random.random) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2**attempt))."""
-        return float(rnd() * min(self.cap_seconds, self.base_seconds * 2 ** min(attempt, 30)))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_backoff",
+                           Backoff(self.base_seconds, self.cap_seconds, self.random))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed try number ``attempt`` (0 for the first)."""
+        return self._backoff.delay(attempt)
 
 
 def new_request_id() -> str:

@@ -1,4 +1,5 @@
-"""Capped exponential backoff with full jitter, shared by the cloud providers.
+"""The retry loop of the cloud providers' calls: capped exponential backoff with full
+jitter (``jennah.backoff``).
 
 Cloud batch APIs throttle (HTTP 429, gRPC RESOURCE_EXHAUSTED, AWS ``Throttling*``) and
 have brief 5xx blips. Each adapter first translates its vendor error into a
@@ -19,15 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from jennah.backoff import Backoff
 from jennah.errors import ProviderError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rnd: Callable[[], float]) -> float:
-    """Full jitter: uniform in ``[0, min(cap, base * 2**attempt))``."""
-    return rnd() * min(cap, base * 2.0**attempt)
 
 
 @dataclass(frozen=True)
@@ -39,6 +36,7 @@ class RetryPolicy:
     cap_seconds: float = 5.0
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
     random: Callable[[], float] = field(default=random.random, compare=False)
+    _backoff: Backoff = field(init=False, repr=False, compare=False)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; on a retryable ``ProviderError`` wait and try again, at most
@@ -49,7 +47,7 @@ class RetryPolicy:
             except ProviderError as exc:
                 if not exc.retryable or attempt + 1 >= self.attempts:
                     raise
-                delay = backoff_delay(attempt, self.base_seconds, self.cap_seconds, self.random)
+                delay = self._backoff.delay(attempt)
                 log.info("%s: %s; retry %d in %.2fs", what, exc, attempt + 1, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable: attempts must be at least 1")
@@ -57,3 +55,5 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
+        object.__setattr__(self, "_backoff",
+                           Backoff(self.base_seconds, self.cap_seconds, self.random))

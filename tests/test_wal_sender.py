@@ -36,14 +36,6 @@ from worker.wal import SenderConfig
 from worker.wal.codec import wal_payload
 from worker.wal.format import KIND_CHECKPOINT, RECORD_OVERHEAD, scan
 from worker.wal.metrics import wal_metrics
-from worker.wal.sender import backoff_delay
-
-
-def test_backoff_is_capped_exponential_with_full_jitter() -> None:
-    assert [backoff_delay(n, 0.1, 1.0, lambda: 0.5) for n in range(6)] == [
-        0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
-    assert backoff_delay(500, 0.1, 1.0, lambda: 1.0) == 1.0
-    assert backoff_delay(3, 0.1, 1.0, lambda: 0.0) == 0.0
 
 
 def test_append_is_durable_then_delivered_acknowledged_and_checkpointed(

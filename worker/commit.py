@@ -10,6 +10,11 @@ once per call.
 A caller that is cancelled (its client went away, its deadline passed) stops waiting,
 but its write still runs: a write is never half done because a call was cancelled.
 
+The writer thread is a lane of its own (``jennah.blocking``), one per committer, made with
+``abandon_on_cancel``: callers never wait on the lane itself but on their own futures, and
+if the draining task is cancelled (the loop shuts down) it stops at once while a batch
+already started finishes in the thread, as with a plain executor.
+
 After each batch, ``notify`` is told which tenants got new events, so this worker's
 watchers wake at once (docs/design.md §6 "Watching").
 """
@@ -20,11 +25,11 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
 from database.base import AppendEvents, CreateJob, JobStore, UpdateJob, WriteOp, WriteResult
+from jennah.blocking import Lane
 from jennah.errors import JennahError
 from jennah.models import EventKind, Job, JobEvent, JobPatch, Lease, Placed
 
@@ -48,6 +53,7 @@ class GroupCommitter:
         store: JobStore,
         *,
         notify: Callable[[set[str]], None] | None = None,
+        on_stored: Callable[[EventKind, int], None] | None = None,
         max_batch: int = MAX_BATCH,
     ) -> None:
         self.store = store
@@ -55,11 +61,11 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._queue: list[_Waiting] = []
         self._running: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jennah-commit")
+        self._lane = Lane("jennah-commit", 1, abandon_on_cancel=True)
         self.batches = 0
         self.ops = 0
         # Told of the execution events each batch stored, by kind (metrics).
-        self.on_stored: Callable[[EventKind, int], None] | None = None
+        self.on_stored = on_stored
 
     async def create(self, job: Job, lease_ttl: float) -> tuple[Job, bool]:
         return cast(tuple[Job, bool], await self.run(CreateJob(job, lease_ttl)))
@@ -109,8 +115,8 @@ class GroupCommitter:
                 ops = [w.op for w in batch]
                 try:
                     # The first op's context: its trace span and log fields cover the batch.
-                    results = await loop.run_in_executor(
-                        self._thread, batch[0].context.run, self.store.write_batch, ops)
+                    results = await self._lane.run(
+                        batch[0].context.run, self.store.write_batch, ops)
                 except Exception as exc:  # the transaction failed: every op with it
                     for w in batch:
                         if not w.future.done():
@@ -149,4 +155,4 @@ class GroupCommitter:
         """Wait for the writes already queued, then stop the writer thread."""
         while self._running is not None:
             await asyncio.wait({self._running})
-        self._thread.shutdown(wait=True)
+        self._lane.shutdown()

@@ -33,11 +33,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
 from database._common import output_key
 from database.base import OutputOffsets
+from jennah.backoff import Backoff
+from jennah.blocking import blocking
 from jennah.models import EventKind, JobEvent, Placed
 from worker.wal import archive
 from worker.wal.format import WalError, WalFull
@@ -52,10 +53,13 @@ from worker.wal.segments import (
     Segment,
     WorkerWal,
 )
-from worker.wal.sender import DEFAULT_CONFIG, EventSink, Sender, SenderConfig, backoff_delay
+from worker.wal.sender import DEFAULT_CONFIG, EventSink, Sender, SenderConfig
 
 log = logging.getLogger(__name__)
 PROBE_INTERVAL_SECONDS = 1.0
+# Between tries of the v1 import while the store is down.
+V1_IMPORT_BASE_SECONDS = 0.1
+V1_IMPORT_CAP_SECONDS = 5.0
 CLEANUP_INTERVAL_SECONDS = 3600.0
 
 
@@ -93,7 +97,7 @@ class WalExecutionLog:
         self._close_timeout = close_timeout
         self._metrics = wal_metrics(registry)
         self._sleep = sleep
-        self._random = random
+        self._import_backoff = Backoff(V1_IMPORT_BASE_SECONDS, V1_IMPORT_CAP_SECONDS, random)
         self.wal = WorkerWal(self._wal_dir / worker_id, segment_bytes=segment_bytes,
                              max_pending_bytes=max_pending_bytes, fsync=fsync)  # fmt: skip
         # Undelivered output of these jobs up to this LSN is dropped (refused by the store).
@@ -130,7 +134,7 @@ class WalExecutionLog:
         async with self._open_lock:
             if self._opened:
                 return
-            report = await anyio.to_thread.run_sync(self.wal.open)
+            report = await blocking(self.wal.open)
             self.recovery = report
             for line in report.truncated:
                 log.warning("WAL recovery cut a torn tail: %s", line)
@@ -145,7 +149,7 @@ class WalExecutionLog:
             self._opened = True
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._sender.run())]
-            if await anyio.to_thread.run_sync(find_v1_logs, self._wal_dir, self.worker_id):
+            if await blocking(find_v1_logs, self._wal_dir, self.worker_id):
                 self._tasks.append(loop.create_task(self._import_v1()))
             else:
                 self._ready.set()  # nothing to upgrade: the poller may start at once
@@ -158,14 +162,14 @@ class WalExecutionLog:
         """Deliver this worker's v1 logs (an upgrade), retrying while the store is down."""
         attempt = 0
         while True:
-            paths = await anyio.to_thread.run_sync(find_v1_logs, self._wal_dir, self.worker_id)
+            paths = await blocking(find_v1_logs, self._wal_dir, self.worker_id)
             if not paths:
                 break
             try:
                 rep = await import_v1_logs(paths, self._archive_dir, self._sink.deliver)
             except Exception as exc:  # the store is down: try again
                 log.warning("importing v1 logs failed (%s); retrying", exc)
-                await self._sleep(backoff_delay(attempt, 0.1, 5.0, self._random))
+                await self._sleep(self._import_backoff.delay(attempt))
                 attempt += 1
                 continue
             log.info("imported %d v1 logs: %d events stored, %d already there; skipped: %s",
@@ -183,17 +187,17 @@ class WalExecutionLog:
             task.cancel()
         await asyncio.wait(self._tasks)
         self._tasks = []
-        await anyio.to_thread.run_sync(self.wal.close)
+        await blocking(self.wal.close)
         self._opened = False
 
     async def cleanup(self) -> list[Path]:
         """Delete archives older than the retention."""
         now = self._clock().timestamp()
         self._last_cleanup = now
-        deleted = await anyio.to_thread.run_sync(
+        deleted = await blocking(
             archive.cleanup, self._archive_dir, self._retention_seconds, now
         )
-        size = await anyio.to_thread.run_sync(archive.archive_size, self._archive_dir)
+        size = await blocking(archive.archive_size, self._archive_dir)
         self._metrics.archive_bytes.set(size)
         return deleted
 
@@ -310,7 +314,7 @@ class WalExecutionLog:
 
     async def _archive_one(self, seg: Segment) -> bool:
         try:
-            out = await anyio.to_thread.run_sync(
+            out = await blocking(
                 archive.archive_file, seg.path, self._archive_dir / self.worker_id)
             self._metrics.archive_bytes.inc(out.stat().st_size)
         except OSError as e:

@@ -25,8 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio.to_thread
-
+from jennah.blocking import blocking
 from jennah.models import JobEvent, Placed
 from worker.wal import archive
 from worker.wal.codec import PayloadError, event_from_payload, meta_from_payload
@@ -118,7 +117,7 @@ async def import_v1_logs(
     report = ImportReport()
     for path in paths:
         try:
-            fd = await anyio.to_thread.run_sync(_lock, path)
+            fd = await blocking(_lock, path)
         except OSError as e:
             report.skipped.append(f"{path}: {e}")
             continue
@@ -127,7 +126,7 @@ async def import_v1_logs(
             continue
         try:
             try:
-                v1 = await anyio.to_thread.run_sync(read_v1_log, path)
+                v1 = await blocking(read_v1_log, path)
             except (OSError, WalError) as e:
                 report.skipped.append(f"{path}: {e}")
                 continue
@@ -140,7 +139,7 @@ async def import_v1_logs(
                 report.duplicates += sum(p is Placed.DUPLICATE for p, _ in placed)
             report.logs += 1
             try:
-                out = await anyio.to_thread.run_sync(
+                out = await blocking(
                     archive.archive_file, path, archive_dir / path.parent.name)
             except OSError as e:
                 log.error("v1 log %s delivered but not archived (it stays): %s", path, e)

@@ -26,9 +26,9 @@ import fcntl
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from jennah.blocking import FSYNC
 from worker.wal.format import (
     HEADER_SIZE,
     ScanResult,
@@ -39,9 +39,6 @@ from worker.wal.format import (
 )
 
 FsyncFn = Callable[[int], None]
-# Threads that run fsyncs for asyncio appenders. A plain executor hop costs about half of
-# an ``anyio.to_thread`` hop, which matters next to a 0.2 ms fsync.
-_SYNC_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="wal-sync")
 _FLAGS = os.O_RDWR | os.O_CLOEXEC
 
 
@@ -276,10 +273,11 @@ class AsyncCommit:
     """Durability waits for asyncio tasks on one ``WalFile``.
 
     Tasks write on the event loop (a page-cache write of a few hundred bytes) and await
-    here; one background task runs ``sync_to`` in a worker thread for everything written so
-    far, then resolves every waiter it covered. That costs one thread hop per fsync batch
-    instead of one per append, and shares fsyncs with thread appenders through
-    ``WalFile.sync_to``.
+    here; one background task runs ``sync_to`` in the ``FSYNC`` lane (``jennah.blocking``)
+    for everything written so far, then resolves every waiter it covered. That costs one
+    thread hop per fsync batch instead of one per append, and shares fsyncs with thread
+    appenders through ``WalFile.sync_to``. Cancelled (loop shutdown), the task still waits
+    for the fsync it started (the lane's rule) before it cancels the waiters.
     """
 
     def __init__(self, wal: WalFile) -> None:
@@ -298,12 +296,11 @@ class AsyncCommit:
         await fut
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._waiters:
                 target = self._wal.size
                 try:
-                    await loop.run_in_executor(_SYNC_POOL, self._wal.sync_to, target)
+                    await FSYNC.run(self._wal.sync_to, target)
                 except WalError as e:
                     for _, fut in self._waiters:
                         if not fut.done():

@@ -57,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jennah.blocking import blocking
 from jennah.models import JobEvent
 from worker.wal.codec import PayloadError, kind_byte, wal_event, wal_payload
 from worker.wal.format import (
@@ -334,16 +335,16 @@ class WorkerWal:
             self._closed(old)
 
     async def _roll_async(self) -> None:
-        """``_roll`` for the event loop: file work in a thread, bookkeeping here."""
-        loop = asyncio.get_running_loop()
+        """``_roll`` for the event loop: file work in a thread (``jennah.blocking``: a
+        cancelled roll still waits for the file step it started), bookkeeping here."""
         old = self._segments[-1] if self._segments else None
         if old is not None and old.file is not None and old.file.broken:
-            await loop.run_in_executor(None, self._cut_io, old.file)
+            await blocking(self._cut_io, old.file)
             self._cut(old)
-        new = await loop.run_in_executor(None, self._new_segment, self._next_lsn, self.acked)
+        new = await blocking(self._new_segment, self._next_lsn, self.acked)
         self._added(new)
         if old is not None and old.file is not None:
-            await loop.run_in_executor(None, self._close_io, old.file)
+            await blocking(self._close_io, old.file)
             self._closed(old)
 
     def _drop(self, doomed: Callable[[Pending], bool]) -> None:

@@ -4,8 +4,9 @@ At least once on the wire, exactly once in the stream: a batch is acknowledged (
 CHECKPOINT record) only after the store placed it, so a crash in between resends it, and
 the store recognises the copy by its dedup key (or, for output, by its byte range).
 While the store is down the sender retries forever, with capped exponential backoff and
-full jitter. Stopping the process cancels the sender and nothing else: unsent events are
-never marked failed; they stay in the WAL and go out at the next start.
+full jitter (``jennah.backoff``). Stopping the process cancels the sender and nothing
+else: unsent events are never marked failed; they stay in the WAL and go out at the next
+start.
 
 What the store did with each event goes to ``on_placed``; events ``skip`` names are
 acknowledged without being sent (output the store already refused for being out of
@@ -23,6 +24,7 @@ from typing import Protocol
 
 import anyio
 
+from jennah.backoff import Backoff
 from jennah.models import JobEvent, Placed
 from worker.wal.metrics import WalMetrics
 from worker.wal.segments import Pending, Segment, WorkerWal
@@ -51,11 +53,6 @@ class SenderConfig:
 DEFAULT_CONFIG = SenderConfig()
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rnd: Callable[[], float]) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt))."""
-    return float(rnd() * min(cap, base * (2 ** min(attempt, 40))))
-
-
 class Sender:
     """Moves events from the WAL to the sink, one batch at a time."""
 
@@ -77,7 +74,7 @@ class Sender:
         self._metrics = metrics
         self._config = config
         self._sleep = sleep
-        self._random = random
+        self._backoff = Backoff(config.backoff_base, config.backoff_cap, random)
         self._skip = skip
         self._on_placed = on_placed
         self._on_acked = on_acked
@@ -104,8 +101,7 @@ class Sender:
                 # A bug or an I/O error outside delivery: never let the sender die of it.
                 log.exception("WAL sender step failed")
                 self._metrics.failures.labels("sender").inc()
-                await self._sleep(backoff_delay(
-                    errors, self._config.backoff_base, self._config.backoff_cap, self._random))
+                await self._sleep(self._backoff.delay(errors))
                 errors += 1
 
     async def _step(self) -> None:
@@ -144,9 +140,7 @@ class Sender:
                 return await self._sink.deliver(events)
             except Exception as e:
                 self._metrics.failures.labels("deliver").inc()
-                delay = backoff_delay(
-                    attempt, self._config.backoff_base, self._config.backoff_cap, self._random
-                )
+                delay = self._backoff.delay(attempt)
                 log.warning("WAL delivery of %d events failed (%s); retry in %.3fs",
                             len(events), e, delay)
                 attempt += 1
