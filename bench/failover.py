@@ -40,7 +40,7 @@ def one_run(pg_url: str, dbname: str, sig: int, jobs: int, tenants: int) -> dict
     db = pg_url.rsplit("/", 1)[0] + "/" + dbname
     with tempfile.TemporaryDirectory() as d:
         cluster = Cluster(Path(d), {"DB_PROVIDER": "postgres", "DATABASE_URL": db},
-                          StoreSettings(kind="postgres", database_url=db),
+                          StoreSettings(kind="postgres", env={"DATABASE_URL": db}),
                           lease_ttl=TTL, claim_interval=CLAIM)  # fmt: skip
         try:
             cluster.start()

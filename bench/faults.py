@@ -463,7 +463,7 @@ def running_cluster(
         sub.mkdir()
         cluster = Cluster(sub, {"DB_PROVIDER": "postgres",
                                 "DATABASE_URL": db_for_cluster or db_direct},
-                          StoreSettings(kind="postgres", database_url=db_direct),
+                          StoreSettings(kind="postgres", env={"DATABASE_URL": db_direct}),
                           lease_ttl=TTL, claim_interval=CLAIM, job_seconds=job_seconds,
                           provider=provider)  # fmt: skip
         try:

@@ -244,7 +244,7 @@ def stack(tmp: Path, db_env: dict[str, str], gateway: bool,
 
 
 def available_servers() -> list[str]:
-    """uvicorn always; hypercorn and pyvoy when installed and known to jennah.serve."""
+    """uvicorn always; hypercorn and pyvoy when installed and known to commands.serve."""
     from jennah.settings import SERVERS
 
     return [s for s in ("uvicorn", "hypercorn", "pyvoy")

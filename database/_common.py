@@ -47,7 +47,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 JOB_COLUMNS: tuple[str, ...] = (
     "job_id", "tenant_id", "spec", "status", "request_id", "provider", "attempt",
     "provider_job_id", "cloud_resource_path", "error_message", "failure_class", "exit_code",
-    "cancel_requested", "owner_worker_id", "preferred_worker_id", "lease_version",
+    "cancel_requested", "owner_worker_id", "lease_version",
     "lease_expires_at", "last_heartbeat_at", "created_at", "updated_at", "scheduled_at",
     "started_at", "completed_at",
 )  # fmt: skip
@@ -68,11 +68,15 @@ OUTPUT_COLUMNS: tuple[str, ...] = ("job_id", "attempt", "task_index", "stream", 
 MIGRATION_COLUMNS: tuple[str, ...] = ("name", "applied_at")
 
 # Every table a SQL store uses, with the columns its code writes and reads. ``jobs`` has
-# two columns beyond the Job fields: ``event_seq``, the last seq given to its events, and
-# ``transition_seq``, the last idx given to its transitions.
+# columns beyond the Job fields: ``event_seq``, the last seq given to its events,
+# ``transition_seq``, the last idx given to its transitions, and the legacy column below.
+# Stored by earlier releases and never used: no longer read or written (its DEFAULT ''
+# fills it), kept while workers of an earlier release may still write it during a rolling
+# upgrade; a later migration drops it.
+LEGACY_JOB_COLUMNS: tuple[str, ...] = ("preferred_worker_id",)
 TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
     "tenants": TENANT_COLUMNS,
-    "jobs": (*JOB_COLUMNS, "event_seq", "transition_seq"),
+    "jobs": (*JOB_COLUMNS, "event_seq", "transition_seq", *LEGACY_JOB_COLUMNS),
     "job_transitions": TRANSITION_COLUMNS,
     "job_events": EVENT_COLUMNS,
     "job_output": OUTPUT_COLUMNS,

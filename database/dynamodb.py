@@ -140,6 +140,7 @@ from database.base import (
     WriteResult,
     unwrap,
 )
+from jennah.backoff import Backoff
 from jennah.errors import (
     Conflict,
     InvalidArgument,
@@ -161,7 +162,7 @@ from jennah.models import (
     Transition,
     WorkerInfo,
 )
-from jennah.settings import StoreSettings
+from jennah.settings import Env, StoreSettings
 
 Item = dict[str, Any]  # a low-level DynamoDB item ({"attr": {"S": "..."}})
 TxItem = dict[str, Any]  # one action of a TransactWriteItems
@@ -187,6 +188,18 @@ _BACKOFF_MAX = 0.2
 _RESERVE_AFTER = 4
 _RESERVE_SECONDS = 2.0
 _INDEX_WAIT = 1800.0  # seconds to wait for a new index to be backfilled
+_INDEX_POLL = 1.0  # seconds between looks at a new index (a fixed poll: it takes minutes)
+_LOCK_POLL = 0.5  # seconds between tries of a held upgrade lock (a fixed poll, likewise)
+# A call failing with TransactionConflictException (an item in another transaction) is
+# tried _CONFLICT_TRIES times in all, with full-jitter backoff of this base and cap (the
+# cap is what the last retry reaches: it never binds).
+_CONFLICT_TRIES = 6
+_CONFLICT_BASE = 0.02
+_CONFLICT_CAP = 0.32
+# Seams for the tests: every wait of the retry and poll loops here goes through _sleep,
+# and every random choice of one through _random.
+_sleep: Callable[[float], None] = time.sleep
+_random: Callable[[], float] = random.random
 _UNAVAILABLE = {
     "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
     "InternalServerError", "ServiceUnavailable", "LimitExceededException",
@@ -765,10 +778,26 @@ def _op_keys(op: WriteOp) -> set[tuple[str, ...]]:
     return {("job", ev.job_id) for ev in op.events}
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamoDBSettings:
+    """``DB_PROVIDER=dynamodb``'s variables."""
+
+    region: str
+    table_prefix: str = "jennah"  # DYNAMODB_TABLE_PREFIX: the table is <prefix>-jobs
+    endpoint_url: str = ""  # AWS_ENDPOINT_URL (moto, a VPC endpoint)
+
+    @classmethod
+    def from_env(cls, e: Env) -> DynamoDBSettings:
+        e.require(("BATCH_REGION|AWS_REGION",), "DB_PROVIDER=dynamodb")
+        return cls(e.region(), e.text("DYNAMODB_TABLE_PREFIX", "jennah"),
+                   e.text("AWS_ENDPOINT_URL"))
+
+
 class DynamoDBStore:
     """Jobs in one DynamoDB table; leases by conditional writes on the worker clock."""
 
     name = "dynamodb"
+    settings_class = DynamoDBSettings
 
     def __init__(
         self,
@@ -797,19 +826,19 @@ class DynamoDBStore:
         skew_seconds: float = DEFAULT_SKEW_SECONDS,
     ) -> DynamoDBStore:
         """Build from settings; ``session`` (a ``boto3.Session``) carries credentials."""
+        s = settings.read(DynamoDBSettings.from_env)  # before the SDK is imported
         import boto3
         from botocore.config import Config
 
-        session = session or boto3.session.Session(region_name=settings.region or None)
+        session = session or boto3.session.Session(region_name=s.region)
         config = Config(
             retries={"mode": "standard", "max_attempts": 3},
             connect_timeout=2, read_timeout=10, max_pool_connections=64,
         )  # fmt: skip
         client = session.client(
-            "dynamodb", endpoint_url=settings.aws_endpoint_url or None,
-            region_name=settings.region or None, config=config,
+            "dynamodb", endpoint_url=s.endpoint_url or None, region_name=s.region, config=config,
         )  # fmt: skip
-        return cls(client, settings.dynamodb_table_prefix, clock=clock, skew_seconds=skew_seconds)
+        return cls(client, s.table_prefix, clock=clock, skew_seconds=skew_seconds)
 
     def _now(self) -> datetime:
         return c.utc(self._clock())
@@ -819,7 +848,7 @@ class DynamoDBStore:
     def _call(self, op: str, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
-        for attempt in range(6):
+        for attempt in range(_CONFLICT_TRIES):
             try:
                 return getattr(self._client, op)(**kwargs)
             except ClientError as exc:
@@ -833,8 +862,8 @@ class DynamoDBStore:
                                      [r.get("Item") for r in reasons],
                                      [r.get("Message") or "" for r in reasons],
                                      ) from None  # fmt: skip
-                if code == "TransactionConflictException" and attempt < 5:
-                    time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+                if code == "TransactionConflictException" and attempt + 1 < _CONFLICT_TRIES:
+                    _sleep(Backoff(_CONFLICT_BASE, _CONFLICT_CAP, _random).delay(attempt))
                     continue
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
                 message = f"dynamodb {op}: {code}: {err.get('Message', '')}"
@@ -976,7 +1005,7 @@ class DynamoDBStore:
                 return
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"dynamodb: indexes of {self.table} are not active")
-            time.sleep(1.0)
+            _sleep(_INDEX_POLL)
 
     def _backfill_active_tenant(self) -> None:
         """Give every active job written by v1 its ``active_tenant`` (a consistent scan:
@@ -1038,7 +1067,7 @@ class DynamoDBStore:
                            **e.args())  # fmt: skip
                 return token
             except _ConditionFailed:
-                time.sleep(0.5)
+                _sleep(_LOCK_POLL)
         return None
 
     def _upgrade_tenant(self, pending: list[JobEvent], token: str) -> int:
@@ -1260,7 +1289,9 @@ class DynamoDBStore:
             # and let the others have the counters meanwhile.
             race.counter_losses = 0
             self._release(race)
-            time.sleep(random.uniform(0, min(_BACKOFF_MAX, step * 2 ** min(race.losses, 10))))
+            # Full jitter under step * 2**losses, at most _BACKOFF_MAX (a step above that
+            # is a base of _BACKOFF_MAX: every ceiling is the cap then, as before).
+            _sleep(Backoff(min(step, _BACKOFF_MAX), _BACKOFF_MAX, _random).delay(race.losses))
             return
         race.counter_losses += 1
         n = race.counter_losses
@@ -1269,7 +1300,7 @@ class DynamoDBStore:
             self._await_unreserved(outcome.counters, race)
         elif n > 1:
             # The new value is known, but so it is to every other loser: spread them out.
-            time.sleep(random.uniform(0, step * min(2 ** (n - 2), 4)))
+            _sleep(Backoff(step, 4 * step, _random).delay(n - 2))
         # else: the first time, go again at once
 
     def _await_unreserved(self, tenants: set[str], race: _Race) -> None:
@@ -1279,7 +1310,8 @@ class DynamoDBStore:
         step = max(self._tx_seconds, 0.001)
         for t in sorted(tenants):
             while True:
-                time.sleep(random.uniform(0.5, 1.0) * step)
+                # Not a backoff: a poll every 0.5 to 1 round trips, jittered.
+                _sleep((0.5 + 0.5 * _random()) * step)
                 item = self._get(_counter_key(t)) or {}
                 self._positions[t] = _int(item, "event_position")
                 holder = item.get("reserved_by", {}).get("S", race.ticket)

@@ -49,6 +49,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any, cast
@@ -63,7 +64,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from database import _common as c
 from database._sql import SqlStore, Tx
 from jennah.errors import Conflict, StoreBusy, StoreError, StoreUnavailable
-from jennah.settings import StoreSettings
+from jennah.settings import Env, StoreSettings
 
 TABLE_COLUMNS = c.TABLE_COLUMNS
 RECONNECT_DELAY_CAP = 1.0
@@ -138,10 +139,27 @@ class _PgTx:
             cur.executemany(_sql(sql), [[_to_db(p) for p in row] for row in params])
 
 
+@dataclass(frozen=True)
+class PostgresSettings:
+    """``DB_PROVIDER=postgres``'s variables."""
+
+    url: str = field(repr=False)  # DATABASE_URL; it may carry a password
+    # DATABASE_POOL_SIZE: the most connections one process opens; it also sets how much
+    # store work a worker queues before SubmitJob refuses (module docstring).
+    pool_size: int = 10
+
+    @classmethod
+    def from_env(cls, e: Env) -> PostgresSettings:
+        e.require(("DATABASE_URL",), "DB_PROVIDER=postgres")
+        return cls(e.text("DATABASE_URL"),
+                   e.number("DATABASE_POOL_SIZE", cls.pool_size, int, minimum=1))
+
+
 class PostgresStore(SqlStore):
     """A job store in PostgreSQL; any number of workers share it."""
 
     name = "postgres"
+    settings_class = PostgresSettings
     dialect = "postgres"
     label_sql = "jobs.spec->'labels'->>(?::text) = ?"
     name_prefix_sql = "starts_with(jobs.spec->>'name', ?)"
@@ -201,7 +219,8 @@ class PostgresStore(SqlStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> PostgresStore:
-        return cls(settings.database_url, max_size=settings.pool_size)
+        s = settings.read(PostgresSettings.from_env)
+        return cls(s.url, max_size=s.pool_size)
 
     def busy_for(self) -> float:
         """Seconds a new job should wait because the pool is saturated now; 0 when it is

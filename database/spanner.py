@@ -95,6 +95,7 @@ from database.base import (
     unwrap,
 )
 from database.migrate import Migration, dialect_migrations
+from jennah.backoff import Backoff
 from jennah.errors import Conflict, JennahError, NotFound, StoreError, StoreUnavailable
 from jennah.models import (
     EventKind,
@@ -108,7 +109,7 @@ from jennah.models import (
     Transition,
     WorkerInfo,
 )
-from jennah.settings import StoreSettings
+from jennah.settings import Env, StoreSettings
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -131,7 +132,17 @@ _TIMEOUT = 30.0  # seconds of retrying aborted transactions
 # Seconds to wait before running an aborted transaction again when the server does not
 # say (Cloud Spanner does, in RetryInfo; the emulator does not, and the client then
 # waits 2**attempt seconds: seconds-long stalls for any contended tenant or job).
+# (Drawn once per transaction: the client's own loop sleeps it, not a backoff of ours.)
 _ABORT_DELAY = (0.002, 0.02)
+# A transaction the emulator reported as "not found"/"invalid" instead of aborted is run
+# again after a full-jitter backoff of this base and cap, until _TIMEOUT.
+_LOST_TX_BASE = 0.001
+_LOST_TX_CAP = 0.05
+_MIGRATION_POLL = 0.2  # seconds between looks for a concurrent migrator's record
+# Seams for the tests: every wait of the retry and poll loops here goes through _sleep,
+# and every random choice of one through _random.
+_sleep: Callable[[float], None] = time.sleep
+_random: Callable[[], float] = random.random
 _RPC_TIMEOUT = 10.0  # deadline of one RPC (a server that accepts but never answers)
 _UNAVAILABLE_BUDGET = 1.5  # seconds of retrying UNAVAILABLE: a store that is down fails fast
 _SESSION_POLL = timedelta(seconds=0.1)  # see _configure
@@ -141,6 +152,12 @@ _INSERT_RETRIES = 5  # runs of a batch that lost an insert race (see write_batch
 # SchemaMigrations once nothing is left to number.
 _UPGRADE_CHUNK = 2000
 _V1_DONE = "0002_events_v2.sql:v1-events-numbered"
+
+
+def _abort_delay() -> float:
+    """A delay in ``_ABORT_DELAY`` (uniform), for one transaction."""
+    low, high = _ABORT_DELAY
+    return low + (high - low) * _random()
 
 
 def _retry() -> Any:
@@ -635,10 +652,27 @@ def _upgrade_steps(plan: Sequence[Sequence[Any]]) -> list[tuple[str, list[tuple[
     return steps
 
 
+@dataclasses.dataclass(frozen=True)
+class SpannerSettings:
+    """``DB_PROVIDER=spanner``'s variables."""
+
+    project: str  # DB_PROJECT_ID
+    instance: str  # DB_INSTANCE
+    database: str  # DB_DATABASE
+    emulator_host: str = ""  # SPANNER_EMULATOR_HOST
+
+    @classmethod
+    def from_env(cls, e: Env) -> SpannerSettings:
+        e.require(("DB_PROJECT_ID", "DB_INSTANCE", "DB_DATABASE"), "DB_PROVIDER=spanner")
+        return cls(e.text("DB_PROJECT_ID"), e.text("DB_INSTANCE"), e.text("DB_DATABASE"),
+                   e.text("SPANNER_EMULATOR_HOST"))
+
+
 class SpannerStore:
     """Jobs in Cloud Spanner; leases on the database clock, claims in RW transactions."""
 
     name = "spanner"
+    settings_class = SpannerSettings
 
     def __init__(self, database: Any, client: Any = None) -> None:
         _configure(database)
@@ -648,22 +682,22 @@ class SpannerStore:
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> SpannerStore:
+        s = settings.read(SpannerSettings.from_env)  # before the SDK is imported
         from google.cloud import spanner
 
-        if settings.spanner_emulator_host:
+        if s.emulator_host:
             from google.auth import credentials
 
             anonymous: Any = credentials.AnonymousCredentials  # untyped in google-auth
             client: Any = spanner.Client(
-                project=settings.spanner_project, credentials=anonymous(),
-                client_options={"api_endpoint": settings.spanner_emulator_host},
+                project=s.project, credentials=anonymous(),
+                client_options={"api_endpoint": s.emulator_host},
                 disable_builtin_metrics=True,
             )  # fmt: skip
         else:
-            client = spanner.Client(project=settings.spanner_project,
-                                    disable_builtin_metrics=True)  # fmt: skip
-        instance = client.instance(settings.spanner_instance)
-        return cls(instance.database(settings.spanner_database), client)
+            client = spanner.Client(project=s.project, disable_builtin_metrics=True)
+        instance = client.instance(s.instance)
+        return cls(instance.database(s.database), client)
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -704,7 +738,7 @@ class SpannerStore:
                     try:
                         result: T = session.run_in_transaction(
                             body, timeout_secs=_TIMEOUT,
-                            default_retry_delay=random.uniform(*_ABORT_DELAY))  # fmt: skip
+                            default_retry_delay=_abort_delay())  # fmt: skip
                     finally:
                         sessions.put_session(session)
                     return result
@@ -713,7 +747,7 @@ class SpannerStore:
                     # concurrent one as "not found" / "invalid" instead of ABORTED.
                     if "ransaction" not in str(exc) or time.monotonic() > deadline:
                         raise
-                    time.sleep(min(0.001 * 2**attempt, 0.05) * random.random())
+                    _sleep(Backoff(_LOST_TX_BASE, _LOST_TX_CAP, _random).delay(attempt))
             raise AssertionError("unreachable")
 
     def _read(self, sql: str, **params: Any) -> list[list[Any]]:
@@ -774,19 +808,26 @@ class SpannerStore:
                 continue
             except gexc.GoogleAPIError as exc:
                 raise StoreError(f"spanner migration {migration.name}: {exc}") from exc
-            self._run(lambda tx, now, name=migration.name: tx.insert_or_update(
-                "SchemaMigrations", ("name", "applied_at"), [(name, now)]))
-            done.append(migration.name)
+            if self._run(self._record_migration, migration.name):
+                done.append(migration.name)
         if migrations is None:
             self._upgrade_v1()
         return done
+
+    def _record_migration(self, tx: Any, now: datetime, name: str) -> bool:
+        """Record ``name`` as applied; False if a concurrent migrator recorded it first
+        (DDL that is idempotent, such as relaxing NOT NULL, succeeds for both)."""
+        if self._rows(tx, "SELECT name FROM SchemaMigrations WHERE name = @name", name=name):
+            return False
+        tx.insert("SchemaMigrations", ("name", "applied_at"), [(name, now)])
+        return True
 
     def _wait_recorded(self, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while name not in (self._applied() or set()):
             if time.monotonic() > deadline:
                 raise StoreError(f"spanner migration {name} failed and nobody recorded it")
-            time.sleep(0.2)
+            _sleep(_MIGRATION_POLL)
 
     # --- the v1 upgrade -----------------------------------------------------------------
 

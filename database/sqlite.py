@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
@@ -24,9 +25,14 @@ from typing import Any
 from database import _common as c
 from database._sql import SqlStore, Tx
 from jennah.errors import Conflict, StoreError, StoreUnavailable
-from jennah.settings import StoreSettings
+from jennah.settings import Env, StoreSettings
 
 TABLE_COLUMNS = c.TABLE_COLUMNS
+# Seconds between tries of switching a new file to WAL mode while another process holds
+# it: a fixed short poll, not a backoff (the hold is a moment; busy_timeout bounds it).
+_WAL_SWITCH_POLL = 0.01
+# Seam for the tests: the wait of that poll goes through _sleep.
+_sleep: Callable[[float], None] = time.sleep
 
 
 _PLAIN = (str, int, float, type(None))
@@ -94,10 +100,22 @@ class _SQLiteTx:
         self._conn.executemany(sql, [_db_params(row) for row in params])
 
 
+@dataclass(frozen=True)
+class SQLiteSettings:
+    """``DB_PROVIDER=sqlite``'s variable: ``DB_PATH`` (default ``$JENNAH_HOME/jennah.db``)."""
+
+    path: Path
+
+    @classmethod
+    def from_env(cls, e: Env) -> SQLiteSettings:
+        return cls(e.path("DB_PATH", e.home / "jennah.db"))
+
+
 class SQLiteStore(SqlStore):
     """A job store in one SQLite file (WAL mode, one connection per thread)."""
 
     name = "sqlite"
+    settings_class = SQLiteSettings
     dialect = "sqlite"
     label_sql = (
         "EXISTS (SELECT 1 FROM json_each(jobs.spec, '$.labels') AS l "
@@ -132,7 +150,7 @@ class SQLiteStore(SqlStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> SQLiteStore:
-        path = Path(settings.sqlite_path).expanduser()
+        path = settings.read(SQLiteSettings.from_env).path
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(path)
 
@@ -153,7 +171,7 @@ class SQLiteStore(SqlStore):
                 except sqlite3.OperationalError:
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.01)
+                    _sleep(_WAL_SWITCH_POLL)
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:

@@ -1,8 +1,19 @@
 """Typed, frozen settings, read once from the environment at start-up (docs/design.md §7, §11).
 
 Nothing below ``main`` reads ``os.environ``: settings objects are passed in through
-constructors. Validation happens here, before any SDK import, network call or database
-access, and a failure names **every** missing or invalid variable in one line.
+constructors. A failure names **every** missing or invalid variable in one line.
+
+This module reads what every process shares. The batch provider and the job store are
+chosen here by name (``BATCH_PROVIDER``, ``DB_PROVIDER``) but read their own variables
+themselves: each backend module declares a small settings dataclass whose ``from_env``
+reads them with :class:`Env`, and the backend's ``from_settings`` reads it from the
+environment kept in :class:`ProviderSettings` / :class:`StoreSettings` (``read``), before
+it creates a client or touches the network. This module knows no backend by name (it
+imports neither ``providers`` nor ``database``). A caller that passes the registries
+(``providers.PROVIDERS``, ``database.STORES``) to the ``load_*`` functions gets the
+chosen backends' variables checked there too, in the same one line; without them they
+are checked when the backend is built (``create_provider``, ``create_store``), which the
+roles do before serving.
 """
 
 from __future__ import annotations
@@ -14,27 +25,14 @@ import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from jennah.errors import SettingsError
+from jennah.registry import load
 
 T = TypeVar("T")
 
-BATCH_PROVIDERS = ("local", "gcp", "aws", "azure", "dry", "fake")
-DB_PROVIDERS = ("sqlite", "postgres", "dynamodb", "spanner", "memory")
 SERVERS = ("uvicorn", "hypercorn", "pyvoy")
-
-# Variables each backend cannot start without (checked before anything is imported).
-REQUIRED_BY_PROVIDER: Mapping[str, tuple[str, ...]] = {
-    "gcp": ("BATCH_PROJECT_ID", "BATCH_REGION"),
-    "aws": ("AWS_JOB_QUEUE", "AWS_JOB_DEFINITION", "BATCH_REGION|AWS_REGION"),
-    "azure": ("AZURE_BATCH_ENDPOINT", "AZURE_BATCH_POOL_ID"),
-}
-REQUIRED_BY_STORE: Mapping[str, tuple[str, ...]] = {
-    "postgres": ("DATABASE_URL",),
-    "spanner": ("DB_PROJECT_ID", "DB_INSTANCE", "DB_DATABASE"),
-    "dynamodb": ("BATCH_REGION|AWS_REGION",),
-}
 
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
@@ -45,17 +43,16 @@ def _items(value: str) -> frozenset[str]:
     """``a, b,,c`` → ``{a, b, c}``."""
     return frozenset(filter(None, (v.strip() for v in value.split(","))))
 
-# AWS Batch share identifiers and scheduling priorities (providers/aws.py).
-_SHARE_ID = re.compile(r"[A-Za-z0-9]{1,255}")
-_PRIORITY = re.compile(r"[0-9]{1,4}")
-
 
 def jennah_home(env: Mapping[str, str]) -> Path:
     return Path(env.get("JENNAH_HOME") or Path(env.get("HOME") or "~").expanduser() / ".jennah")
 
 
-class _Env:
-    """Reads variables and collects every problem instead of stopping at the first."""
+class Env:
+    """Reads variables and collects every problem instead of stopping at the first.
+
+    Each backend's settings dataclass reads its own variables with one (``from_env``).
+    """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
@@ -63,6 +60,18 @@ class _Env:
 
     def text(self, name: str, default: str = "") -> str:
         return self.env.get(name, "").strip() or default
+
+    def path(self, name: str, default: Path) -> Path:
+        return Path(self.text(name, str(default))).expanduser()
+
+    def region(self) -> str:
+        """``BATCH_REGION``, else ``AWS_REGION``: the region of every backend that has one."""
+        return self.text("BATCH_REGION") or self.text("AWS_REGION")
+
+    @property
+    def home(self) -> Path:
+        """``JENNAH_HOME``: the parent of every default directory and file."""
+        return jennah_home(self.env)
 
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.text(name, default).lower()
@@ -146,59 +155,39 @@ class _Env:
             raise SettingsError(f"invalid {role} settings: missing or invalid {detail}")
 
 
+class _Chosen:
+    """A backend chosen by name, with the environment it reads its own variables from."""
+
+    role: ClassVar[str]
+    env: Mapping[str, str]
+
+    def read(self, from_env: Callable[[Env], T]) -> T:
+        """The chosen backend's own settings, read by ``from_env`` (the classmethod of its
+        settings dataclass) from ``env``; ``SettingsError`` naming every problem."""
+        e = Env(self.env)
+        value = from_env(e)
+        e.check(self.role)
+        return value
+
+
 @dataclass(frozen=True)
-class StoreSettings:
+class StoreSettings(_Chosen):
+    """The job store: ``DB_PROVIDER``, and the environment the store reads the rest from
+    (its module's settings dataclass, e.g. ``database/postgres.py``)."""
+
+    role: ClassVar[str] = "job store"
     kind: str = "sqlite"
-    sqlite_path: Path = Path("jennah.db")
-    database_url: str = ""
-    # DATABASE_POOL_SIZE: the most PostgreSQL connections one process opens; it also sets
-    # how much store work a worker queues before SubmitJob refuses (database/postgres.py).
-    pool_size: int = 10
-    spanner_project: str = ""
-    spanner_instance: str = ""
-    spanner_database: str = ""
-    spanner_emulator_host: str = ""
-    dynamodb_table_prefix: str = "jennah"
-    aws_endpoint_url: str = ""
-    region: str = ""
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
-class ProviderSettings:
+class ProviderSettings(_Chosen):
+    """The batch provider: ``BATCH_PROVIDER``, and the environment the provider reads the
+    rest from (its module's settings dataclass, e.g. ``providers/aws.py``)."""
+
+    role: ClassVar[str] = "batch provider"
     kind: str = "local"
-    region: str = ""
-    local_batch_dir: Path = Path("local")
-    gcp_project_id: str = ""
-    # GCP: where the jobs' VMs attach, and reading their output from Cloud Logging
-    # (docs/providers.md, GCP Batch).
-    gcp_network: str = ""
-    gcp_subnetwork: str = ""
-    gcp_no_external_ip: bool = False
-    gcp_log_settle_seconds: float = 30.0
-    gcp_log_reads_per_minute: float = 50.0
-    aws_job_queue: str = ""
-    aws_job_definition: str = ""
-    aws_endpoint_url: str = ""
-    # AWS_SPOT_JOB_QUEUE: the queue (SPOT compute environments) for jobs with use_spot_vms;
-    # empty: such jobs are refused.
-    aws_spot_job_queue: str = ""
-    # AWS_SHARE_IDENTIFIER: fair-share identifier per tenant, ``tenant=share;*=default``
-    # (used only on queues with a scheduling policy; providers/aws.py share_identifier).
-    aws_share_identifiers: Mapping[str, str] = field(default_factory=dict)
-    # AWS_SCHEDULING_PRIORITY: schedulingPriorityOverride per tenant, ``tenant=N;*=N``.
-    aws_scheduling_priorities: Mapping[str, int] = field(default_factory=dict)
-    # AWS_JOB_DEFINITION_CACHE_SECONDS: how long job definitions and queue facts are cached.
-    aws_definition_cache_seconds: float = 300.0
-    azure_batch_endpoint: str = ""
-    azure_batch_pool_id: str = ""
-    azure_batch_account_name: str = ""
-    azure_batch_account_key: str = ""
-    # A private registry for the Azure jobs' images (providers/azure.py Registry).
-    azure_registry_server: str = ""
-    azure_registry_username: str = ""
-    azure_registry_password: str = field(default="", repr=False)
-    azure_registry_identity: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -262,57 +251,42 @@ class GatewaySettings:
     trusted_proxies: tuple[str, ...] = ()
 
 
-def _store_settings(e: _Env, home: Path) -> StoreSettings:
-    kind = e.choice("DB_PROVIDER", DB_PROVIDERS, "sqlite")
-    e.require(REQUIRED_BY_STORE.get(kind, ()), f"DB_PROVIDER={kind}")
-    return StoreSettings(
-        kind=kind,
-        sqlite_path=Path(e.text("DB_PATH", str(home / "jennah.db"))).expanduser(),
-        database_url=e.text("DATABASE_URL"),
-        pool_size=e.number("DATABASE_POOL_SIZE", StoreSettings.pool_size, int, minimum=1),
-        spanner_project=e.text("DB_PROJECT_ID"),
-        spanner_instance=e.text("DB_INSTANCE"),
-        spanner_database=e.text("DB_DATABASE"),
-        spanner_emulator_host=e.text("SPANNER_EMULATOR_HOST"),
-        dynamodb_table_prefix=e.text("DYNAMODB_TABLE_PREFIX", "jennah"),
-        aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
-        region=e.text("BATCH_REGION") or e.text("AWS_REGION"),
-    )
+# The registries a caller may pass (``providers.PROVIDERS``, ``database.STORES``): name →
+# ``"module:Class"``. Without them the backends check their own variables when built.
+Backends = Mapping[str, str]
 
 
-def _provider_settings(e: _Env, home: Path) -> ProviderSettings:
-    kind = e.choice("BATCH_PROVIDER", BATCH_PROVIDERS, "local")
-    e.require(REQUIRED_BY_PROVIDER.get(kind, ()), f"BATCH_PROVIDER={kind}")
-    return ProviderSettings(
-        kind=kind,
-        region=e.text("BATCH_REGION") or e.text("AWS_REGION"),
-        local_batch_dir=Path(e.text("LOCAL_BATCH_DIR", str(home / "local"))).expanduser(),
-        gcp_project_id=e.text("BATCH_PROJECT_ID"),
-        gcp_network=e.text("GCP_NETWORK"),
-        gcp_subnetwork=e.text("GCP_SUBNETWORK"),
-        gcp_no_external_ip=e.flag("GCP_NO_EXTERNAL_IP"),
-        gcp_log_settle_seconds=e.number("GCP_LOG_SETTLE_SECONDS", 30.0, float),
-        gcp_log_reads_per_minute=e.number("GCP_LOG_READS_PER_MINUTE", 50.0, float, 1),
-        aws_job_queue=e.text("AWS_JOB_QUEUE"),
-        aws_job_definition=e.text("AWS_JOB_DEFINITION"),
-        aws_endpoint_url=e.text("AWS_ENDPOINT_URL"),
-        aws_spot_job_queue=e.text("AWS_SPOT_JOB_QUEUE"),
-        aws_share_identifiers=e.tenant_map("AWS_SHARE_IDENTIFIER", _SHARE_ID, "letters/digits"),
-        aws_scheduling_priorities={k: int(v) for k, v in e.tenant_map(
-            "AWS_SCHEDULING_PRIORITY", _PRIORITY, "0-9999").items()},
-        aws_definition_cache_seconds=e.number("AWS_JOB_DEFINITION_CACHE_SECONDS", 300.0, float),
-        azure_batch_endpoint=e.text("AZURE_BATCH_ENDPOINT"),
-        azure_batch_pool_id=e.text("AZURE_BATCH_POOL_ID"),
-        azure_batch_account_name=e.text("AZURE_BATCH_ACCOUNT_NAME"),
-        azure_batch_account_key=e.text("AZURE_BATCH_ACCOUNT_KEY"),
-        azure_registry_server=e.text("AZURE_REGISTRY_SERVER"),
-        azure_registry_username=e.text("AZURE_REGISTRY_USERNAME"),
-        azure_registry_password=e.text("AZURE_REGISTRY_PASSWORD"),
-        azure_registry_identity=e.text("AZURE_REGISTRY_IDENTITY_RESOURCE_ID"),
-    )
+def _chosen(e: Env, variable: str, default: str, table: Backends | None) -> str:
+    """The backend named by ``variable``. Given its registry, also check that name and
+    read the backend's own variables into ``e`` (through its class's ``settings_class``,
+    when it has one), so that one line names every problem."""
+    kind = e.text(variable, default).lower()
+    if table is None:
+        return kind
+    if kind not in table:
+        e.problems.append(f"{variable}={kind!r} (expected one of {', '.join(table)})")
+        return kind
+    try:
+        backend = load(table, kind, variable)
+    except SettingsError as exc:  # its optional dependency is missing
+        e.problems.append(str(exc))
+        return kind
+    settings_class = getattr(backend, "settings_class", None)
+    if settings_class is not None:
+        settings_class.from_env(e)
+    return kind
 
 
-def _admission_settings(e: _Env) -> AdmissionSettings:
+def _store_settings(e: Env, stores: Backends | None) -> StoreSettings:
+    return StoreSettings(kind=_chosen(e, "DB_PROVIDER", "sqlite", stores), env=dict(e.env))
+
+
+def _provider_settings(e: Env, providers: Backends | None) -> ProviderSettings:
+    return ProviderSettings(kind=_chosen(e, "BATCH_PROVIDER", "local", providers),
+                            env=dict(e.env))
+
+
+def _admission_settings(e: Env) -> AdmissionSettings:
     d = AdmissionSettings()
     provider_rate = e.number("PROVIDER_SUBMIT_RATE", -1.0, float, minimum=0)
     tenant_rate = e.number("TENANT_SUBMIT_RATE", d.tenant_submit_rate, float)
@@ -328,18 +302,26 @@ def _admission_settings(e: _Env) -> AdmissionSettings:
     )
 
 
-def load_store_settings(env: Mapping[str, str] | None = None) -> StoreSettings:
+def load_store_settings(
+    env: Mapping[str, str] | None = None, *, stores: Backends | None = None
+) -> StoreSettings:
     """Only the job store settings (for ``jennah db migrate`` and the WAL tools)."""
-    e = _Env(os.environ if env is None else env)
-    settings = _store_settings(e, jennah_home(e.env))
+    e = Env(os.environ if env is None else env)
+    settings = _store_settings(e, stores)
     e.check("store")
     return settings
 
 
-def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
-    """Worker settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad."""
-    e = _Env(os.environ if env is None else env)
-    home = jennah_home(e.env)
+def load_worker_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    providers: Backends | None = None,
+    stores: Backends | None = None,
+) -> WorkerSettings:
+    """Worker settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad.
+    With ``providers`` and ``stores``, the chosen backends' own variables are checked in
+    the same pass (module docstring)."""
+    e = Env(os.environ if env is None else env)
     host = e.text("HOST", "127.0.0.1")
     port = e.port("WORKER_PORT", 8081)
     ttl = e.number("WORKER_LEASE_TTL_SECONDS", 30.0, float, minimum=0.1)
@@ -355,12 +337,12 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         poll_interval_seconds=e.number("WORKER_POLL_INTERVAL_SECONDS", 1.0, float, 0.05),
         shutdown_grace_seconds=e.number("SHUTDOWN_GRACE_SECONDS", 8.0, float),
         server=e.choice("JENNAH_SERVER", SERVERS, "uvicorn"),
-        wal_dir=Path(e.text("WAL_DIR", str(home / "wal"))).expanduser(),
-        archive_dir=Path(e.text("ARCHIVE_DIR", str(home / "archive"))).expanduser(),
+        wal_dir=e.path("WAL_DIR", e.home / "wal"),
+        archive_dir=e.path("ARCHIVE_DIR", e.home / "archive"),
         wal_retention_days=e.number("WAL_RETENTION_DAYS", 30.0, float),
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
-        store=_store_settings(e, home),
-        provider=_provider_settings(e, home),
+        store=_store_settings(e, stores),
+        provider=_provider_settings(e, providers),
         admission=_admission_settings(e),
         wal_segment_bytes=e.number("WAL_SEGMENT_BYTES", 16 << 20, int, 4096),
         wal_max_pending_bytes=e.number("WAL_MAX_PENDING_BYTES", 256 << 20, int, 1 << 20),
@@ -372,10 +354,12 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
     return settings
 
 
-def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettings:
-    """Gateway settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad."""
-    e = _Env(os.environ if env is None else env)
-    home = jennah_home(e.env)
+def load_gateway_settings(
+    env: Mapping[str, str] | None = None, *, stores: Backends | None = None
+) -> GatewaySettings:
+    """Gateway settings from ``env`` (default: ``os.environ``); ``SettingsError`` if bad.
+    With ``stores``, the job store's own variables are checked too (when it is used)."""
+    e = Env(os.environ if env is None else env)
     endpoints = tuple(
         u.strip().rstrip("/") for u in e.text("WORKER_ENDPOINTS").split(",") if u.strip()
     )
@@ -398,7 +382,7 @@ def load_gateway_settings(env: Mapping[str, str] | None = None) -> GatewaySettin
         read_max_bytes=e.number("READ_MAX_BYTES", 1024 * 1024, int, 1024),
         discover_from_store=discover,
         shutdown_grace_seconds=e.number("SHUTDOWN_GRACE_SECONDS", 8.0, float),
-        store=_store_settings(e, home) if discover else StoreSettings(),
+        store=_store_settings(e, stores) if discover else StoreSettings(),
     )
     if not settings.dev_mode and not settings.worker_token:
         e.problems.append("JENNAH_WORKER_TOKEN (required unless JENNAH_DEV_MODE=1)")

@@ -40,6 +40,10 @@ same base revision. Definitions and queue facts are cached for
 restart); a submit refused because a cached revision was deregistered meanwhile resolves
 again and retries once. ``cleanup_definitions`` deregisters old copies.
 
+**Submit rate** (``Capabilities.submit_rate``, spent by ``worker/admission.py`` and shared
+by the live workers): 50 a second, AWS Batch's ``SubmitJob`` quota per account and
+region.
+
 **Output**: read from CloudWatch Logs (``read_output``, whose docstring gives the offset
 encoding and the cost per call).
 
@@ -62,6 +66,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -77,7 +82,7 @@ from jennah.errors import (
     ProviderUnavailable,
 )
 from jennah.models import FailureClass, JobSpec, JobStatus
-from jennah.settings import ProviderSettings
+from jennah.settings import Env, ProviderSettings
 from providers.base import (
     Capabilities,
     OutputChunk,
@@ -377,11 +382,52 @@ def _ms(value: Any) -> datetime | None:
 SUBMIT_RATE = 50.0
 
 
+# Fair-share identifiers and scheduling priorities, as AWS Batch takes them.
+SHARE_ID = re.compile(r"[A-Za-z0-9]{1,255}")
+PRIORITY = re.compile(r"[0-9]{1,4}")
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """``BATCH_PROVIDER=aws``'s variables (docs/providers.md, AWS Batch)."""
+
+    job_queue: str
+    job_definition: str
+    region: str
+    endpoint_url: str = ""
+    # AWS_SPOT_JOB_QUEUE: the queue (SPOT compute environments) for jobs with
+    # use_spot_vms; empty: such jobs are refused.
+    spot_job_queue: str = ""
+    # AWS_SHARE_IDENTIFIER: fair-share identifier per tenant, ``tenant=share;*=default``
+    # (used only on queues with a scheduling policy; share_identifier below).
+    share_identifiers: Mapping[str, str] = field(default_factory=dict)
+    # AWS_SCHEDULING_PRIORITY: schedulingPriorityOverride per tenant, ``tenant=N;*=N``.
+    scheduling_priorities: Mapping[str, int] = field(default_factory=dict)
+    # AWS_JOB_DEFINITION_CACHE_SECONDS: how long job definitions and queue facts are cached.
+    definition_cache_seconds: float = DEFINITION_TTL_SECONDS
+
+    @classmethod
+    def from_env(cls, e: Env) -> AwsSettings:
+        e.require(("AWS_JOB_QUEUE", "AWS_JOB_DEFINITION", "BATCH_REGION|AWS_REGION"),
+                  "BATCH_PROVIDER=aws")
+        shares = e.tenant_map("AWS_SHARE_IDENTIFIER", SHARE_ID, "letters/digits")
+        priorities = e.tenant_map("AWS_SCHEDULING_PRIORITY", PRIORITY, "0-9999")
+        return cls(
+            job_queue=e.text("AWS_JOB_QUEUE"), job_definition=e.text("AWS_JOB_DEFINITION"),
+            region=e.region(), endpoint_url=e.text("AWS_ENDPOINT_URL"),
+            spot_job_queue=e.text("AWS_SPOT_JOB_QUEUE"), share_identifiers=shares,
+            scheduling_priorities={k: int(v) for k, v in priorities.items()},
+            definition_cache_seconds=e.number("AWS_JOB_DEFINITION_CACHE_SECONDS",
+                                              DEFINITION_TTL_SECONDS, float),
+        )
+
+
 class AwsBatchProvider:
     """AWS Batch, through an injected boto3 ``batch`` client (and a ``logs`` client for
     output; without one, ``supports_output`` is False)."""
 
     name = "aws"
+    settings_class = AwsSettings
 
     def __init__(self, client: Any, *, job_queue: str, job_definition: str,
                  retry: RetryPolicy | None = None, remember: int = 10_000,
@@ -425,14 +471,14 @@ class AwsBatchProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> AwsBatchProvider:
-        client = make_client(settings.region, settings.aws_endpoint_url)
-        logs = make_client(settings.region, settings.aws_endpoint_url, service="logs")
-        return cls(client, job_queue=settings.aws_job_queue,
-                   job_definition=settings.aws_job_definition, logs_client=logs,
-                   spot_job_queue=settings.aws_spot_job_queue,
-                   share_identifiers=settings.aws_share_identifiers,
-                   scheduling_priorities=settings.aws_scheduling_priorities,
-                   definition_ttl=settings.aws_definition_cache_seconds)
+        s = settings.read(AwsSettings.from_env)
+        client = make_client(s.region, s.endpoint_url)
+        logs = make_client(s.region, s.endpoint_url, service="logs")
+        return cls(client, job_queue=s.job_queue, job_definition=s.job_definition,
+                   logs_client=logs, spot_job_queue=s.spot_job_queue,
+                   share_identifiers=s.share_identifiers,
+                   scheduling_priorities=s.scheduling_priorities,
+                   definition_ttl=s.definition_cache_seconds)
 
     @contextmanager
     def _vendor(self, what: str) -> Iterator[None]:

@@ -34,6 +34,13 @@ task directory). Machine type, spot (low-priority) nodes and GPUs are properties
 pools per job, so ``capabilities`` refuses ``machine_type``, ``use_spot_vms`` and
 ``accelerator`` at SubmitJob rather than ignoring them (docs/providers.md).
 
+**Submit rate** (``Capabilities.submit_rate``, spent by ``worker/admission.py`` and shared
+by the live workers): 20 a second. Azure Batch publishes no fixed per-second request
+quota (it throttles with HTTP 429 and ``Retry-After``), and one submit is three calls
+(above); 20 submits a second (60 calls) stays clear of the throttling observed on a
+single account. Accounts also cap *active* jobs (a quota in the hundreds), which the
+per-tenant active-jobs cap helps to respect. ``PROVIDER_SUBMIT_RATE`` raises it.
+
 **Private registry** (``AZURE_REGISTRY_*``): a user name and password, or the resource id
 of a user-assigned managed identity of the pool, sent as ``containerSettings.registry``
 only for images whose registry host is ``AZURE_REGISTRY_SERVER``, so the credentials are
@@ -69,10 +76,9 @@ from jennah.errors import (
     ProviderQuotaExceeded,
     ProviderRejected,
     ProviderUnavailable,
-    SettingsError,
 )
 from jennah.models import FailureClass, JobStatus
-from jennah.settings import ProviderSettings
+from jennah.settings import Env, ProviderSettings
 from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
 from providers.local import _utf8_boundary
 from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
@@ -158,25 +164,26 @@ class Registry:
     identity_resource_id: str = ""
 
     @classmethod
-    def from_settings(cls, settings: ProviderSettings) -> Registry | None:
-        """None when no registry is configured; ``SettingsError`` naming the variables
-        when the combination is incomplete (never their values)."""
-        server, user = settings.azure_registry_server, settings.azure_registry_username
-        password, identity = settings.azure_registry_password, settings.azure_registry_identity
+    def from_env(cls, e: Env) -> Registry | None:
+        """None when no registry is configured; an incomplete combination is a problem
+        naming the variables (never their values)."""
+        server, user = e.text("AZURE_REGISTRY_SERVER"), e.text("AZURE_REGISTRY_USERNAME")
+        password = e.text("AZURE_REGISTRY_PASSWORD")
+        identity = e.text("AZURE_REGISTRY_IDENTITY_RESOURCE_ID")
         if not (server or user or password or identity):
             return None
         problems = []
         if not server:
-            problems.append("AZURE_REGISTRY_SERVER is required with the other "
-                            "AZURE_REGISTRY_* variables")
+            problems.append("AZURE_REGISTRY_SERVER (required with the other "
+                            "AZURE_REGISTRY_* variables)")
         if bool(user) != bool(password):
-            problems.append("AZURE_REGISTRY_USERNAME and AZURE_REGISTRY_PASSWORD go together")
+            problems.append("AZURE_REGISTRY_USERNAME and AZURE_REGISTRY_PASSWORD (they go "
+                            "together)")
         if bool(password) == bool(identity):
-            problems.append("set either AZURE_REGISTRY_PASSWORD (with AZURE_REGISTRY_USERNAME) "
-                            "or AZURE_REGISTRY_IDENTITY_RESOURCE_ID")
-        if problems:
-            raise SettingsError("invalid Azure registry settings: " + "; ".join(problems))
-        return cls(server.lower(), user, password, identity)
+            problems.append("AZURE_REGISTRY_PASSWORD (with AZURE_REGISTRY_USERNAME) or "
+                            "AZURE_REGISTRY_IDENTITY_RESOURCE_ID (set one of them)")
+        e.problems.extend(problems)
+        return None if problems else cls(server.lower(), user, password, identity)
 
     def serves(self, image: str) -> bool:
         """Whether ``image`` is pulled from this registry: its first path component is
@@ -274,14 +281,38 @@ def whole_lines(data: bytes, final: bool) -> bytes:
 
 
 # Account-wide submits per second. Azure publishes no fixed rate: a conservative
-# pick (worker/admission.py says why).
+# pick (the module docstring says why).
 SUBMIT_RATE = 20.0
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    """``BATCH_PROVIDER=azure``'s variables (docs/providers.md, Azure Batch); the region
+    comes from the endpoint."""
+
+    endpoint: str
+    pool_id: str
+    # A shared key (the account name defaults to the endpoint's first label); without
+    # one, DefaultAzureCredential.
+    account_name: str = ""
+    account_key: str = field(default="", repr=False)
+    registry: Registry | None = None
+
+    @classmethod
+    def from_env(cls, e: Env) -> AzureSettings:
+        e.require(("AZURE_BATCH_ENDPOINT", "AZURE_BATCH_POOL_ID"), "BATCH_PROVIDER=azure")
+        return cls(
+            endpoint=e.text("AZURE_BATCH_ENDPOINT"), pool_id=e.text("AZURE_BATCH_POOL_ID"),
+            account_name=e.text("AZURE_BATCH_ACCOUNT_NAME"),
+            account_key=e.text("AZURE_BATCH_ACCOUNT_KEY"), registry=Registry.from_env(e),
+        )
 
 
 class AzureBatchProvider:
     """Azure Batch, through an injected ``azure.batch.BatchClient``."""
 
     name = "azure"
+    settings_class = AzureSettings
     # No label limit: Batch documents none for job metadata (docs/providers.md); Jennah's
     # own metadata names are reserved. Machine type, spot and GPUs belong to the pool.
     capabilities = Capabilities(max_status_batch=100,
@@ -310,21 +341,18 @@ class AzureBatchProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> AzureBatchProvider:
-        registry = Registry.from_settings(settings)  # first: a bad setting stops the start
-        endpoint = settings.azure_batch_endpoint
-        if settings.azure_batch_account_key:
+        s = settings.read(AzureSettings.from_env)  # first: a bad setting stops the start
+        if s.account_key:
             from azure.core.credentials import AzureNamedKeyCredential
 
-            account = settings.azure_batch_account_name or urlsplit(endpoint).hostname or ""
-            credential: Any = AzureNamedKeyCredential(account.split(".")[0],
-                                                      settings.azure_batch_account_key)
+            account = s.account_name or urlsplit(s.endpoint).hostname or ""
+            credential: Any = AzureNamedKeyCredential(account.split(".")[0], s.account_key)
         else:
             from azure.identity import DefaultAzureCredential
 
             credential = DefaultAzureCredential()
-        client = BatchClient(endpoint, credential, retry_total=0)
-        return cls(client, endpoint=endpoint, pool_id=settings.azure_batch_pool_id,
-                   registry=registry)
+        client = BatchClient(s.endpoint, credential, retry_total=0)
+        return cls(client, endpoint=s.endpoint, pool_id=s.pool_id, registry=s.registry)
 
     @contextmanager
     def _vendor(self, what: str) -> Iterator[None]:

@@ -73,7 +73,8 @@ class Capabilities:
     accelerator_type: bool = False
     accelerator_count: bool = False
     # Submits per second the cloud account takes, shared by all workers (None: no limit;
-    # PROVIDER_SUBMIT_RATE overrides it). worker/admission.py spends it.
+    # PROVIDER_SUBMIT_RATE overrides it). worker/admission.py spends it; each provider's
+    # module says where its number comes from.
     submit_rate: float | None = None
     # A GPU count needs a type (GCP: the accelerator's type is what is asked for).
     accelerator_type_required: bool = False

@@ -31,6 +31,10 @@ last lines are read, ``status`` reports a job that ran and has ended as still RU
 ``goog-`` or ``google-`` and Batch's predefined ``batch-*`` keys are reserved.
 Accelerators need a type (``check``).
 
+**Submit rate** (``Capabilities.submit_rate``, spent by ``worker/admission.py`` and shared
+by the live workers): 100 a second. Batch allows 6,000 job changes a minute per project
+and region, and a create is a change.
+
 Vendor errors never leave this module: ``google.api_core`` exceptions become
 ``ProviderUnavailable`` (429, RESOURCE_EXHAUSTED, 5xx: retried here first, see
 ``providers/retry.py``) or ``ProviderRejected``.
@@ -65,7 +69,7 @@ from jennah.errors import (
     SettingsError,
 )
 from jennah.models import FailureClass, JobStatus
-from jennah.settings import ProviderSettings
+from jennah.settings import Env, ProviderSettings
 from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
 from providers.gcp_output import (
     READ_SCOPE,
@@ -265,11 +269,37 @@ class _Seen:
 SUBMIT_RATE = 6000 / 60
 
 
+@dataclass(frozen=True)
+class GcpSettings:
+    """``BATCH_PROVIDER=gcp``'s variables (docs/providers.md, GCP Batch)."""
+
+    project_id: str
+    region: str
+    network: Network = Network()
+    log_settle_seconds: float = 30.0
+    log_reads_per_minute: float = 50.0
+
+    @classmethod
+    def from_env(cls, e: Env) -> GcpSettings:
+        e.require(("BATCH_PROJECT_ID", "BATCH_REGION"), "BATCH_PROVIDER=gcp")
+        network = Network(e.text("GCP_NETWORK"), e.text("GCP_SUBNETWORK"),
+                          e.flag("GCP_NO_EXTERNAL_IP"))
+        if network.no_external_ip and not (network.network or network.subnetwork):
+            e.problems.append("GCP_NO_EXTERNAL_IP needs GCP_SUBNETWORK or GCP_NETWORK "
+                              "(a subnetwork with Private Google Access or Cloud NAT)")
+        return cls(
+            project_id=e.text("BATCH_PROJECT_ID"), region=e.region(), network=network,
+            log_settle_seconds=e.number("GCP_LOG_SETTLE_SECONDS", 30.0, float),
+            log_reads_per_minute=e.number("GCP_LOG_READS_PER_MINUTE", 50.0, float, 1),
+        )
+
+
 class GcpBatchProvider:
     """Google Cloud Batch, through an injected ``BatchServiceClient`` (and, for output, a
     Cloud Logging reader)."""
 
     name = "gcp"
+    settings_class = GcpSettings
 
     def __init__(
         self,
@@ -324,26 +354,21 @@ class GcpBatchProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> GcpBatchProvider:
+        s = settings.read(GcpSettings.from_env)
         import google.auth
         import google.auth.exceptions
         from google.auth.transport.requests import AuthorizedSession
 
-        if settings.gcp_no_external_ip and not (settings.gcp_network
-                                                or settings.gcp_subnetwork):
-            raise SettingsError("GCP_NO_EXTERNAL_IP needs GCP_SUBNETWORK or GCP_NETWORK "
-                                "(a subnetwork with Private Google Access or Cloud NAT)")
         try:
             client = batch_v1.BatchServiceClient()  # credentials: ADC
             credentials, _ = google.auth.default(scopes=[READ_SCOPE])  # type: ignore[no-untyped-call]
         except google.auth.exceptions.GoogleAuthError as exc:
             raise SettingsError(f"BATCH_PROVIDER=gcp: no Google credentials ({exc})") from exc
         session: HttpSession = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
-        return cls(client, project=settings.gcp_project_id, region=settings.region,
-                   network=Network(settings.gcp_network, settings.gcp_subnetwork,
-                                   settings.gcp_no_external_ip),
-                   logs=RestLogReader(session, project=settings.gcp_project_id),
-                   log_settle_seconds=settings.gcp_log_settle_seconds,
-                   log_reads_per_minute=settings.gcp_log_reads_per_minute)
+        return cls(client, project=s.project_id, region=s.region, network=s.network,
+                   logs=RestLogReader(session, project=s.project_id),
+                   log_settle_seconds=s.log_settle_seconds,
+                   log_reads_per_minute=s.log_reads_per_minute)
 
     @contextmanager
     def _vendor(self, what: str) -> Iterator[None]:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
 from jennah.models import RESOURCE_PROFILES, FailureClass, JobStatus
-from jennah.settings import ProviderSettings
+from jennah.settings import Env, ProviderSettings
 from providers import local_runner as r
 from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
 
@@ -204,12 +204,27 @@ class _Reaper:
 _REAPER = _Reaper()
 
 
+@dataclass(frozen=True)
+class LocalSettings:
+    """The local provider's variable: ``LOCAL_BATCH_DIR`` (default ``$JENNAH_HOME/local``),
+    the job directories, shared by every worker of the host."""
+
+    batch_dir: Path
+
+    @classmethod
+    def from_env(cls, e: Env) -> LocalSettings:
+        return cls(e.path("LOCAL_BATCH_DIR", e.home / "local"))
+
+
 class LocalProvider:
     """Jobs as detached processes on this machine, state in ``base_dir``."""
 
     name = "local"
+    settings_class = LocalSettings
     # It runs on this machine as it is: a machine type, spot VMs or GPUs cannot be had,
-    # so a job asking for them is refused rather than run without them.
+    # so a job asking for them is refused rather than run without them. No submit rate
+    # (worker/admission.py): its real cost is processes on one machine, which the
+    # per-tenant active-jobs cap bounds.
     capabilities = Capabilities(
         max_status_batch=10_000, supports_output=True,
         poll_interval_seconds=0.5, machine_type=False, spot=False, boot_disk=False,
@@ -231,7 +246,7 @@ class LocalProvider:
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> LocalProvider:
-        return cls(settings.local_batch_dir)
+        return cls(settings.read(LocalSettings.from_env).batch_dir)
 
     @property
     def container_engine(self) -> str | None:

@@ -219,7 +219,8 @@ class DryProvider:
     """
 
     name = "dry"
-    # It runs nothing, so it "honours" every setting: benchmarks and API tests use it.
+    # It runs nothing, so it "honours" every setting: benchmarks and API tests use it. No
+    # submit rate (worker/admission.py): benchmarks must measure our stack, not a limiter.
     capabilities = Capabilities(max_status_batch=10_000,
                                 poll_interval_seconds=0.05, blocking=False,
                                 accelerator_type=True, accelerator_count=True)

@@ -2,10 +2,15 @@
 provider: local (real processes), the in-memory fake, and wire-level fakes of GCP, AWS
 and Azure.
 
-A backend's test module subclasses :class:`ProviderContract` and overrides one fixture,
-``harness``, returning an object that satisfies :class:`ProviderHarness` (and cleaning up
-after itself). Nothing here knows about files, processes or clouds: only the
-``BatchProvider`` methods and the harness are used.
+A backend's test module (``tests/test_provider_<name>.py``) subclasses
+:class:`ProviderContract` as a ``Test…`` class, sets ``kind`` to the provider's name in
+``providers.PROVIDERS`` and overrides one fixture, ``harness``, returning an object that
+satisfies :class:`ProviderHarness` (and cleaning up after itself). Every registered
+provider must have such a run: :func:`contract_runs` finds them, and
+``tests/test_provider_settings.py`` fails for a registered name without one (only the
+names in :data:`NOT_UNDER_CONTRACT` are exempt, each with its reason). Nothing here knows
+about files, processes or clouds: only the ``BatchProvider`` methods and the harness are
+used.
 
 The contract's jobs are three shell commands, which every backend must give their
 ordinary meaning (an in-memory fake interprets them, see ``providers/memory.py``):
@@ -20,15 +25,19 @@ Class attributes a subclass may tune: ``state_timeout`` (seconds to reach a stat
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from typing import ClassVar, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import pytest
 
 from jennah.models import FailureClass, JobSpec, JobStatus
+from jennah.registry import load
+from providers import PROVIDERS
 from providers.base import BatchProvider, Capabilities, ProviderStatus, ProviderTask
 from providers.base import provider_job_id as make_provider_job_id
 
@@ -99,11 +108,25 @@ def wait_for_state(
         harness.advance()
 
 
-class ProviderContract:
-    """The tests every provider must pass. Subclasses override the ``harness`` fixture."""
+# Registered providers that cannot pass the contract, and why (nothing else may skip it).
+NOT_UNDER_CONTRACT: Mapping[str, str] = {
+    "dry": "completes every job at once whatever it runs (benchmarks); tested in "
+           "tests/test_provider_memory.py",
+}
 
+
+class ProviderContract:
+    """The tests every provider must pass. Subclasses set ``kind`` and override the
+    ``harness`` fixture."""
+
+    kind: ClassVar[str] = ""  # the provider's name in providers.PROVIDERS
     state_timeout: ClassVar[float] = 10.0
     cancel_timeout: ClassVar[float] = 2.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("Test") and cls.kind not in PROVIDERS:
+            raise TypeError(f"{cls.__name__}: kind {cls.kind!r} is not a registered provider")
 
     @pytest.fixture
     def harness(self) -> ProviderHarness:
@@ -122,6 +145,13 @@ class ProviderContract:
         path = h.provider.submit(self.task(SLEEP_60))
         self.wait(h, path, JobStatus.RUNNING)
         return path
+
+    # --- registration -------------------------------------------------------------------
+
+    def test_it_is_the_registered_provider(self, harness: ProviderHarness) -> None:
+        registered = load(PROVIDERS, self.kind, "BATCH_PROVIDER")
+        assert isinstance(harness.provider, registered)
+        assert harness.provider.name == self.kind
 
     # --- declared capabilities ----------------------------------------------------------
 
@@ -272,3 +302,17 @@ class ProviderContract:
                 before[path].state, before[path].exit_code)
         assert after[ok].state is JobStatus.COMPLETED
         assert after[bad].state is JobStatus.FAILED
+
+
+def contract_runs() -> dict[str, list[type[ProviderContract]]]:
+    """The contract's ``Test…`` subclasses in ``tests/test_provider_*.py``, by ``kind``."""
+    for path in sorted(Path(__file__).parent.glob("test_provider_*.py")):
+        importlib.import_module(f"tests.{path.stem}")
+    runs: dict[str, list[type[ProviderContract]]] = {}
+    classes = list(ProviderContract.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if cls.__name__.startswith("Test"):
+            runs.setdefault(cls.kind, []).append(cls)
+    return runs

@@ -1,12 +1,16 @@
 """The job store contract (``database/base.py``), written once, run against every store.
 
-A backend's test module subclasses :class:`StoreContract` and provides two fixtures:
+A backend's test module (``tests/test_store_*.py``) subclasses :class:`StoreContract`
+as a ``Test…`` class, sets ``kind`` to the store's name in ``database.STORES`` and
+provides two fixtures:
 
 * ``store``: a fresh, empty, migrated store (a new file, database, schema or prefix);
 * ``open_handle`` (optional): a factory of further handles on the *same* storage, as
   separate worker processes would hold them; the default reuses ``store``.
 
-Nothing here knows about SQL or any backend: only the ``JobStore`` methods are used.
+Every registered store must have such a run: :func:`contract_runs` finds them, and
+``tests/test_store_contract.py`` fails for a registered name without one. Nothing here
+knows about SQL or any backend: only the ``JobStore`` methods are used.
 Times are wall-clock based (short TTLs plus a short wait), so stores that use their
 database's clock pass too; ``short_ttl`` and ``expiry_wait`` may be tuned by a subclass.
 """
@@ -14,15 +18,18 @@ database's clock pass too; ``short_ttl`` and ``expiry_wait`` may be tuned by a s
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar, TypeVar, cast
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 
+from database import STORES
 from database.base import AppendEvents, CreateJob, JobStore, UpdateJob
 from jennah.errors import Conflict, InvalidArgument, LeaseLost, NotFound, StoreUnavailable
 from jennah.models import (
@@ -38,6 +45,7 @@ from jennah.models import (
     Placed,
     ResourceOverride,
 )
+from jennah.registry import load
 
 T = TypeVar("T")
 LONG_TTL = 60.0
@@ -127,10 +135,16 @@ def assert_utc(*values: datetime | None) -> None:
 
 
 class StoreContract:
-    """Subclass with a ``store`` fixture (fresh, empty, migrated)."""
+    """Subclass with ``kind`` and a ``store`` fixture (fresh, empty, migrated)."""
 
+    kind: ClassVar[str] = ""  # the store's name in database.STORES
     short_ttl: ClassVar[float] = 0.05
     expiry_wait: ClassVar[float] = 0.2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("Test") and cls.kind not in STORES:
+            raise TypeError(f"{cls.__name__}: kind {cls.kind!r} is not a registered store")
 
     @pytest.fixture
     def store(self) -> Iterator[JobStore]:
@@ -139,6 +153,10 @@ class StoreContract:
     @pytest.fixture
     def open_handle(self, store: JobStore) -> Iterator[Callable[[], JobStore]]:
         yield lambda: store
+
+    def test_it_is_the_registered_store(self, store: JobStore) -> None:
+        assert isinstance(store, load(STORES, self.kind, "DB_PROVIDER"))
+        assert store.name == self.kind
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -184,7 +202,7 @@ class StoreContract:
             max_retries=3,
         )
         job = dataclasses.replace(
-            make_job(request_id="req-1"), spec=spec, preferred_worker_id="w9",
+            make_job(request_id="req-1"), spec=spec,
             provider_job_id="pj-1", cloud_resource_path="projects/p/jobs/x",
         )  # fmt: skip
         before = datetime.now(UTC)
@@ -204,7 +222,7 @@ class StoreContract:
         got = store.get_job(job.tenant_id, job.job_id)
         assert got == stored
         assert got.spec == spec
-        for name in ("request_id", "provider", "preferred_worker_id", "provider_job_id",
+        for name in ("request_id", "provider", "provider_job_id",
                      "cloud_resource_path"):  # fmt: skip
             assert getattr(got, name) == getattr(job, name)
         assert (got.failure_class, got.exit_code, got.cancel_requested) == (None, None, False)
@@ -793,3 +811,17 @@ def assert_fails_fast(store: JobStore, within: float = 5.0) -> None:
         with pytest.raises(StoreUnavailable):
             call()
         assert time.monotonic() - start < within
+
+
+def contract_runs() -> dict[str, list[type[StoreContract]]]:
+    """The contract's ``Test…`` subclasses in ``tests/test_store_*.py``, by ``kind``."""
+    for path in sorted(Path(__file__).parent.glob("test_store_*.py")):
+        importlib.import_module(f"tests.{path.stem}")
+    runs: dict[str, list[type[StoreContract]]] = {}
+    classes = list(StoreContract.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if cls.__name__.startswith("Test"):
+            runs.setdefault(cls.kind, []).append(cls)
+    return runs

@@ -86,7 +86,7 @@ def submit(url: str, item: Submitted, body: dict[str, Any], first_timeout_ms: in
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     db = tmp_path / "jennah.db"
     c = Cluster(tmp_path, {"DB_PROVIDER": "sqlite", "DB_PATH": str(db)},
-                StoreSettings(kind="sqlite", sqlite_path=db), lease_ttl=3.0,
+                StoreSettings(kind="sqlite", env={"DB_PATH": str(db)}), lease_ttl=3.0,
                 claim_interval=1.0, poll_interval=0.3)  # fmt: skip
     try:
         yield c.start()

@@ -28,7 +28,7 @@ KILL_AFTER = 100
 @pytest.fixture
 def cluster(tmp_path: Path, postgres_db_url: str) -> Iterator[Cluster]:
     c = Cluster(tmp_path, {"DB_PROVIDER": "postgres", "DATABASE_URL": postgres_db_url},
-                StoreSettings(kind="postgres", database_url=postgres_db_url))  # fmt: skip
+                StoreSettings(kind="postgres", env={"DATABASE_URL": postgres_db_url}))  # fmt: skip
     try:
         yield c.start()
     finally:
@@ -82,7 +82,7 @@ def test_a_restarted_worker_resumes_its_own_jobs_without_a_takeover(
     """A worker back before its leases expire (same WORKER_ID) carries on: it renews and
     polls its jobs to the end; nobody claims them, and nothing runs twice."""
     c = Cluster(tmp_path, {"DB_PROVIDER": "postgres", "DATABASE_URL": postgres_db_url},
-                StoreSettings(kind="postgres", database_url=postgres_db_url),
+                StoreSettings(kind="postgres", env={"DATABASE_URL": postgres_db_url}),
                 n_workers=1, lease_ttl=30.0, job_seconds=2.0)  # fmt: skip
     try:
         c.start()

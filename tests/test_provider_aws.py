@@ -33,7 +33,8 @@ from jennah.models import (
     JobStatus,
     ResourceOverride,
 )
-from jennah.settings import load_worker_settings
+from jennah.settings import ProviderSettings, load_worker_settings
+from providers import PROVIDERS
 from providers.aws import (
     AWS_FAILED_RULES,
     AWS_STATES,
@@ -42,6 +43,7 @@ from providers.aws import (
     LOG_EVENTS_PER_PAGE,
     LOG_PAGES_PER_READ,
     AwsBatchProvider,
+    AwsSettings,
     image_definition_name,
     make_client,
     share_identifier,
@@ -64,7 +66,7 @@ from tests.fakes.aws_batch import (
     base_definition,
 )
 from tests.fixtures.moto import MOTO_CREDENTIALS, moto_post
-from tests.helpers import free_port
+from tests.helpers import free_port, owner
 from tests.provider_contract import (
     EXIT_0,
     EXIT_3,
@@ -74,8 +76,6 @@ from tests.provider_contract import (
     make_task,
 )
 from worker.jobs import JobService
-from worker.poller import Poller
-from worker.store_events import StoreExecutionLog
 
 
 @dataclass
@@ -127,6 +127,7 @@ def aws() -> Iterator[AwsHarness]:
 
 
 class TestAwsContract(ProviderContract):
+    kind = "aws"
     state_timeout = 5.0
 
     @pytest.fixture
@@ -511,14 +512,14 @@ def test_the_poller_streams_output_once_in_order_across_workers(aws: AwsHarness)
     """The worker's own loop against the fake: several polls, a new owner (another
     provider, no token cached) starting from the stored offsets, nothing after the end."""
     store = MemoryStore()
-    w1 = JobService(store, aws.provider, worker_id="w1", lease_ttl=30)
+    w1 = owner(store, aws.provider, "w1")
     second = aws.another_provider()
-    w2 = JobService(store, second, worker_id="w2", lease_ttl=30)
+    w2 = owner(store, second, "w2")
 
     async def go() -> None:
-        job = await w1.submit("acme", JobSpec(image_uri=IMAGE, commands=SLEEP_60), "r")
+        job = await w1.jobs.submit("acme", JobSpec(image_uri=IMAGE, commands=SLEEP_60), "r")
         arn = job.cloud_resource_path
-        p1 = Poller(w1, StoreExecutionLog(w1.committer), 0.01)
+        p1 = w1.poller
         aws.fake.advance(4)  # RUNNING: the stream exists
         aws.fake.log(arn, "one", "two")
         await p1.cycle()
@@ -531,7 +532,7 @@ def test_the_poller_streams_output_once_in_order_across_workers(aws: AwsHarness)
         assert [j.job_id for j in store.claim_expired("w2", 30, 10)] == [job.job_id]
         aws.fake.log(arn, "four")
         aws.fake.set_state(arn, "SUCCEEDED", exit_code=0)
-        p2 = Poller(w2, StoreExecutionLog(w2.committer), 0.01)
+        p2 = w2.poller
         await p2.cycle()
         assert store.get_job("acme", job.job_id).status is JobStatus.COMPLETED
         aws.fake.log(arn, "late")  # after the end: never read
@@ -786,11 +787,12 @@ def test_aws_settings_are_parsed_and_checked_at_start_up(tmp_path: Path) -> None
            "AWS_SPOT_JOB_QUEUE": SPOT_QUEUE, "AWS_SHARE_IDENTIFIER": "acme=teamA; *=others",
            "AWS_SCHEDULING_PRIORITY": "acme=50;*=10",
            "AWS_JOB_DEFINITION_CACHE_SECONDS": "30"}
-    p = load_worker_settings(env).provider
-    assert (p.aws_spot_job_queue, p.aws_definition_cache_seconds) == (SPOT_QUEUE, 30.0)
-    assert p.aws_share_identifiers == {"acme": "teamA", "*": "others"}
-    assert p.aws_scheduling_priorities == {"acme": 50, "*": 10}
-    provider = AwsBatchProvider.from_settings(p)
+    settings = load_worker_settings(env, providers=PROVIDERS).provider
+    p = settings.read(AwsSettings.from_env)
+    assert (p.spot_job_queue, p.definition_cache_seconds) == (SPOT_QUEUE, 30.0)
+    assert p.share_identifiers == {"acme": "teamA", "*": "others"}
+    assert p.scheduling_priorities == {"acme": 50, "*": 10}
+    provider = AwsBatchProvider.from_settings(settings)
     try:
         assert provider.capabilities.spot and provider.capabilities.supports_output
     finally:
@@ -798,4 +800,7 @@ def test_aws_settings_are_parsed_and_checked_at_start_up(tmp_path: Path) -> None
     bad = {**env, "AWS_SHARE_IDENTIFIER": "acme=team-a", "AWS_SCHEDULING_PRIORITY": "*=10000"}
     with pytest.raises(SettingsError, match=r"AWS_SHARE_IDENTIFIER entry 'acme=team-a'.*"
                                              r"AWS_SCHEDULING_PRIORITY entry"):
-        load_worker_settings(bad)
+        load_worker_settings(bad, providers=PROVIDERS)
+    with pytest.raises(SettingsError, match=r"invalid batch provider settings: .*"
+                                             r"AWS_SHARE_IDENTIFIER entry 'acme=team-a'"):
+        AwsBatchProvider.from_settings(ProviderSettings(kind="aws", env=bad))

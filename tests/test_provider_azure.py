@@ -43,6 +43,7 @@ from providers.azure import (
     AZURE_TASK_STATES,
     CANCEL_REASON,
     AzureBatchProvider,
+    AzureSettings,
     endpoint_region,
     task_id_for,
     translate,
@@ -52,11 +53,9 @@ from providers.base import provider_job_id as make_pid
 from providers.retry import RetryPolicy
 from tests.fakes import serve_http
 from tests.fakes.azure_batch import ACCOUNT, POOL, FakeAzureBatch
-from tests.helpers import free_port
+from tests.helpers import free_port, owner
 from tests.provider_contract import EXIT_0, IMAGE, SLEEP_60, ProviderContract, make_task
 from worker.jobs import JobService
-from worker.poller import Poller
-from worker.store_events import StoreExecutionLog
 
 KEY = "c2VjcmV0LWtleQ=="
 
@@ -103,6 +102,7 @@ def az() -> Iterator[AzureHarness]:
 
 
 class TestAzureContract(ProviderContract):
+    kind = "azure"
     state_timeout = 5.0
 
     @pytest.fixture
@@ -304,9 +304,9 @@ def test_error_translation() -> None:
 
 
 def test_settings_with_a_named_key_and_the_region_from_the_endpoint(az: AzureHarness) -> None:
-    settings = ProviderSettings(kind="azure", azure_batch_endpoint=az.url,
-                                azure_batch_pool_id=POOL, azure_batch_account_name=ACCOUNT,
-                                azure_batch_account_key=KEY)
+    settings = ProviderSettings(kind="azure", env={
+        "AZURE_BATCH_ENDPOINT": az.url, "AZURE_BATCH_POOL_ID": POOL,
+        "AZURE_BATCH_ACCOUNT_NAME": ACCOUNT, "AZURE_BATCH_ACCOUNT_KEY": KEY})
     provider = AzureBatchProvider.from_settings(settings)
     try:
         path = provider.submit(make_task(EXIT_0))
@@ -438,15 +438,18 @@ PASSWORD = "s3cr3t-Registry-Pa55"
 
 
 def _registry_settings(az: AzureHarness, **registry: str) -> ProviderSettings:
-    return ProviderSettings(kind="azure", azure_batch_endpoint=az.url,
-                            azure_batch_pool_id=POOL, azure_batch_account_name=ACCOUNT,
-                            azure_batch_account_key=KEY, **registry)  # type: ignore[arg-type]
+    """Azure settings with ``registry``'s ``AZURE_REGISTRY_*`` variables (lowercase suffix:
+    ``server`` is ``AZURE_REGISTRY_SERVER``, ``identity`` the identity's resource id)."""
+    names = {"identity": "AZURE_REGISTRY_IDENTITY_RESOURCE_ID"}
+    return ProviderSettings(kind="azure", env={
+        "AZURE_BATCH_ENDPOINT": az.url, "AZURE_BATCH_POOL_ID": POOL,
+        "AZURE_BATCH_ACCOUNT_NAME": ACCOUNT, "AZURE_BATCH_ACCOUNT_KEY": KEY,
+        **{names.get(k, f"AZURE_REGISTRY_{k.upper()}"): v for k, v in registry.items()}})
 
 
 def test_registry_credentials_go_only_to_their_own_registry(az: AzureHarness) -> None:
-    settings = _registry_settings(az, azure_registry_server="MyACR.azurecr.io",
-                                  azure_registry_username="puller",
-                                  azure_registry_password=PASSWORD)
+    settings = _registry_settings(az, server="MyACR.azurecr.io", username="puller",
+                                  password=PASSWORD)
     provider = AzureBatchProvider.from_settings(settings)
     try:
         for image in ("myacr.azurecr.io/app:2", "docker.io/library/busybox:1.36", "busybox",
@@ -464,8 +467,7 @@ def test_registry_credentials_go_only_to_their_own_registry(az: AzureHarness) ->
 def test_a_managed_identity_instead_of_a_password(az: AzureHarness) -> None:
     identity = ("/subscriptions/s/resourceGroups/g/providers/"
                 "Microsoft.ManagedIdentity/userAssignedIdentities/puller")
-    settings = _registry_settings(az, azure_registry_server="myacr.azurecr.io",
-                                  azure_registry_identity=identity)
+    settings = _registry_settings(az, server="myacr.azurecr.io", identity=identity)
     provider = AzureBatchProvider.from_settings(settings)
     try:
         task = make_task(EXIT_0)
@@ -479,11 +481,10 @@ def test_a_managed_identity_instead_of_a_password(az: AzureHarness) -> None:
 
 
 @pytest.mark.parametrize("registry", [
-    {"azure_registry_username": "u", "azure_registry_password": PASSWORD},
-    {"azure_registry_server": "r.io", "azure_registry_password": PASSWORD},
-    {"azure_registry_server": "r.io", "azure_registry_username": "u",
-     "azure_registry_password": PASSWORD, "azure_registry_identity": "/subscriptions/x"},
-    {"azure_registry_server": "r.io"},
+    {"username": "u", "password": PASSWORD},
+    {"server": "r.io", "password": PASSWORD},
+    {"server": "r.io", "username": "u", "password": PASSWORD, "identity": "/subscriptions/x"},
+    {"server": "r.io"},
 ], ids=["no server", "no user name", "password and identity", "no credentials"])
 def test_incomplete_registry_settings_stop_the_start(az: AzureHarness,
                                                      registry: dict[str, str]) -> None:
@@ -494,10 +495,10 @@ def test_incomplete_registry_settings_stop_the_start(az: AzureHarness,
 
 def test_the_registry_password_is_never_logged_nor_in_errors(
         az: AzureHarness, caplog: pytest.LogCaptureFixture) -> None:
-    settings = _registry_settings(az, azure_registry_server="myacr.azurecr.io",
-                                  azure_registry_username="puller",
-                                  azure_registry_password=PASSWORD)
+    settings = _registry_settings(az, server="myacr.azurecr.io", username="puller",
+                                  password=PASSWORD)
     assert PASSWORD not in repr(settings)
+    assert PASSWORD not in repr(settings.read(AzureSettings.from_env))
     provider = AzureBatchProvider.from_settings(settings)
     assert PASSWORD not in repr(provider.registry)
     task = make_task(EXIT_0)
@@ -580,13 +581,13 @@ def test_the_poller_streams_output_once_in_order_across_workers(az: AzureHarness
     """The worker's own loop against the fake: several polls, a new owner starting from
     the stored offsets, and nothing after the end."""
     store = MemoryStore()
-    w1 = JobService(store, az.provider, worker_id="w1", lease_ttl=30)
-    w2 = JobService(store, az.provider, worker_id="w2", lease_ttl=30)
+    w1 = owner(store, az.provider, "w1")
+    w2 = owner(store, az.provider, "w2")
 
     async def go() -> None:
-        job = await w1.submit("acme", JobSpec(image_uri=IMAGE, commands=SLEEP_60), "r")
+        job = await w1.jobs.submit("acme", JobSpec(image_uri=IMAGE, commands=SLEEP_60), "r")
         job_id = job.provider_job_id
-        p1 = Poller(w1, StoreExecutionLog(w1.committer), 0.01)
+        p1 = w1.poller
         az.fake.advance(2)
         az.fake.write(job_id, "stdout.txt", b"one\ntw")
         await p1.cycle()
@@ -601,7 +602,7 @@ def test_the_poller_streams_output_once_in_order_across_workers(az: AzureHarness
         assert [j.job_id for j in store.claim_expired("w2", 30, 10)] == [job.job_id]
         az.fake.write(job_id, "stdout.txt", b"three\nno newline")
         az.fake.set_task(job_id, "completed", exit_code=0)
-        p2 = Poller(w2, StoreExecutionLog(w2.committer), 0.01)
+        p2 = w2.poller
         await p2.cycle()
         assert store.get_job("acme", job.job_id).status is JobStatus.COMPLETED
         az.fake.write(job_id, "stdout.txt", b"\nlate\n")  # after the end: never read

@@ -138,6 +138,7 @@ def gcp() -> Iterator[GcpHarness]:
 
 
 class TestGcpContract(ProviderContract):
+    kind = "gcp"
     state_timeout = 5.0
 
     @pytest.fixture
@@ -504,8 +505,8 @@ def test_network_settings_reach_the_allocation_policy(gcp: GcpHarness) -> None:
 
 
 def test_no_external_ip_needs_a_network_setting() -> None:
-    settings = ProviderSettings(kind="gcp", region="us-central1", gcp_project_id="p",
-                                gcp_no_external_ip=True)
+    settings = ProviderSettings(kind="gcp", env={
+        "BATCH_REGION": "us-central1", "BATCH_PROJECT_ID": "p", "GCP_NO_EXTERNAL_IP": "1"})
     with pytest.raises(SettingsError, match="GCP_NO_EXTERNAL_IP needs GCP_SUBNETWORK"):
         GcpBatchProvider.from_settings(settings)
 

@@ -40,7 +40,7 @@ from providers.local import (
     map_state,
     read_lines,
 )
-from tests.helpers import REPO, wait_until
+from tests.helpers import REPO, owner, wait_until
 from tests.provider_contract import (
     EXIT_0,
     EXIT_3,
@@ -51,9 +51,6 @@ from tests.provider_contract import (
     wait_for_state,
 )
 from worker.convert import event_to_pb, job_to_pb
-from worker.jobs import JobService
-from worker.poller import Poller
-from worker.store_events import StoreExecutionLog
 
 
 @dataclass
@@ -91,6 +88,8 @@ def harness(provider: LocalProvider) -> LocalHarness:
 
 
 class TestLocalProviderContract(ProviderContract):
+    kind = "local"
+
     @pytest.fixture
     def harness(self, provider: LocalProvider) -> LocalHarness:
         return LocalHarness(provider)
@@ -567,8 +566,8 @@ def test_what_a_tenant_sees_of_local_jobs_names_no_host_path(provider: LocalProv
     """Through a worker's JobService and Poller: the job, its resource path, the SCHEDULED
     message and every other event, of a failed, a cancelled and a rejected job."""
     store = MemoryStore()
-    jobs = JobService(store, provider, worker_id="w1", lease_ttl=30)
-    poller = Poller(jobs, StoreExecutionLog(jobs.committer), 0.01)
+    w1 = owner(store, provider)
+    jobs, poller = w1.jobs, w1.poller
 
     async def cycle_until(done: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 10
@@ -620,7 +619,8 @@ def test_rejected_submits_leave_nothing_behind(provider: LocalProvider) -> None:
 
 
 def test_from_settings_through_the_registry(tmp_path: Path) -> None:
-    p = create_provider(ProviderSettings(kind="local", local_batch_dir=tmp_path / "lb"))
+    p = create_provider(ProviderSettings(kind="local",
+                                         env={"LOCAL_BATCH_DIR": str(tmp_path / "lb")}))
     assert isinstance(p, LocalProvider)
     assert p.base_dir == (tmp_path / "lb").resolve() and p.base_dir.is_dir()
     assert p.capabilities.supports_output and p.capabilities.max_status_batch >= 1000

@@ -53,6 +53,7 @@ class FakeHarness:
 
 
 class TestFakeProviderContract(ProviderContract):
+    kind = "fake"
     state_timeout = 2.0
 
     @pytest.fixture

@@ -1,13 +1,17 @@
-"""Cloud provider settings (docs/design.md §7, §11) and the pieces the three cloud providers share:
-start-up validation naming every missing variable, the region rules, building each
-provider from settings through the registry, the retry policy and resource resolution."""
+"""Provider settings (docs/design.md §7, §11) and the pieces the three cloud providers share:
+start-up validation naming every missing variable, the region rules, the registry (every
+provider built from settings through it, and every one under the contract), the retry
+policy and resource resolution."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from database import STORES
 from jennah.errors import (
     ProviderQuotaExceeded,
     ProviderRejected,
@@ -15,10 +19,12 @@ from jennah.errors import (
     SettingsError,
 )
 from jennah.models import JobSpec, ResourceOverride
-from jennah.settings import REQUIRED_BY_PROVIDER, ProviderSettings, load_worker_settings
-from providers import create_provider
+from jennah.settings import ProviderSettings, load_worker_settings
+from providers import PROVIDERS, create_provider
+from providers.aws import AwsSettings
 from providers.resources import Resources, resolve
-from providers.retry import RetryPolicy, backoff_delay
+from providers.retry import RetryPolicy
+from tests.provider_contract import NOT_UNDER_CONTRACT, contract_runs
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -33,40 +39,60 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def test_missing_provider_settings_are_named_in_one_line(
     tmp_path: Path, provider: str, missing: list[str]
 ) -> None:
-    with pytest.raises(SettingsError) as info:
-        load_worker_settings(base_env(tmp_path, BATCH_PROVIDER=provider))
-    text = str(info.value)
-    assert "\n" not in text
-    for name in missing:
-        assert f"{name} (required by BATCH_PROVIDER={provider})" in text, text
-    assert len(missing) == len(REQUIRED_BY_PROVIDER[provider])
+    env = base_env(tmp_path, BATCH_PROVIDER=provider, WORKER_LEASE_TTL_SECONDS="soon")
+    with pytest.raises(SettingsError) as at_start:  # with the registries: one line for all
+        load_worker_settings(env, providers=PROVIDERS, stores=STORES)
+    assert "WORKER_LEASE_TTL_SECONDS" in str(at_start.value)
+    settings = load_worker_settings({**env, "WORKER_LEASE_TTL_SECONDS": "30"})
+    with pytest.raises(SettingsError) as when_built:  # without: when the provider is built
+        create_provider(settings.provider)
+    for text in (str(at_start.value), str(when_built.value)):
+        assert "\n" not in text
+        for name in missing:
+            assert f"{name} (required by BATCH_PROVIDER={provider})" in text, text
+        assert text.count("(required by") == len(missing), text
 
 
 def test_one_missing_variable_among_present_ones(tmp_path: Path) -> None:
     env = base_env(tmp_path, BATCH_PROVIDER="aws", AWS_REGION="eu-west-1",
                    AWS_JOB_DEFINITION="jennah-def")
     with pytest.raises(SettingsError, match=r"AWS_JOB_QUEUE \(required") as info:
-        load_worker_settings(env)
+        load_worker_settings(env, providers=PROVIDERS)
     assert "AWS_JOB_DEFINITION" not in str(info.value) and "AWS_REGION" not in str(info.value)
+
+
+def test_an_unknown_provider_is_named_with_the_known_ones(tmp_path: Path) -> None:
+    env = base_env(tmp_path, BATCH_PROVIDER="Slurm")
+    known = r"\(expected one of local, gcp, aws, azure, dry, fake\)"
+    with pytest.raises(SettingsError, match=rf"invalid worker settings: .*BATCH_PROVIDER='slurm' "
+                                            rf"{known}"):
+        load_worker_settings(env, providers=PROVIDERS, stores=STORES)
+    with pytest.raises(SettingsError, match=rf"BATCH_PROVIDER='slurm' {known}"):
+        create_provider(load_worker_settings(env).provider)
 
 
 def test_region_rules(tmp_path: Path) -> None:
     aws = {"BATCH_PROVIDER": "aws", "AWS_JOB_QUEUE": "q", "AWS_JOB_DEFINITION": "d"}
-    only_aws = load_worker_settings(base_env(tmp_path, **aws, AWS_REGION="eu-west-1"))
-    assert only_aws.provider.region == "eu-west-1"  # AWS_REGION is honoured
-    both = load_worker_settings(base_env(tmp_path, **aws, AWS_REGION="eu-west-1",
-                                         BATCH_REGION="us-east-2"))
-    assert both.provider.region == "us-east-2"  # BATCH_REGION is the region for all
-    azure = load_worker_settings(base_env(
+
+    def region(**env: str) -> str:
+        settings = load_worker_settings(base_env(tmp_path, **aws, **env), providers=PROVIDERS)
+        return settings.provider.read(AwsSettings.from_env).region
+
+    assert region(AWS_REGION="eu-west-1") == "eu-west-1"  # AWS_REGION is honoured
+    assert region(AWS_REGION="eu-west-1", BATCH_REGION="us-east-2") == "us-east-2"
+    # GCP needs BATCH_REGION itself; Azure takes its region from the endpoint.
+    gcp = base_env(tmp_path, BATCH_PROVIDER="gcp", BATCH_PROJECT_ID="p", AWS_REGION="eu-west-1")
+    with pytest.raises(SettingsError, match=r"BATCH_REGION \(required by BATCH_PROVIDER=gcp"):
+        load_worker_settings(gcp, providers=PROVIDERS)
+    load_worker_settings(base_env(
         tmp_path, BATCH_PROVIDER="azure", AZURE_BATCH_POOL_ID="pool",
-        AZURE_BATCH_ENDPOINT="https://acct.westeurope.batch.azure.com"))
-    assert azure.provider.region == ""  # Azure takes its region from the endpoint
+        AZURE_BATCH_ENDPOINT="https://acct.westeurope.batch.azure.com"), providers=PROVIDERS)
 
 
 def test_aws_provider_from_settings_uses_region_queue_and_endpoint() -> None:
-    settings = ProviderSettings(kind="aws", region="eu-central-1", aws_job_queue="q",
-                                aws_job_definition="d",
-                                aws_endpoint_url="http://127.0.0.1:9")
+    settings = ProviderSettings(kind="aws", env={
+        "BATCH_REGION": "eu-central-1", "AWS_JOB_QUEUE": "q", "AWS_JOB_DEFINITION": "d",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     provider = create_provider(settings)
     try:
         assert provider.name == "aws"
@@ -82,19 +108,44 @@ def test_gcp_without_credentials_fails_start_up_with_a_settings_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
-    settings = ProviderSettings(kind="gcp", region="us-central1", gcp_project_id="p")
+    settings = ProviderSettings(kind="gcp", env={"BATCH_REGION": "us-central1",
+                                                 "BATCH_PROJECT_ID": "p"})
     with pytest.raises(SettingsError, match="BATCH_PROVIDER=gcp: no Google credentials"):
         create_provider(settings)
+
+
+# --- the registry -------------------------------------------------------------------------
+
+
+def test_every_registered_provider_runs_the_contract() -> None:
+    runs = contract_runs()
+    missing = sorted(set(PROVIDERS) - set(runs) - set(NOT_UNDER_CONTRACT))
+    assert not missing, f"registered providers without a contract run: {missing}"
+    assert not set(runs) & set(NOT_UNDER_CONTRACT)
+    assert set(NOT_UNDER_CONTRACT) <= set(PROVIDERS)
+
+
+def test_the_settings_kernel_imports_no_backend() -> None:
+    code = ("import sys, jennah.settings; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('providers', 'database')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent).stdout
+    assert out.strip() == "[]"
 
 
 # --- the retry policy ---------------------------------------------------------------------
 
 
 def test_backoff_is_capped_full_jitter() -> None:
-    assert backoff_delay(0, 0.2, 5.0, lambda: 0.999) == pytest.approx(0.1998)
-    assert backoff_delay(3, 0.2, 5.0, lambda: 0.5) == pytest.approx(0.8)
-    assert backoff_delay(10, 0.2, 5.0, lambda: 0.999) == pytest.approx(4.995)  # capped
-    assert backoff_delay(10, 0.2, 5.0, lambda: 0.0) == 0.0
+    def down() -> None:
+        raise ProviderUnavailable("503")
+
+    for r, want in [(0.999, [0.1998, 0.3996, 0.7992, 1.5984, 3.1968, 4.995, 4.995]),
+                    (0.0, [0.0] * 7)]:
+        sleeps: list[float] = []
+        with pytest.raises(ProviderUnavailable):
+            RetryPolicy(attempts=8, sleep=sleeps.append, random=lambda r=r: r).call("down", down)
+        assert sleeps == pytest.approx(want)  # base 0.2, doubling, capped at 5.0
 
 
 def test_retry_retries_retryable_errors_a_bounded_number_of_times() -> None:

@@ -28,8 +28,7 @@ T0 = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 
 def _fill_every_job_column(store: SQLiteStore | PostgresStore) -> Job:
-    job = dataclasses.replace(make_job(request_id="r"), preferred_worker_id="w2")
-    job, _ = store.create_job(job, 30)
+    job, _ = store.create_job(make_job(request_id="r"), 30)
     store.request_cancel(job.tenant_id, job.job_id)
     store.renew_leases([(job.job_id, job.lease)], 30)
     patch = JobPatch(

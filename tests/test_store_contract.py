@@ -16,20 +16,22 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from database import create_store
+from database import STORES, create_store
 from database.base import JobStore
 from database.memory import MemoryStore
 from database.postgres import PostgresStore
 from database.sqlite import SQLiteStore
-from jennah.errors import StoreUnavailable
+from jennah.errors import SettingsError, StoreUnavailable
 from jennah.models import Lease
-from jennah.settings import StoreSettings
-from tests.store_contract import StoreContract, make_job
+from jennah.settings import StoreSettings, load_store_settings, load_worker_settings
+from tests.store_contract import StoreContract, contract_runs, make_job
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 class TestMemoryStore(StoreContract):
+    kind = "memory"
+
     @pytest.fixture
     def store(self) -> Iterator[JobStore]:
         store = MemoryStore()
@@ -39,6 +41,8 @@ class TestMemoryStore(StoreContract):
 
 
 class TestSQLiteStore(StoreContract):
+    kind = "sqlite"
+
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[JobStore]:
         store = SQLiteStore(tmp_path / "jobs.db")
@@ -62,6 +66,8 @@ class TestSQLiteStore(StoreContract):
 
 @pytest.mark.postgres
 class TestPostgresStore(StoreContract):
+    kind = "postgres"
+
     @pytest.fixture
     def store(self, postgres_db_url: str) -> Iterator[JobStore]:
         store = PostgresStore(postgres_db_url)
@@ -203,7 +209,7 @@ def test_postgres_recovers_from_killed_connections(postgres_db_url: str) -> None
 
 def test_from_settings(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "jobs.db"
-    store = create_store(StoreSettings(kind="sqlite", sqlite_path=path))
+    store = create_store(StoreSettings(kind="sqlite", env={"DB_PATH": str(path)}))
     try:
         assert isinstance(store, SQLiteStore) and path.parent.is_dir()
         assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
@@ -214,10 +220,67 @@ def test_from_settings(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_postgres_from_settings(postgres_db_url: str) -> None:
-    store = create_store(StoreSettings(kind="postgres", database_url=postgres_db_url))
+    store = create_store(StoreSettings(kind="postgres", env={"DATABASE_URL": postgres_db_url}))
     try:
         assert isinstance(store, PostgresStore)
         assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
         store.ping()
     finally:
         store.close()
+
+
+# --- the registry and each store's own settings -------------------------------------------
+
+
+def test_every_registered_store_runs_the_contract() -> None:
+    runs = contract_runs()
+    missing = sorted(set(STORES) - set(runs))
+    assert not missing, f"registered stores without a contract run: {missing}"
+    assert set(runs) <= set(STORES)
+
+
+@pytest.mark.parametrize(("store", "missing"), [
+    ("postgres", ["DATABASE_URL"]),
+    ("spanner", ["DB_PROJECT_ID", "DB_INSTANCE", "DB_DATABASE"]),
+    ("dynamodb", ["BATCH_REGION or AWS_REGION"]),
+])
+def test_missing_store_settings_are_named_in_one_line(store: str, missing: list[str]) -> None:
+    env = {"DB_PROVIDER": store, "JENNAH_DEV_MODE": "1", "WORKER_LEASE_TTL_SECONDS": "soon"}
+    with pytest.raises(SettingsError) as at_start:  # with the registry: one line for all
+        load_worker_settings(env, stores=STORES)
+    with pytest.raises(SettingsError) as when_built:  # without: when the store is built
+        create_store(load_store_settings(env))
+    for text in (str(at_start.value), str(when_built.value)):
+        assert "\n" not in text
+        for name in missing:
+            assert f"{name} (required by DB_PROVIDER={store})" in text, text
+        assert text.count("(required by") == len(missing), text
+    assert "WORKER_LEASE_TTL_SECONDS" in str(at_start.value)
+
+
+def test_an_unknown_store_is_named_with_the_known_ones() -> None:
+    env = {"DB_PROVIDER": "Mongo"}
+    with pytest.raises(SettingsError, match=r"DB_PROVIDER='mongo' \(expected one of sqlite, "
+                                            r"postgres, dynamodb, spanner, memory\)"):
+        load_store_settings(env, stores=STORES)
+    with pytest.raises(SettingsError, match=r"DB_PROVIDER='mongo' \(expected one of sqlite"):
+        create_store(load_store_settings(env))
+
+
+def test_each_store_reads_its_own_variables(tmp_path: Path) -> None:
+    from database.dynamodb import DynamoDBSettings
+    from database.postgres import PostgresSettings
+    from database.sqlite import SQLiteSettings
+
+    env = {"JENNAH_HOME": str(tmp_path), "DATABASE_URL": "postgresql://u:pw@h/db",
+           "DATABASE_POOL_SIZE": "3", "AWS_REGION": "eu-west-1", "BATCH_REGION": "us-east-2"}
+    settings = load_store_settings(env)
+    assert settings.read(SQLiteSettings.from_env).path == tmp_path / "jennah.db"
+    postgres = settings.read(PostgresSettings.from_env)
+    assert (postgres.url, postgres.pool_size) == ("postgresql://u:pw@h/db", 3)
+    assert "pw" not in repr(postgres) and "pw" not in repr(settings)
+    dynamo = settings.read(DynamoDBSettings.from_env)
+    assert (dynamo.region, dynamo.table_prefix) == ("us-east-2", "jennah")  # BATCH_REGION wins
+    with pytest.raises(SettingsError, match=r"invalid job store settings: .*DATABASE_POOL_SIZE"):
+        StoreSettings("postgres", {**env, "DATABASE_POOL_SIZE": "0"}).read(
+            PostgresSettings.from_env)

@@ -22,7 +22,7 @@ from database import dynamodb
 from database._common import to_micros
 from database.base import CreateJob, JobStore, UpdateJob
 from database.dynamodb import DynamoDBStore
-from jennah.errors import InvalidArgument, NotFound, StoreUnavailable
+from jennah.errors import InvalidArgument, NotFound, StoreError, StoreUnavailable
 from jennah.models import (
     EventKind,
     Job,
@@ -46,8 +46,9 @@ from tests.store_contract import (
 
 
 def settings(endpoint: str, prefix: str) -> StoreSettings:
-    return StoreSettings(kind="dynamodb", region="us-east-1", aws_endpoint_url=endpoint,
-                         dynamodb_table_prefix=prefix)  # fmt: skip
+    return StoreSettings(kind="dynamodb", env={
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "DYNAMODB_TABLE_PREFIX": prefix,
+    })  # fmt: skip
 
 
 def open_store(endpoint: str, prefix: str, skew: float = 0.0) -> DynamoDBStore:
@@ -71,6 +72,8 @@ def open_dynamo(moto_endpoint: str) -> Iterator[Callable[[], DynamoDBStore]]:
 
 
 class TestDynamoDBStore(ReopenableContract):
+    kind = "dynamodb"
+
     @pytest.fixture
     def opener(self, open_dynamo: Callable[[], DynamoDBStore]) -> Callable[[], JobStore]:
         return open_dynamo
@@ -314,6 +317,30 @@ def test_write_batch_packs_independent_ops_into_one_transaction(
     assert len(calls) == 2  # the second update of a job waits for the first one's commit
     positions = [e.position for e in store.list_tenant_events("tenant-a", 0, 100)]
     assert positions == list(range(1, 22))
+
+
+def test_transaction_conflicts_are_retried_with_backoff_then_reported(
+    open_dynamo: Callable[[], DynamoDBStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from botocore.exceptions import ClientError
+
+    store = open_dynamo()
+    tries: list[dict[str, Any]] = []
+    slept: list[float] = []
+
+    def conflicting(**kwargs: Any) -> Any:
+        tries.append(kwargs)
+        raise ClientError({"Error": {"Code": "TransactionConflictException",
+                                     "Message": "in another transaction"}}, "UpdateItem")
+
+    monkeypatch.setattr(store._client, "update_item", conflicting)
+    monkeypatch.setattr(dynamodb, "_sleep", slept.append)
+    monkeypatch.setattr(dynamodb, "_random", lambda: 1.0)
+    with pytest.raises(StoreError, match="TransactionConflictException"):
+        store._call("update_item", TableName=store.table, Key={})
+    assert len(tries) == 6
+    # random() = 1: the backoff's ceilings, from 20 ms doubling (the cap is never reached).
+    assert slept == pytest.approx([0.02, 0.04, 0.08, 0.16, 0.32])
 
 
 def test_an_op_the_service_refuses_fails_alone(open_dynamo: Callable[[], DynamoDBStore]) -> None:

@@ -34,10 +34,10 @@ from tests.store_contract import ReopenableContract, assert_fails_fast, make_job
 
 
 def settings(emulator: SpannerEmulator, database: str) -> StoreSettings:
-    return StoreSettings(
-        kind="spanner", spanner_project=emulator.project, spanner_instance=emulator.instance,
-        spanner_database=database, spanner_emulator_host=emulator.host,
-    )  # fmt: skip
+    return StoreSettings(kind="spanner", env={
+        "DB_PROJECT_ID": emulator.project, "DB_INSTANCE": emulator.instance,
+        "DB_DATABASE": database, "SPANNER_EMULATOR_HOST": emulator.host,
+    })  # fmt: skip
 
 
 @pytest.fixture
@@ -63,6 +63,8 @@ def open_spanner(
 
 
 class TestSpannerStore(ReopenableContract):
+    kind = "spanner"
+
     @pytest.fixture
     def opener(self, open_spanner: Callable[[], SpannerStore]) -> Callable[[], JobStore]:
         return open_spanner
@@ -70,7 +72,8 @@ class TestSpannerStore(ReopenableContract):
 
 def test_schema_interleaves_jobs_in_tenants(open_spanner: Callable[[], SpannerStore]) -> None:
     store = open_spanner()
-    assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
+    assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql",
+                              "0003_legacy_preferred_worker.sql"]
     with store._db.snapshot() as snap:
         rows = snap.execute_sql(
             "SELECT table_name, parent_table_name, on_delete_action "
@@ -83,7 +86,8 @@ def test_schema_interleaves_jobs_in_tenants(open_spanner: Callable[[], SpannerSt
     assert {"Tenants", "Workers", "SchemaMigrations"} <= set(tables)
     with store._db.snapshot() as snap:
         names = [r[0] for r in snap.execute_sql("SELECT name FROM SchemaMigrations ORDER BY name")]
-    assert names == ["0001_init.sql", "0002_events_v2.sql", V1_DONE]
+    assert names == ["0001_init.sql", "0002_events_v2.sql", V1_DONE,
+                     "0003_legacy_preferred_worker.sql"]
 
 
 def test_concurrent_migrators_apply_the_schema_once(
@@ -93,7 +97,7 @@ def test_concurrent_migrators_apply_the_schema_once(
     results = run_threads(3, lambda i: handles[i].migrate())
     # Each file once, though not necessarily both by the same migrator.
     assert sorted(name for names in results for name in names) == [
-        "0001_init.sql", "0002_events_v2.sql"]
+        "0001_init.sql", "0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
     job, created = handles[0].create_job(make_job(), 30)
     assert created and handles[1].get_job(job.tenant_id, job.job_id) == job
 
@@ -178,7 +182,9 @@ def _v1_database(store: SpannerStore) -> None:
 
     def write(tx: Any, now: datetime) -> None:
         tx.insert("Tenants", ("tenant_id", "created_at"), [("tenant-a", T0), ("tenant-b", T0)])
-        tx.insert("Jobs", spanner._COLS, [spanner._job_values(j) for j in jobs])
+        # v1 also wrote the column that is now legacy (NOT NULL until 0003).
+        tx.insert("Jobs", (*spanner._COLS, *_common.LEGACY_JOB_COLUMNS),
+                  [(*spanner._job_values(j), "") for j in jobs])
         tx.insert("JobEvents", V1_EVENT_COLUMNS, events)
 
     store._run(write)
@@ -241,7 +247,7 @@ def _assert_v2_writes_follow(store: SpannerStore) -> None:
 def test_migrate_numbers_the_events_v1_left(open_spanner: Callable[[], SpannerStore]) -> None:
     store = open_spanner()
     _v1_database(store)
-    assert store.migrate() == ["0002_events_v2.sql"]
+    assert store.migrate() == ["0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
     every = _assert_upgraded(store)
     # One transaction: v1's tenant order exactly (time, then job id, then seq).
     assert [(e.job_id, e.seq) for e in every] == [
@@ -302,6 +308,7 @@ def test_concurrent_migrators_number_the_v1_events_once(
     monkeypatch.setattr(spanner, "_UPGRADE_CHUNK", 2)
     handles = [open_spanner() for _ in range(3)]
     results = run_threads(3, lambda i: handles[i].migrate())
-    assert sorted(name for names in results for name in names) == ["0002_events_v2.sql"]
+    assert sorted(name for names in results for name in names) == [
+        "0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
     _assert_upgraded(store)
     _assert_v2_writes_follow(store)

@@ -91,9 +91,7 @@ def run_workers(home: Path, store_env: dict[str, str]) -> None:
 
 
 def settings(store_env: dict[str, str]) -> StoreSettings:
-    if store_env["DB_PROVIDER"] == "sqlite":
-        return StoreSettings(kind="sqlite", sqlite_path=Path(store_env["DB_PATH"]))
-    return StoreSettings(kind="postgres", database_url=store_env["DATABASE_URL"])
+    return StoreSettings(kind=store_env["DB_PROVIDER"], env=store_env)
 
 
 def snapshot(store: JobStore) -> dict[str, list[tuple[int, int, str, str, str]]]:

@@ -15,9 +15,9 @@ Then three limits are checked, in this order, before anything is stored:
    tenant may have at most that many non-terminal (PENDING, SCHEDULED, RUNNING) jobs.
 2. **Submit rate per tenant** (``TENANT_SUBMIT_RATE`` per second, default 50, with a burst
    of ``TENANT_SUBMIT_BURST``, default 200; a rate of 0 disables): a token bucket per tenant.
-3. **Submit rate per provider** (``PROVIDER_SUBMIT_RATE`` overrides the default below): a
-   token bucket shared by every tenant of this worker, so that the cloud API's own
-   throttling is not what a tenant hits first.
+3. **Submit rate per provider** (the provider's default, below; ``PROVIDER_SUBMIT_RATE``
+   overrides it): a token bucket shared by every tenant of this worker, so that the cloud
+   API's own throttling is not what a tenant hits first.
 
 A refusal raises ``ResourceExhausted`` carrying ``retry_after_seconds``; the RPC layer
 (``jennah/rpc.py``) turns that into ``resource_exhausted`` whose message ends with
@@ -26,24 +26,12 @@ Nothing is stored and no token is spent for a refused submit: every check is mad
 any bucket is debited, and the buckets are debited without an ``await`` in between, so
 concurrent submits cannot overdraw them.
 
-**Provider defaults**, declared by each provider (``Capabilities.submit_rate``, beside
-its adapter) and sized from each service's published limits (per account/project,
+**Provider defaults**: each provider declares the submits per second its cloud account
+takes, ``Capabilities.submit_rate`` (``providers/base.py``), sized from the service's
+published limits; its module says where the number comes from (None: unlimited;
+``PROVIDER_SUBMIT_RATE`` overrides it). The limit is per account or project,
 so the rate is divided by the number of live workers, refreshed by the worker's
-membership heartbeat; see :meth:`Admission.set_worker_count`):
-
-* ``aws``: 50 submits/s. AWS Batch's ``SubmitJob`` API quota is 50 transactions per
-  second per account and region.
-* ``gcp``: 100 submits/s. Cloud Batch allows 6,000 job changes per minute per project
-  and region (a create is a change), which is 100/s.
-* ``azure``: 20 submits/s. Azure Batch publishes no fixed per-second request quota (it
-  throttles with HTTP 429 and ``Retry-After``), and one submit is three calls (create the
-  job, add its task, set it to end with its task); 20/s (60 calls/s) stays clear of
-  throttling observed on a single account, and accounts also cap *active* jobs (a
-  quota in the hundreds), which the per-tenant active cap helps to respect. Raise it
-  with ``PROVIDER_SUBMIT_RATE``.
-* ``local``, ``dry``, ``fake``: unlimited. The local provider's real cost is processes on
-  one machine, which the per-tenant active cap bounds; ``dry`` exists for benchmarks,
-  which must measure our stack, not a limiter.
+membership heartbeat (:meth:`Admission.set_worker_count`).
 
 The provider bucket holds one second's worth of tokens (at least 1): a short burst at the
 provider's rate, no more.
@@ -86,9 +74,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-import anyio.to_thread
-
 from database.base import MAX_PAGE_SIZE, JobStore
+from jennah.blocking import blocking
 from jennah.errors import ResourceExhausted, StoreBusy
 from jennah.models import JobFilter, JobStatus
 from jennah.settings import AdmissionSettings
@@ -301,7 +288,7 @@ class Admission:
             if entry is None or (near and now - entry.counted_at >= self.recount_interval):
                 assert self.counter is not None
                 self._check_store()  # again: it may have waited for the tenant's lock
-                counted = await anyio.to_thread.run_sync(self.counter, tenant_id, self.max_active)
+                counted = await blocking(self.counter, tenant_id, self.max_active)
                 self.counts += 1
                 if entry is None:
                     entry = self._active[tenant_id] = _Active(counted, now)
