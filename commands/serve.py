@@ -86,6 +86,7 @@ import urllib.request
 from typing import Any
 
 from jennah.asgi import ASGIApp, Receive, Scope, Send
+from jennah.blocking import blocking
 from jennah.lifecycle import run_stop_hooks
 
 log = logging.getLogger("jennah.serve")
@@ -299,9 +300,9 @@ async def _drain(admin: str | None, grace: float) -> None:
         return
     deadline = time.monotonic() + grace
     try:
-        await asyncio.to_thread(_admin, admin, "/drain_listeners", "POST")
+        await blocking(_admin, admin, "/drain_listeners", "POST")
         while time.monotonic() < deadline:
-            if await asyncio.to_thread(_active_requests, admin) == 0:
+            if await blocking(_active_requests, admin) == 0:
                 return
             await asyncio.sleep(0.05)
         log.warning("shutdown: requests still in flight after %.1f s grace", grace)
