@@ -26,7 +26,7 @@ from jennah.errors import SettingsError
 DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
-# JobStatus without its prefix (tests/test_cli.py checks it against the proto); a word
+# JobStatus without its prefix (tests/commands/test_cli.py checks it against the proto); a word
 # outside it is a usage error, not a traceback.
 JOB_STATUS_CHOICES = ("pending", "scheduled", "running", "completed", "failed", "cancelled")
 

@@ -5,7 +5,7 @@ about it: the store class (with ``name`` and a ``from_settings(StoreSettings)``
 classmethod) and, if it has variables of its own, a frozen settings dataclass whose
 ``from_env(Env)`` reads and checks them, named by the class's ``settings_class`` so that
 the ``load_*_settings(stores=STORES)`` functions check them at start-up. Every registered
-store runs the contract suite (``tests/store_contract.py``; a test fails for a name
+store runs the contract suite (``tests/database/store_contract.py``; a test fails for a name
 without a run).
 """
 

@@ -1,7 +1,7 @@
 """Rules and mappings shared by every store, so the backends differ only in their I/O.
 
 The column lists below are the single source of truth for what the SQL stores write and
-read; ``tests/test_schema_drift.py`` compares them with the migrated schemas. Rows cross
+read; ``tests/database/test_schema_drift.py`` compares them with the migrated schemas. Rows cross
 this module as plain dicts holding Python values (``datetime``, ``dict`` for the spec,
 ``str`` for enums); each backend converts those to its own column types.
 """

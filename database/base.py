@@ -1,6 +1,6 @@
 """The job store port: one Protocol, implemented once per database.
 
-Every store passes the same contract suite (``tests/store_contract.py``). Rules that
+Every store passes the same contract suite (``tests/database/store_contract.py``). Rules that
 every implementation must keep:
 
 * **Tenant isolation.** Every tenant-facing method is keyed by ``tenant_id``; another

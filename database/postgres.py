@@ -76,7 +76,7 @@ class _CappedBackoff(psycopg_pool.base.AttemptWithBackoff):
     RECONNECT_DELAY_CAP, the store recovers about a second after the server returns.
     (psycopg_pool has no setting for this; the pool module's name for the class is
     replaced below, so this depends on psycopg_pool 3.x internals, checked by
-    tests/test_store_outage.py, which times the recovery.)"""
+    tests/database/test_store_outage.py, which times the recovery.)"""
 
     def update_delay(self, now: float) -> None:
         super().update_delay(now)

@@ -6,7 +6,7 @@ everything about it: the provider class (with ``name``, its ``Capabilities`` and
 frozen settings dataclass whose ``from_env(Env)`` reads and checks them, named by the
 class's ``settings_class`` so that ``load_worker_settings(providers=PROVIDERS)`` checks
 them at start-up. Every registered provider runs the contract suite
-(``tests/provider_contract.py``; a test fails for a name without a run).
+(``tests/providers/provider_contract.py``; a test fails for a name without a run).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The batch provider port: one Protocol, implemented once per batch backend.
 
-Every provider passes the same contract suite (``tests/provider_contract.py``). The
+Every provider passes the same contract suite (``tests/providers/provider_contract.py``). The
 contract:
 
 * ``submit`` **must** be idempotent on ``task.provider_job_id``: a second submit with the

@@ -1,7 +1,7 @@
 """In-memory providers: ``FakeProvider`` for tests, ``DryProvider`` for benchmarks.
 
 ``FakeProvider`` is a stateful batch service in a dict. It passes the same contract suite
-as the real providers (``tests/provider_contract.py``): a job moves one step per
+as the real providers (``tests/providers/provider_contract.py``): a job moves one step per
 ``advance()`` (QUEUED → SCHEDULED → RUNNING → terminal), and its outcome comes from tiny
 shell conventions in ``spec.commands``, so that the contract's tasks mean the same here as
 on a real machine:

@@ -4,7 +4,7 @@ import pytest
 
 # The contract suites are plain modules imported by test modules: rewrite their asserts
 # too, so a failure shows the values, not a bare AssertionError.
-pytest.register_assert_rewrite("tests.store_contract", "tests.provider_contract")
+pytest.register_assert_rewrite("tests.database.store_contract", "tests.providers.provider_contract")
 
 pytest_plugins = [
     "tests.fixtures.postgres",

@@ -1,0 +1,686 @@
+"""The provider contract on the local provider (real detached processes), plus what only
+a local batch service has: surviving the submitter's death, process groups, output files,
+the runner's own failure, every row of the state mapping, and the container argv."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from database.memory import MemoryStore
+from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
+from jennah.models import EventKind, FailureClass, JobSpec, JobStatus, ResourceOverride
+from jennah.settings import ProviderSettings
+from providers import create_provider
+from providers import local_runner as r
+from providers.base import ProviderTask
+from providers.local import (
+    LAUNCHED,
+    PREFIX,
+    LocalProvider,
+    Observation,
+    container_argv,
+    detect_container_engine,
+    map_state,
+    read_lines,
+)
+from tests.helpers import REPO, owner, wait_until
+from tests.providers.provider_contract import (
+    EXIT_0,
+    EXIT_3,
+    IMAGE,
+    SLEEP_60,
+    ProviderContract,
+    make_task,
+    wait_for_state,
+)
+from worker.convert import event_to_pb, job_to_pb
+
+
+@dataclass
+class LocalHarness:
+    provider: LocalProvider
+    supports_long_running: bool = True
+
+    def advance(self) -> None:
+        time.sleep(0.05)
+
+    def executions(self, provider_job_id: str) -> int:
+        text = r.read_text(self.provider.base_dir / provider_job_id / r.EXECUTIONS)
+        return len(text.splitlines()) if text else 0
+
+    def unknown_path(self) -> str:
+        return "local:j-never-submitted-0"
+
+
+def _stop_all(provider: LocalProvider) -> None:
+    for job_dir in provider.base_dir.iterdir():
+        provider.cancel(PREFIX + job_dir.name)
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> Iterator[LocalProvider]:
+    p = LocalProvider(tmp_path / "local", container_engine=None)
+    yield p
+    _stop_all(p)
+    p.close()
+
+
+@pytest.fixture
+def harness(provider: LocalProvider) -> LocalHarness:
+    return LocalHarness(provider)
+
+
+class TestLocalProviderContract(ProviderContract):
+    kind = "local"
+
+    @pytest.fixture
+    def harness(self, provider: LocalProvider) -> LocalHarness:
+        return LocalHarness(provider)
+
+
+def with_spec(task: ProviderTask, **changes: object) -> ProviderTask:
+    return dataclasses.replace(task, spec=dataclasses.replace(task.spec, **changes))  # type: ignore[arg-type]
+
+
+def group_members(pgid: int, *, live_only: bool = False) -> list[int]:
+    """Every process (zombies too, unless ``live_only``) whose process group is ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and not (live_only and fields[0] == "Z"):
+            found.append(int(entry))
+    return found
+
+
+def jdir(p: LocalProvider, path: str) -> Path:
+    """The job directory of ``path``, which must name one."""
+    job_dir = p.directory_of(path)
+    assert job_dir is not None, path
+    return job_dir
+
+
+def job_pgid(p: LocalProvider, path: str) -> int:
+    text = wait_until(lambda: r.read_text(jdir(p, path) / r.PID), 5)
+    return int(text.split()[0])
+
+
+# --- process groups and cancel ------------------------------------------------------------
+
+
+def test_cancel_kills_the_whole_process_group_within_two_seconds(harness: LocalHarness) -> None:
+    p = harness.provider
+    path = p.submit(make_task(["sh", "-c", "sleep 60 & sleep 60 & wait"]))
+    wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
+    pgid = job_pgid(p, path)
+    wait_until(lambda: len(group_members(pgid)) >= 3, 5)  # sh and both sleeps
+    assert os.getsid(pgid) == pgid  # the job has a session of its own (setsid)
+    started = time.monotonic()
+    p.cancel(path)
+    assert time.monotonic() - started < 1.2
+    st = wait_for_state(harness, path, {JobStatus.CANCELLED}, 2)
+    wait_until(lambda: not group_members(pgid), 2)  # reaped too: not even zombies remain
+    assert time.monotonic() - started < 2.0
+    assert st.raw_state in {"CANCELLED", "CANCELLING"}
+    assert p.status([path])[path].exit_code == 128 + signal.SIGTERM
+
+
+def test_cancel_kills_a_job_that_ignores_sigterm(harness: LocalHarness) -> None:
+    p = harness.provider
+    path = p.submit(make_task(["sh", "-c", "trap '' TERM; sleep 60"]))
+    wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
+    pgid = job_pgid(p, path)
+    wait_until(lambda: len(group_members(pgid)) >= 2, 5)
+    started = time.monotonic()
+    p.cancel(path)
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 1.3  # the grace, then SIGKILL; the caller is never held longer
+    wait_until(lambda: not group_members(pgid), 1)
+    st = wait_for_state(harness, path, {JobStatus.CANCELLED}, 1)
+    assert st.exit_code == 128 + signal.SIGKILL
+
+
+def test_cancel_before_the_job_starts_means_it_never_starts(tmp_path: Path) -> None:
+    # A "python" that does nothing: the runner is never started by submit.
+    idle = LocalProvider(tmp_path / "local", python="/bin/true", container_engine=None)
+    task = make_task(EXIT_0)
+    path = idle.submit(task)
+    assert idle.status([path])[path].raw_state == "QUEUED"
+    idle.cancel(path)
+    assert idle.status([path])[path].state is JobStatus.CANCELLED
+    runner = subprocess.run([sys.executable, "-m", "providers.local_runner", str(jdir(idle, path))],
+                            cwd="/", timeout=30, check=False)
+    assert runner.returncode == 0
+    st = idle.status([path])[path]
+    assert st.state is JobStatus.CANCELLED and st.completed_at is not None
+    assert not (jdir(idle, path) / r.EXECUTIONS).exists()
+
+
+def test_leftovers_are_killed_when_the_job_leader_exits(harness: LocalHarness) -> None:
+    path = harness.provider.submit(make_task(["sh", "-c", "sleep 60 & echo $! ; exit 0"]))
+    st = wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 5)
+    assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
+    pgid = job_pgid(harness.provider, path)
+    wait_until(lambda: not group_members(pgid), 2)
+
+
+def test_exit_by_signal_is_128_plus_the_signal(harness: LocalHarness) -> None:
+    path = harness.provider.submit(make_task(["sh", "-c", "kill -KILL $$"]))
+    st = wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 5)
+    assert (st.state, st.exit_code, st.failure_class) == (
+        JobStatus.FAILED, 137, FailureClass.USER_ERROR)
+
+
+def test_max_run_duration_ends_the_job_as_timeout(harness: LocalHarness) -> None:
+    task = with_spec(make_task(SLEEP_60),
+                     resource_override=ResourceOverride(max_run_duration_seconds=1))
+    path = harness.provider.submit(task)
+    st = wait_for_state(harness, path, {JobStatus.FAILED, JobStatus.COMPLETED}, 4)
+    assert (st.state, st.raw_state, st.failure_class) == (
+        JobStatus.FAILED, "TIMED_OUT", FailureClass.TIMEOUT)
+    assert st.exit_code == 143
+
+
+# --- independence from the worker -----------------------------------------------------------
+
+
+def test_job_survives_kill_9_of_the_submitting_process(tmp_path: Path) -> None:
+    base = tmp_path / "local"
+    marker = tmp_path / "survived"
+    child_code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from jennah.models import JobSpec
+        from providers.base import ProviderTask
+        from providers.local import LocalProvider
+        spec = JobSpec({IMAGE!r}, ("sh", "-c", "sleep 1; echo survived > {marker}; exit 0"))
+        task = ProviderTask("j-survivor-0", "survivor", "tenant-a", 0, spec)
+        print(LocalProvider(Path({str(base)!r}), container_engine=None).submit(task), flush=True)
+        time.sleep(60)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE,
+                             cwd="/", text=True)
+    assert child.stdout is not None
+    path = child.stdout.readline().strip()
+    watcher = LocalProvider(base, container_engine=None)
+    harness = LocalHarness(watcher)
+    wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
+    child.kill()  # SIGKILL: no cleanup of any kind in the submitter
+    child.wait(timeout=10)
+    child.stdout.close()
+    runner_pid = int(r.read_text(jdir(watcher, path) / r.RUNNER_PID) or 0)
+    assert os.getpgid(runner_pid) == runner_pid  # its own group and session (setsid)
+    assert os.getsid(runner_pid) == runner_pid
+    st = wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 10)
+    assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
+    assert marker.read_text() == "survived\n"
+    assert harness.executions("j-survivor-0") == 1
+
+
+def test_runner_death_is_an_infrastructure_failure_and_stops_the_job(
+    harness: LocalHarness,
+) -> None:
+    p = harness.provider
+    path = p.submit(make_task(SLEEP_60))
+    wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
+    pgid = job_pgid(p, path)
+    os.kill(int(r.read_text(jdir(p, path) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    st = wait_for_state(harness, path, {JobStatus.FAILED}, 5)
+    assert (st.raw_state, st.failure_class, st.exit_code) == (
+        "LOST", FailureClass.INFRASTRUCTURE, None)
+    assert "runner" in st.message
+    # The lost execution is not left running (a retry would otherwise run it twice).
+    # Its reaped-by-nobody zombies may remain under a non-reaping PID 1.
+    wait_until(lambda: not group_members(pgid, live_only=True), 2)
+    assert p.status([path])[path].state is JobStatus.FAILED
+
+
+def test_any_provider_instance_on_the_host_can_poll_and_cancel(harness: LocalHarness) -> None:
+    path = harness.provider.submit(make_task(SLEEP_60))
+    # Another worker: its own provider object, the host's shared LOCAL_BATCH_DIR.
+    other = LocalProvider(harness.provider.base_dir, container_engine=None)
+    wait_for_state(LocalHarness(other), path, {JobStatus.RUNNING}, 5)
+    other.cancel(path)
+    assert harness.provider.status([path])[path].state is JobStatus.CANCELLED
+
+
+def test_adopting_a_directory_whose_runner_never_launched(provider: LocalProvider) -> None:
+    task = make_task(EXIT_0)
+    job_dir = provider.base_dir / task.provider_job_id
+    job_dir.mkdir()  # a worker died right after mkdir
+    path = provider.submit(task)
+    assert path == f"local:{task.provider_job_id}" and jdir(provider, path) == job_dir
+    st = wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
+    assert st.exit_code == 0
+    assert LocalHarness(provider).executions(task.provider_job_id) == 1
+
+
+def test_a_fresh_launch_is_awaited_and_a_stale_one_retried(tmp_path: Path) -> None:
+    idle = LocalProvider(tmp_path / "local", python="/bin/true", container_engine=None)
+    task = make_task(EXIT_0)
+    path = idle.submit(task)  # "launched", but the runner never came up
+    real = LocalProvider(tmp_path / "local", container_engine=None)
+    real.submit(task)
+    time.sleep(0.3)
+    assert real.status([path])[path].raw_state == "QUEUED"  # within the launch grace
+    r.write_atomic(jdir(real, path) / LAUNCHED, "2020-01-01T00:00:00+00:00")
+    assert real.submit(task) == path
+    wait_for_state(LocalHarness(real), path, {JobStatus.COMPLETED}, 5)
+
+
+# --- environment and output ---------------------------------------------------------------
+
+
+def test_env_vars_reach_the_job_over_a_minimal_environment(harness: LocalHarness) -> None:
+    script = ('echo "A=$A"; echo "ID=$JENNAH_JOB_ID"; echo "AT=$JENNAH_ATTEMPT"; '
+              'echo "T=$JENNAH_TENANT_ID"; echo "LEAK=${PYTEST_CURRENT_TEST:-none}"; '
+              'echo "HOME=${HOME:+set}"; pwd')
+    task = make_task(["sh", "-c", script], env={"A": "x y", "JENNAH_JOB_ID": "forged"},
+                     attempt=2)
+    path = harness.provider.submit(task)
+    wait_for_state(harness, path, {JobStatus.COMPLETED}, 5)
+    out = harness.provider.read_output(path, (0, 0)).stdout.splitlines()
+    assert out == ["A=x y", f"ID={task.job_id}", "AT=2", "T=tenant-a", "LEAK=none",
+                   "HOME=set", str(jdir(harness.provider, path) / r.WORKDIR)]
+    spec_file = jdir(harness.provider, path) / r.SPEC
+    assert stat.S_IMODE(spec_file.stat().st_mode) == 0o600  # it holds env values
+
+
+def test_read_output_is_incremental_line_based_and_utf8_safe(
+    harness: LocalHarness, tmp_path: Path
+) -> None:
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    script = (f"printf 'one\\n'; printf 'caf\\303'; while [ ! -e {g1} ]; do sleep 0.01; done; "
+              "printf '\\251\\n'; printf 'bad \\377 byte\\n'; printf 'tail-no-newline'; "
+              f"printf 'err line\\n' >&2; while [ ! -e {g2} ]; do sleep 0.01; done")
+    p = harness.provider
+    path = p.submit(make_task(["sh", "-c", script]))
+    out_file, err_file = jdir(p, path) / r.STDOUT, jdir(p, path) / r.STDERR
+    wait_until(lambda: out_file.exists() and out_file.stat().st_size >= 8, 5)
+    first = p.read_output(path, (0, 0))
+    assert (first.stdout, first.stderr, first.offsets) == ("one\n", "", (4, 0))
+    assert p.read_output(path, first.offsets).stdout == ""  # "caf" + half a char: held back
+    g1.touch()
+    wait_until(lambda: b"tail" in out_file.read_bytes() and err_file.stat().st_size > 0, 5)
+    second = p.read_output(path, first.offsets)
+    assert second.stdout == "café\nbad \ufffd byte\n"
+    assert second.stderr == "err line\n"
+    assert p.read_output(path, second.offsets).stdout == ""  # partial last line held back
+    g2.touch()
+    wait_for_state(harness, path, {JobStatus.COMPLETED}, 5)
+    last = p.read_output(path, second.offsets)
+    assert (last.stdout, last.stderr) == ("tail-no-newline", "")  # finished: all of it
+    end = p.read_output(path, last.offsets)
+    assert (end.stdout, end.stderr, end.offsets) == ("", "", last.offsets)
+
+
+def test_read_output_is_capped_and_never_splits_a_character(harness: LocalHarness) -> None:
+    code = "import sys; sys.stdout.buffer.write('€'.encode() * 70000)"  # 210,000 bytes, 1 line
+    path = harness.provider.submit(make_task([sys.executable, "-c", code]))
+    wait_for_state(harness, path, {JobStatus.COMPLETED}, 10)
+    chunks, offsets = [], (0, 0)
+    while True:
+        chunk = harness.provider.read_output(path, offsets)
+        if not chunk.stdout:
+            break
+        assert len(chunk.stdout.encode()) <= 64 * 1024
+        chunks.append(chunk.stdout)
+        offsets = chunk.offsets
+    assert len(chunks) == 4
+    assert "".join(chunks) == "€" * 70000
+
+
+def test_read_lines_rules(tmp_path: Path) -> None:
+    f = tmp_path / "out"
+    f.write_bytes(b"ab\ncd")
+    assert read_lines(f, 0, final=False) == ("ab\n", 3)
+    assert read_lines(f, 3, final=False) == ("", 3)
+    assert read_lines(f, 3, final=True) == ("cd", 5)
+    assert read_lines(tmp_path / "missing", 0, final=True) == ("", 0)
+    f.write_bytes("xé".encode() * 3)  # no newline, longer than the cap: cut between chars
+    assert read_lines(f, 0, final=False, cap=5) == ("xéx", 4)
+    assert read_lines(f, 4, final=False, cap=5) == ("éxé", 9)
+
+
+def test_unstartable_command_fails_with_127(harness: LocalHarness) -> None:
+    path = harness.provider.submit(make_task(["no-such-command-jennah"]))
+    st = wait_for_state(harness, path, {JobStatus.FAILED, JobStatus.COMPLETED}, 5)
+    assert (st.state, st.exit_code, st.failure_class) == (
+        JobStatus.FAILED, 127, FailureClass.USER_ERROR)
+    assert "no-such-command-jennah" in harness.provider.read_output(path, (0, 0)).stderr
+
+
+# --- the state mapping, row by row ---------------------------------------------------------
+
+MAPPING_ROWS = [
+    # observation, expected (state, raw state, failure class)
+    (Observation(known=False), (None, "UNKNOWN", None)),
+    (Observation(True, cancelled=True, exit_code=143, started=True),
+     (JobStatus.CANCELLED, "CANCELLED", None)),
+    (Observation(True, cancelled=True, exit_code=0, started=True),
+     (JobStatus.CANCELLED, "CANCELLED", None)),
+    (Observation(True, cancelled=True), (JobStatus.CANCELLED, "CANCELLING", None)),
+    (Observation(True, cancelled=True, started=True, runner_alive=True),
+     (JobStatus.CANCELLED, "CANCELLING", None)),
+    (Observation(True, started=True, exit_code=143, timed_out=True),
+     (JobStatus.FAILED, "TIMED_OUT", FailureClass.TIMEOUT)),
+    (Observation(True, started=True, exit_code=0), (JobStatus.COMPLETED, "SUCCEEDED", None)),
+    (Observation(True, started=True, exit_code=5),
+     (JobStatus.FAILED, "FAILED", FailureClass.USER_ERROR)),
+    (Observation(True), (JobStatus.SCHEDULED, "QUEUED", None)),
+    (Observation(True, runner_alive=True), (JobStatus.SCHEDULED, "QUEUED", None)),
+    (Observation(True, started=True, runner_alive=True), (JobStatus.RUNNING, "RUNNING", None)),
+    (Observation(True, started=True),
+     (JobStatus.FAILED, "LOST", FailureClass.INFRASTRUCTURE)),
+]
+
+
+@pytest.mark.parametrize(("obs", "expected"), MAPPING_ROWS)
+def test_every_row_of_the_state_mapping(obs: Observation, expected: tuple[object, ...]) -> None:
+    assert map_state(obs) == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "hold_lock", "expected"),
+    [
+        ({}, False, (JobStatus.SCHEDULED, "QUEUED", None)),
+        ({r.STARTED: "T"}, True, (JobStatus.RUNNING, "RUNNING", None)),
+        ({r.STARTED: "T"}, False, (JobStatus.FAILED, "LOST", FailureClass.INFRASTRUCTURE)),
+        ({r.STARTED: "T", r.COMPLETED: "T", r.EXIT_CODE: "0"}, False,
+         (JobStatus.COMPLETED, "SUCCEEDED", None)),
+        ({r.STARTED: "T", r.COMPLETED: "T", r.EXIT_CODE: "5"}, False,
+         (JobStatus.FAILED, "FAILED", FailureClass.USER_ERROR)),
+        ({r.STARTED: "T", r.COMPLETED: "T", r.EXIT_CODE: "143", r.TIMED_OUT: "T"}, False,
+         (JobStatus.FAILED, "TIMED_OUT", FailureClass.TIMEOUT)),
+        ({r.CANCELLED: "T"}, False, (JobStatus.CANCELLED, "CANCELLING", None)),
+        ({r.STARTED: "T", r.CANCELLED: "T", r.EXIT_CODE: "143"}, False,
+         (JobStatus.CANCELLED, "CANCELLED", None)),
+    ],
+)
+def test_state_mapping_read_from_disk(
+    provider: LocalProvider, files: dict[str, str], hold_lock: bool,
+    expected: tuple[object, ...],
+) -> None:
+    when = "2026-11-23T12:00:00+00:00"
+    job_dir = provider.base_dir / "j-handmade-0"
+    job_dir.mkdir()
+    (job_dir / r.SPEC).write_text(json.dumps({"argv": ["true"]}))
+    for name, text in files.items():
+        (job_dir / name).write_text(when if text == "T" else text)
+    lock = os.open(job_dir / r.LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        if hold_lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        st = provider.status([str(job_dir)])[str(job_dir)]
+    finally:
+        os.close(lock)
+    assert (st.state, st.raw_state, st.failure_class) == expected
+    if r.STARTED in files:
+        assert st.started_at is not None and st.started_at.isoformat() == when
+    if st.state is not None and st.state.terminal and st.raw_state != "LOST":
+        assert st.completed_at is not None  # a lost runner's end time is not known
+
+
+def test_unknown_and_foreign_paths(provider: LocalProvider, tmp_path: Path) -> None:
+    plain_dir = tmp_path / "not-a-job"
+    plain_dir.mkdir()
+    paths = ["relative/j-x-0", "/", str(plain_dir), str(provider.base_dir / "j-none-0")]
+    assert {p: s.state for p, s in provider.status(paths).items()} == dict.fromkeys(paths)
+    for p in paths:
+        provider.cancel(p)
+    assert list(plain_dir.iterdir()) == []
+
+
+
+# --- resource paths and messages: no host path reaches a tenant (docs/design.md §3b) ------
+
+
+def test_the_resource_path_is_an_id(provider: LocalProvider) -> None:
+    task = make_task(["sh", "-c", "echo hi"])
+    path = provider.submit(task)
+    assert re.fullmatch(r"local:j-[0-9a-f-]+-0", path) and path == f"local:{task.provider_job_id}"
+    assert jdir(provider, path) == provider.base_dir / task.provider_job_id
+    wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
+    assert provider.read_output(path, (0, 0)).stdout == "hi\n"
+
+
+def test_an_absolute_path_stored_before_ids_still_works_inside_the_root(
+    provider: LocalProvider,
+) -> None:
+    """A job submitted by a worker before the upgrade, still running after it, is stored
+    with its directory's absolute path: it is polled, read and cancelled as before."""
+    path = provider.submit(make_task(["sh", "-c", "echo hi; sleep 60"]))
+    old = str(jdir(provider, path))
+    harness = LocalHarness(provider)
+    wait_for_state(harness, old, {JobStatus.RUNNING}, 5)
+    wait_until(lambda: provider.read_output(old, (0, 0)).stdout == "hi\n", 5)
+    provider.cancel(old)
+    st = wait_until(lambda: (got := provider.status([old])[old]).exit_code is not None and got, 3)
+    assert (st.state, st.exit_code) == (JobStatus.CANCELLED, 143)
+    assert provider.status([path])[path].state is JobStatus.CANCELLED
+
+
+def test_a_resource_path_outside_the_root_names_no_job(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    """Resource paths come from the store: neither ``..``, nor a symlink, nor an absolute
+    path leads a provider to a directory outside its root, even to a real job's."""
+    other = LocalProvider(tmp_path / "other", container_engine=None)  # another root
+    outside = other.submit(make_task(SLEEP_60))
+    wait_for_state(LocalHarness(other), outside, {JobStatus.RUNNING}, 5)
+    name = jdir(other, outside).name
+    (provider.base_dir / "j-link-0").symlink_to(jdir(other, outside))
+    base = provider.base_dir
+    paths = [
+        "/etc", "/", "local:../../x", "local:..", "local:", "local:/etc", "local:j-x-0/../..",
+        f"local:../other/{name}", "relative/j-x-0", "j-x-0", "local:j-x\0-0", "/etc\0",
+        str(jdir(other, outside)), f"{base}/../other/{name}", f"{base}/{name}/..",
+        "local:j-link-0", str(base / "j-link-0"), str(base),
+    ]
+    statuses = provider.status(paths)
+    assert {p: (s.state, s.message) for p, s in statuses.items()} == dict.fromkeys(
+        paths, (None, "unknown job"))
+    for p in paths:
+        provider.cancel(p)
+        assert provider.read_output(p, (0, 0)).offsets == (0, 0)
+    assert other.status([outside])[outside].state is JobStatus.RUNNING
+    assert not (jdir(other, outside) / r.CANCELLED).exists()
+    assert not Path("/etc", r.CANCELLED).exists()
+    other.cancel(outside)
+
+
+def test_no_status_message_or_provider_error_carries_a_host_path(
+    provider: LocalProvider,
+) -> None:
+    p, root = provider, str(provider.base_dir)
+    harness = LocalHarness(p)
+    timed = with_spec(make_task(SLEEP_60),
+                      resource_override=ResourceOverride(max_run_duration_seconds=1))
+    ends = [p.submit(t) for t in (make_task(EXIT_0), make_task(EXIT_3), timed,
+                                  make_task(["no-such-command-jennah"]))]
+    cancelled, lost = p.submit(make_task(SLEEP_60)), p.submit(make_task(SLEEP_60))
+    seen = [p.status([path])[path] for path in (*ends, cancelled, lost)]  # queued or running
+    wait_for_state(harness, cancelled, {JobStatus.RUNNING}, 5)
+    p.cancel(cancelled)
+    wait_for_state(harness, lost, {JobStatus.RUNNING}, 5)
+    os.kill(int(r.read_text(jdir(p, lost) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    for path in (*ends, cancelled, lost):
+        seen.append(wait_for_state(harness, path, {JobStatus.COMPLETED, JobStatus.FAILED,
+                                                   JobStatus.CANCELLED}, 5))
+    seen.append(p.status([harness.unknown_path()])[harness.unknown_path()])
+    assert {s.raw_state for s in seen} >= {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED",
+                                           "LOST", "UNKNOWN"}
+    for st in seen:
+        assert root not in f"{st.message} {st.raw_state}", st
+    assert root not in p.read_output(ends[3], (0, 0)).stderr  # the runner's own words
+
+    # Failures: the errno's reason and the job's id, never the file's path.
+    task = make_task(EXIT_0)
+    (p.base_dir / task.provider_job_id).write_text("")  # a file where its directory goes
+    with pytest.raises(ProviderUnavailable) as submit_err:
+        p.submit(task)
+    broken = p.base_dir / "j-broken-0"
+    for name in (r.PID, r.STDOUT):  # cancel reads the pid, read_output the stdout
+        (broken / name).mkdir(parents=True)
+    (broken / r.SPEC).write_text("{}")
+    with pytest.raises(ProviderUnavailable) as cancel_err:
+        p.cancel("local:j-broken-0")
+    with pytest.raises(ProviderUnavailable) as output_err:
+        p.read_output("local:j-broken-0", (0, 0))
+    (broken / r.EXIT_CODE).mkdir()
+    with pytest.raises(ProviderUnavailable) as status_err:
+        p.status(["local:j-broken-0"])
+    errors = [submit_err.value, cancel_err.value, output_err.value, status_err.value]
+    for err, reason in zip(errors, ["Not a directory", "Is a directory", "Is a directory",
+                                    "Is a directory"], strict=True):
+        assert reason in str(err) and root not in str(err), err
+    assert task.provider_job_id in str(submit_err.value)
+    assert "j-broken-0" in str(cancel_err.value)
+    shutil.rmtree(broken)
+    (p.base_dir / task.provider_job_id).unlink()
+
+
+def test_what_a_tenant_sees_of_local_jobs_names_no_host_path(provider: LocalProvider) -> None:
+    """Through a worker's JobService and Poller: the job, its resource path, the SCHEDULED
+    message and every other event, of a failed, a cancelled and a rejected job."""
+    store = MemoryStore()
+    w1 = owner(store, provider)
+    jobs, poller = w1.jobs, w1.poller
+
+    async def cycle_until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline
+            await poller.cycle()
+            await asyncio.sleep(0.05)
+
+    def status(job_id: str) -> JobStatus:
+        return store.get_job("acme", job_id).status
+
+    async def go() -> list[str]:
+        failed = await jobs.submit("acme", JobSpec(IMAGE, ("sh", "-c", "echo out; exit 3")), "")
+        running = await jobs.submit("acme", JobSpec(IMAGE, SLEEP_60), "")
+        rejected = await jobs.submit(
+            "acme", JobSpec(IMAGE, ("true",), labels={"local-runtime": "container"}), "")
+        await cycle_until(lambda: status(running.job_id) is JobStatus.RUNNING)
+        await jobs.cancel("acme", running.job_id)
+        ids = [failed.job_id, running.job_id, rejected.job_id]
+        await cycle_until(lambda: all(status(i).terminal for i in ids))
+        return ids
+
+    ids = asyncio.run(go())
+    root = str(provider.base_dir)
+    finals = [store.get_job("acme", i) for i in ids]
+    assert [j.status for j in finals] == [JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.FAILED]
+    for job in finals[:2]:
+        assert job.cloud_resource_path == f"local:{job.provider_job_id}"
+        scheduled = [e for e in store.list_events("acme", job.job_id, 0, 100)
+                     if e.kind is EventKind.SCHEDULED]
+        assert [e.message for e in scheduled] == [f"submitted to local as {job.provider_job_id}"]
+    assert finals[0].error_message == "exited with code 3"
+    for job in finals:
+        events = store.list_events("acme", job.job_id, 0, 100)
+        texts = [str(job_to_pb(job)), *(str(event_to_pb(e)) for e in events)]
+        assert not [t for t in texts if root in t]
+
+# --- submit rules, settings, containers ---------------------------------------------------
+
+
+def test_rejected_submits_leave_nothing_behind(provider: LocalProvider) -> None:
+    with pytest.raises(ProviderRejected, match="no commands"):
+        provider.submit(make_task([]))
+    with pytest.raises(ProviderRejected, match="container"):
+        provider.submit(make_task(EXIT_0, labels={"local-runtime": "container"}))
+    with pytest.raises(ProviderRejected, match="invalid provider job id"):
+        provider.submit(dataclasses.replace(make_task(EXIT_0), provider_job_id="../escape"))
+    assert list(provider.base_dir.iterdir()) == []
+
+
+def test_from_settings_through_the_registry(tmp_path: Path) -> None:
+    p = create_provider(ProviderSettings(kind="local",
+                                         env={"LOCAL_BATCH_DIR": str(tmp_path / "lb")}))
+    assert isinstance(p, LocalProvider)
+    assert p.base_dir == (tmp_path / "lb").resolve() and p.base_dir.is_dir()
+    assert p.capabilities.supports_output and p.capabilities.max_status_batch >= 1000
+
+
+def test_container_argv() -> None:
+    task = with_spec(make_task(EXIT_0, env={"B": "2", "A": "1"}), resource_profile="medium")
+    assert container_argv("docker", task) == [
+        "docker", "run", "--rm", "--init", "--name", f"jennah-{task.provider_job_id}",
+        "--cpus=2", "--memory=4096m",
+        "-e", "A", "-e", "B", "-e", "JENNAH_ATTEMPT", "-e", "JENNAH_JOB_ID",
+        "-e", "JENNAH_PROVIDER_JOB_ID", "-e", "JENNAH_TENANT_ID",
+        IMAGE, "sh", "-c", "exit 0",
+    ]
+    small = with_spec(make_task([]), resource_override=ResourceOverride(cpu_millis=500,
+                                                                        memory_mib=256))
+    argv = container_argv("podman", small)
+    assert argv[0] == "podman" and "--cpus=0.5" in argv and "--memory=256m" in argv
+    assert argv[-1] == IMAGE  # no commands: the image's default command
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_container_runtime_runs_the_engine_with_values_only_in_its_env(
+    tmp_path: Path,
+) -> None:
+    engine = _script(tmp_path / "fake-engine", 'printf "%s\\n" "$@"; echo "A=$A"\n')
+    p = LocalProvider(tmp_path / "local", container_engine=str(engine))
+    task = make_task(["echo", "hi"], env={"A": "s3cret"}, labels={"local-runtime": "container"})
+    path = p.submit(task)
+    wait_for_state(LocalHarness(p), path, {JobStatus.COMPLETED}, 5)
+    lines = p.read_output(path, (0, 0)).stdout.splitlines()
+    assert lines[:2] == ["run", "--rm"]
+    assert lines[-4:] == [IMAGE, "echo", "hi", "A=s3cret"]
+    assert "s3cret" not in json.dumps(json.loads((jdir(p, path) / r.SPEC).read_text())["argv"])
+    default = p.submit(make_task([]))  # no commands, an engine: the image's default
+    wait_for_state(LocalHarness(p), default, {JobStatus.COMPLETED}, 5)
+    assert p.read_output(default, (0, 0)).stdout.splitlines()[-2] == IMAGE
+
+
+def test_detect_container_engine_needs_a_working_info(tmp_path: Path) -> None:
+    _script(tmp_path / "docker", "exit 1\n")  # a CLI without a daemon
+    assert detect_container_engine(path=str(tmp_path)) is None
+    podman = _script(tmp_path / "podman", '[ "$1" = info ] && exit 0; exit 1\n')
+    assert detect_container_engine(path=str(tmp_path)) == str(podman)
+
+
+def test_runner_module_runs_from_any_directory(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "providers.local_runner"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "usage" in done.stderr
+    assert REPO not in tmp_path.parents
+
+
+def test_an_unusable_batch_dir_is_a_settings_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SettingsError, match="LOCAL_BATCH_DIR"):
+        LocalProvider(blocker / "local")
