@@ -3,6 +3,7 @@ owner side (``JobService`` + ``Poller``) wired the way ``worker/app.py`` wires i
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from database.base import JobStore
 from providers.base import BatchProvider
@@ -157,3 +158,36 @@ def owner(
     poller = Poller(store, provider, events, output, jobs, worker_id=worker_id, clock=clock,
                     interval=interval)
     return Owner(jobs, poller, events, committer)
+
+
+class RegisteredContract:
+    """Base of a contract suite over a backend registry (``providers.PROVIDERS``,
+    ``database.STORES``). A ``Test…`` subclass must name a registered backend in ``kind``,
+    or it fails at import; :meth:`runs` finds every such subclass, so that a test can
+    fail for a registered backend that has none."""
+
+    kind: ClassVar[str] = ""
+    registry: ClassVar[Mapping[str, str]] = {}
+    registry_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("Test") and cls.kind not in cls.registry:
+            raise TypeError(f"{cls.__name__}: kind {cls.kind!r} is not registered in "
+                            f"{cls.registry_name}")
+
+    @classmethod
+    def runs(cls, package: str, pattern: str) -> dict[str, list[type[RegisteredContract]]]:
+        """The ``Test…`` subclasses of ``cls`` in the modules of ``package`` whose file
+        names match ``pattern``, by ``kind``."""
+        folder = Path(importlib.import_module(package).__file__ or "").parent
+        for path in sorted(folder.glob(pattern)):
+            importlib.import_module(f"{package}.{path.stem}")
+        found: dict[str, list[type[RegisteredContract]]] = {}
+        classes = list(cls.__subclasses__())
+        while classes:
+            sub = classes.pop()
+            classes += sub.__subclasses__()
+            if sub.__name__.startswith("Test"):
+                found.setdefault(sub.kind, []).append(sub)
+        return found

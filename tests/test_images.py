@@ -1,25 +1,33 @@
-"""The container images: Dockerfile structure, then the exact CMD run from the repo venv.
+"""The container images without an engine: Dockerfile structure, the image build helpers
+(``deploy/images/``), then the exact CMD run from the repo venv.
 
-No Docker engine runs here, so each Dockerfile is parsed as text (logical lines with
-backslash continuations, comments skipped, JSON exec forms decoded) and its final stage's
-``ENV`` and ``CMD`` are replayed locally: ``/opt/jennah/bin`` in ``PATH`` becomes the
-repo's ``.venv/bin``, ``HOST`` is narrowed to 127.0.0.1, ``PORT`` is a free port (as Cloud
-Run would set it) and ``JENNAH_HOME`` a temp dir. The worker runs with a worker token
-(not dev mode), the gateway points at it through ``WORKER_ENDPOINTS``.
+Real containers of the built images are tested by ``tests/images/`` (``make image-test``).
+Here each Dockerfile is parsed as text (logical lines with backslash continuations,
+comments skipped, JSON exec forms decoded) and its final stage's ``ENV`` and ``CMD`` are
+replayed locally: ``/opt/jennah/bin`` in ``PATH`` becomes the repo's ``.venv/bin``,
+``HOST`` is narrowed to 127.0.0.1, ``PORT`` is a free port (as Cloud Run would set it) and
+``JENNAH_HOME`` a temp dir. The worker runs with a worker token (not dev mode), the
+gateway points at it through ``WORKER_ENDPOINTS``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
+import tomllib
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -62,10 +70,13 @@ def logical_lines(text: str) -> list[str]:
 
 
 def parse(text: str) -> list[Stage]:
+    """The stages; the global ``ARG``s before the first ``FROM`` are :func:`global_args`."""
     stages: list[Stage] = []
     for line in logical_lines(text):
         keyword, _, args = line.partition(" ")
         keyword, args = keyword.upper(), args.strip()
+        if keyword == "ARG" and not stages:
+            continue
         if keyword == "FROM":
             parts = args.split()
             parts = [p for p in parts if not p.startswith("--platform")]
@@ -75,6 +86,23 @@ def parse(text: str) -> list[Stage]:
         assert stages, f"{keyword} before any FROM"
         stages[-1].instructions.append((keyword, args))
     return stages
+
+
+def arg_defaults(args: list[str]) -> dict[str, str]:
+    """``ARG name=default`` (or a bare ``ARG name``, default "") as a dict."""
+    return {name: value for name, _, value in (a.partition("=") for a in args)}
+
+
+def global_args(text: str) -> dict[str, str]:
+    """The ``ARG``s declared before the first ``FROM`` (usable in ``FROM`` lines)."""
+    out: list[str] = []
+    for line in logical_lines(text):
+        keyword, _, args = line.partition(" ")
+        if keyword.upper() == "FROM":
+            break
+        if keyword.upper() == "ARG":
+            out.append(args.strip())
+    return arg_defaults(out)
 
 
 def env_of(stage: Stage) -> dict[str, str]:
@@ -97,14 +125,21 @@ def exec_form(args: str) -> list[str]:
     return value
 
 
+def _dockerfile_text(role: str) -> str:
+    return (Path(REPO) / f"Dockerfile.{role}").read_text()
+
+
 def dockerfile(role: str) -> list[Stage]:
-    return parse((Path(REPO) / f"Dockerfile.{role}").read_text())
+    return parse(_dockerfile_text(role))
 
 
 def test_parser_handles_continuations_and_forms() -> None:
-    stages = parse('FROM a:1 AS b\nRUN x \\\n  # note\n  && y\nFROM c\n'
-                   'ENV A=1 \\\n    B="two words"\nENV C 3\nCMD ["p", "q"]\n')
-    assert [(s.image, s.name) for s in stages] == [("a:1", "b"), ("c", "")]
+    text = ('ARG IMG=a:1\nARG BARE\nFROM ${IMG} AS b\nARG X=y\nRUN x \\\n  # note\n  && y\n'
+            'FROM c\nENV A=1 \\\n    B="two words"\nENV C 3\nCMD ["p", "q"]\n')
+    stages = parse(text)
+    assert global_args(text) == {"IMG": "a:1", "BARE": ""}
+    assert [(s.image, s.name) for s in stages] == [("${IMG}", "b"), ("c", "")]
+    assert arg_defaults(stages[0].all("ARG")) == {"X": "y"}
     assert stages[0].all("RUN") == ["x && y"]
     assert env_of(stages[1]) == {"A": "1", "B": "two words", "C": "3"}
     assert exec_form(stages[1].all("CMD")[0]) == ["p", "q"]
@@ -115,10 +150,12 @@ def test_dockerfile_structure(role: str) -> None:
     stages = dockerfile(role)
     assert len(stages) >= 2, "multi-stage: a build stage and a runtime stage"
     build, final = stages[0], stages[-1]
-    assert final.image == "python:3.11-slim"
+    # Both stages start from BASE_IMAGE, python:3.11-slim unless the build says otherwise.
+    assert global_args(_dockerfile_text(role)) == {"BASE_IMAGE": "python:3.11-slim"}
+    assert build.image == final.image == "${BASE_IMAGE}"
     assert build.name, "the build stage is named so the final stage can copy from it"
     # The build stage makes the venv; the final stage copies that venv and nothing else.
-    assert any("python -m venv /opt/jennah" in r for r in build.all("RUN"))
+    assert any("python3 -m venv /opt/jennah" in r for r in build.all("RUN"))
     copies = final.all("COPY")
     assert copies == [f"--from={build.name} /opt/jennah /opt/jennah"], copies
     assert not any("gcc" in r for r in final.all("RUN")), "no compiler in the runtime image"
@@ -150,6 +187,121 @@ def test_dockerfile_structure(role: str) -> None:
     assert health and " CMD [" in f" {health[0]}"
 
 
+def _packages() -> list[str]:
+    """The top-level packages pyproject.toml ships (``[tool.setuptools.packages.find]``)."""
+    with (Path(REPO) / "pyproject.toml").open("rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [pattern.rstrip("*") for pattern in include]
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_dockerfile_builds_offline_from_a_wheelhouse(role: str) -> None:
+    text = _dockerfile_text(role)
+    # BuildKit would pull a `# syntax=` frontend image: an offline build could not start.
+    assert not any(ln.lower().startswith("# syntax") for ln in text.splitlines())
+    build = dockerfile(role)[0]
+    args = arg_defaults(build.all("ARG"))
+    wheelhouse = Path(REPO) / args["WHEELHOUSE"]
+    # The default wheelhouse exists (COPY needs it) and holds no wheel: install from the index.
+    assert wheelhouse.is_dir() and not list(wheelhouse.glob("*.whl"))
+    assert build.all("COPY")[0] == "${WHEELHOUSE} /wheels"
+    runs = build.all("RUN")
+    assert all("--no-index --find-links=/wheels" in r for r in runs), "every pip uses it"
+    assert "gcc" in runs[0] and "binutils" in runs[0], "the index path compiles and strips"
+    assert "import crcmod._crcfunext" in runs[0] and "crcmod._crcfunext" in runs[-1]
+    assert "pip uninstall -y -q pip setuptools wheel" in runs[-1], "no pip at runtime"
+    assert '".[$EXTRAS]"' in runs[-1] and "pip check" in runs[-1]
+    # Every package pyproject.toml ships is copied in (a forgotten one fails the import).
+    copied = {c.split()[0] for c in build.all("COPY")}
+    assert set(_packages()) <= copied, set(_packages()) - copied
+    # Only the dependencies precede the source: a code change rebuilds the last layer only.
+    order = [(kw, a) for kw, a in build.instructions if kw in ("COPY", "RUN")]
+    first_source = next(i for i, (kw, a) in enumerate(order) if a.startswith("README.md"))
+    assert [kw for kw, _ in order[:first_source]] == ["COPY", "COPY", "RUN"]
+    # The extras exist, and the worker has every provider and store (pyvoy aside: size).
+    with (Path(REPO) / "pyproject.toml").open("rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    wanted = set(args["EXTRAS"].split(","))
+    assert wanted <= set(extras), wanted - set(extras)
+    if role == "worker":
+        assert wanted == set(extras) - {"all", "dev", "pyvoy"}
+
+
+def test_dockerignore_sends_the_wheelhouse_and_the_sources() -> None:
+    lines = [ln.strip() for ln in (Path(REPO) / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    assert ".cache" in lines and "!.cache/images/wheelhouse" in lines
+    assert lines.index(".cache") < lines.index("!.cache/images/wheelhouse"), "order matters"
+    assert not set(lines) & {*_packages(), "deploy", "deploy/images", "README.md"}
+
+
+@pytest.fixture(scope="module")
+def image_tools() -> Iterator[dict[str, ModuleType]]:
+    """deploy/images/*.py, loaded from their files under names of their own (``build`` is
+    also a PyPI package); ``build.py`` finds ``elf`` as the script does, next to it."""
+    folder = Path(REPO) / "deploy" / "images"
+    saved_path = list(sys.path)
+    loaded: dict[str, ModuleType] = {}
+    try:
+        for name in ("elf", "requirements", "build"):
+            spec = importlib.util.spec_from_file_location(
+                "elf" if name == "elf" else f"_image_{name}", folder / f"{name}.py")
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        yield loaded
+    finally:
+        sys.path[:] = saved_path
+        for name in ("elf", "_image_requirements", "_image_build"):
+            sys.modules.pop(name, None)
+
+
+def test_requirements_expand_the_extras(image_tools: dict[str, ModuleType]) -> None:
+    requirements = image_tools["requirements"].requirements
+    project = {"project": {"name": "Jennah", "dependencies": ["a>=1", "b"],
+                           "optional-dependencies": {"x": ["c"], "y": ["b", "d<2"],
+                                                     "all": ["jennah[x, y]", "e"]}}}  # fmt: skip
+    assert requirements(project, []) == ["a>=1", "b"]
+    assert requirements(project, ["all"]) == ["a>=1", "b", "c", "d<2", "e"]
+    assert requirements(project, ["y", "all"]) == ["a>=1", "b", "d<2", "c", "e"]
+    with pytest.raises(SystemExit, match="no extra 'z'"):
+        requirements(project, ["z"])
+
+
+def test_strip_wheel_strips_symbols_and_rewrites_record(
+    image_tools: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    build_py, elf = image_tools["build"], image_tools["elf"]
+    if shutil.which("strip") is None or shutil.which("gcc") is None:
+        pytest.skip("needs gcc and strip (binutils)")
+    src = tmp_path / "m.c"
+    src.write_text("int answer(void) { return 42; }\n")
+    so = tmp_path / "m.so"
+    subprocess.run(["gcc", "-g", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    data = so.read_bytes()
+    assert elf.has_symbols(data)
+    wheel = tmp_path / "pkg-1.0-cp311-cp311-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/_m.so", data)
+        zf.writestr("pkg.libs/libbundled.so.1", data)  # patchelf'd by auditwheel: kept
+        zf.writestr("pkg/__init__.py", "")
+        zf.writestr("pkg-1.0.dist-info/RECORD", "stale\n")
+    assert build_py.strip_wheel(wheel) is True
+    with zipfile.ZipFile(wheel) as zf:
+        stripped = zf.read("pkg/_m.so")
+        assert not elf.has_symbols(stripped) and len(stripped) < len(data)
+        assert zf.read("pkg.libs/libbundled.so.1") == data
+        record = zf.read("pkg-1.0-dist-info/RECORD".replace("-dist", ".dist")).decode()
+        rows = {r.split(",")[0]: r.split(",", 1)[1] for r in record.splitlines()}
+        for name in ("pkg/_m.so", "pkg.libs/libbundled.so.1", "pkg/__init__.py"):
+            assert rows[name] == f"{build_py._record_hash(zf.read(name))},{len(zf.read(name))}"
+        assert rows["pkg-1.0.dist-info/RECORD"] == ","
+    assert build_py.strip_wheel(wheel) is False, "nothing left to strip"
+    assert not elf.has_symbols(b"not an ELF file at all" * 4)
+
+
 def _image_env(role: str, overrides: dict[str, str]) -> dict[str, str]:
     """The process environment the image would give ``role``, replayed on this machine."""
     env = {k: v for k, v in os.environ.items()
@@ -175,7 +327,7 @@ API_KEY = "jk_0123456789ab_" + "s" * 43
 
 
 def _key_file(tmp_path: Path) -> Path:
-    """A JENNAH_API_KEYS_FILE (gateway/keys.py format) with one key for tenant ``acme``."""
+    """A JENNAH_API_KEYS_FILE (gateway/keyfile.py format) with one key for tenant ``acme``."""
     path = tmp_path / "keys.json"
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     path.write_text(json.dumps({"version": 1, "identities": {}, "keys": [

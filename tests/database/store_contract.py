@@ -18,14 +18,12 @@ database's clock pass too; ``short_ttl`` and ``expiry_wait`` may be tuned by a s
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar, cast
+from typing import ClassVar, TypeVar, cast
 
 import pytest
 
@@ -46,6 +44,7 @@ from jennah.models import (
     ResourceOverride,
 )
 from jennah.registry import load
+from tests.helpers import RegisteredContract
 
 T = TypeVar("T")
 LONG_TTL = 60.0
@@ -134,17 +133,14 @@ def assert_utc(*values: datetime | None) -> None:
         assert v is not None and v.tzinfo is not None and v.utcoffset() == timedelta(0), v
 
 
-class StoreContract:
-    """Subclass with ``kind`` and a ``store`` fixture (fresh, empty, migrated)."""
+class StoreContract(RegisteredContract):
+    """Subclass with ``kind`` (the store's name in ``database.STORES``) and a ``store``
+    fixture (fresh, empty, migrated)."""
 
-    kind: ClassVar[str] = ""  # the store's name in database.STORES
+    registry = STORES
+    registry_name = "database.STORES"
     short_ttl: ClassVar[float] = 0.05
     expiry_wait: ClassVar[float] = 0.2
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__name__.startswith("Test") and cls.kind not in STORES:
-            raise TypeError(f"{cls.__name__}: kind {cls.kind!r} is not a registered store")
 
     @pytest.fixture
     def store(self) -> Iterator[JobStore]:
@@ -813,15 +809,6 @@ def assert_fails_fast(store: JobStore, within: float = 5.0) -> None:
         assert time.monotonic() - start < within
 
 
-def contract_runs() -> dict[str, list[type[StoreContract]]]:
+def contract_runs() -> dict[str, list[type[RegisteredContract]]]:
     """The contract's ``Test…`` subclasses in ``tests/database/test_store_*.py``, by ``kind``."""
-    for path in sorted(Path(__file__).parent.glob("test_store_*.py")):
-        importlib.import_module(f"{__package__}.{path.stem}")
-    runs: dict[str, list[type[StoreContract]]] = {}
-    classes = list(StoreContract.__subclasses__())
-    while classes:
-        cls = classes.pop()
-        classes += cls.__subclasses__()
-        if cls.__name__.startswith("Test"):
-            runs.setdefault(cls.kind, []).append(cls)
-    return runs
+    return StoreContract.runs(__package__ or "", "test_store_*.py")

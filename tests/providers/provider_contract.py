@@ -25,13 +25,11 @@ Class attributes a subclass may tune: ``state_timeout`` (seconds to reach a stat
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import pytest
 
@@ -40,6 +38,7 @@ from jennah.registry import load
 from providers import PROVIDERS
 from providers.base import BatchProvider, Capabilities, ProviderStatus, ProviderTask
 from providers.base import provider_job_id as make_provider_job_id
+from tests.helpers import RegisteredContract
 
 EXIT_0 = ("sh", "-c", "exit 0")
 EXIT_3 = ("sh", "-c", "exit 3")
@@ -115,18 +114,14 @@ NOT_UNDER_CONTRACT: Mapping[str, str] = {
 }
 
 
-class ProviderContract:
-    """The tests every provider must pass. Subclasses set ``kind`` and override the
-    ``harness`` fixture."""
+class ProviderContract(RegisteredContract):
+    """The tests every provider must pass. Subclasses set ``kind`` (the provider's name in
+    ``providers.PROVIDERS``) and override the ``harness`` fixture."""
 
-    kind: ClassVar[str] = ""  # the provider's name in providers.PROVIDERS
+    registry = PROVIDERS
+    registry_name = "providers.PROVIDERS"
     state_timeout: ClassVar[float] = 10.0
     cancel_timeout: ClassVar[float] = 2.0
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.__name__.startswith("Test") and cls.kind not in PROVIDERS:
-            raise TypeError(f"{cls.__name__}: kind {cls.kind!r} is not a registered provider")
 
     @pytest.fixture
     def harness(self) -> ProviderHarness:
@@ -304,16 +299,7 @@ class ProviderContract:
         assert after[bad].state is JobStatus.FAILED
 
 
-def contract_runs() -> dict[str, list[type[ProviderContract]]]:
+def contract_runs() -> dict[str, list[type[RegisteredContract]]]:
     """The contract's ``Test…`` subclasses beside this module (``test_provider_*.py``), by
     ``kind``."""
-    for path in sorted(Path(__file__).parent.glob("test_provider_*.py")):
-        importlib.import_module(f"{__package__}.{path.stem}")
-    runs: dict[str, list[type[ProviderContract]]] = {}
-    classes = list(ProviderContract.__subclasses__())
-    while classes:
-        cls = classes.pop()
-        classes += cls.__subclasses__()
-        if cls.__name__.startswith("Test"):
-            runs.setdefault(cls.kind, []).append(cls)
-    return runs
+    return ProviderContract.runs(__package__ or "", "test_provider_*.py")
