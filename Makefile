@@ -47,6 +47,18 @@ proto-check: venv
 	  || { echo "jennah/v1 is out of date with proto/: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
 	rm -rf $$tmp
 
+## The two images, built offline: a Debian base (debootstrap) and a wheelhouse built here,
+## both cached in .cache/images/; starts dockerd (and stops it) when none runs.
+images: venv
+	$(BIN)/python deploy/images/build.py images
+
+## `images`, then tests/images/ with real containers of them (time-bounded; CI=true: no
+## engine fails).
+image-test: venv
+	$(BIN)/python deploy/images/build.py test
+
+.PHONY: images image-test
+
 ## All benchmarks (< 10 min on 2 cores) → docs/benchmarks.md. Needs wrk (Debian: apt-get install wrk).
 bench: venv
 	@command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null 2>&1 || \

@@ -400,12 +400,7 @@ def test_worker_and_gateway_start_as_non_root_on_port_read_only(
     assert "released 0 leases" in worker.logs()
 
 
-@pytest.mark.parametrize("server", [
-    "uvicorn",
-    pytest.param("hypercorn", marks=pytest.mark.xfail(strict=True, reason=(
-        "hypercorn's own error logger prints a plain-text copy of its lines ('[date] [1] "
-        "[INFO] Running on ...'): commands/serve.py sets no config.errorlog"))),
-])  # fmt: skip
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
 def test_every_log_line_is_one_json_entry(engine: Engine, server: str) -> None:
     """JENNAH_LOG_FORMAT=json: Cloud Logging reads each stdout/stderr line as one entry."""
     port = free_port()
@@ -662,10 +657,6 @@ def test_docker_kill_loses_no_acknowledged_job(
     report(f"docker kill: the {len(ids)} jobs ended {dict(outcomes)}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "local provider: a job whose runner was launched but died before starting it reads "
-    "as QUEUED for ever, so its new owner leaves it SCHEDULED and nothing launches it "
-    "again (providers/local.py _status; _needs_launch runs only on a submit)"))
 def test_a_job_whose_runner_died_before_starting_is_not_stranded(
     tmp_path: Path, postgres_env: dict[str, str], engine: Engine
 ) -> None:
