@@ -154,6 +154,9 @@ def _serve_hypercorn(app: ASGIApp, *, host: str, port: int, grace: float) -> Non
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = grace
     config.accesslog = None  # no ProxyFixMiddleware either: the client is the TCP peer
+    # hypercorn's own lines go through our logging (JSON in the images), not a plain-text
+    # stderr handler of its own.
+    config.errorlog = logging.getLogger("hypercorn.error")
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -17,6 +17,7 @@ live in one process (tests):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from jennah.rpc import ErrorMapper, RequestMetrics, safe_codecs
 from jennah.settings import GatewaySettings
 from jennah.tracing import TracingInterceptor
 from jennah.v1.deployment_connect import DeploymentServiceASGIApplication
+
+log = logging.getLogger("jennah.gateway")
 
 REQ = TypeVar("REQ")
 RES = TypeVar("RES")
@@ -138,9 +141,12 @@ def create_app(
 
     async def lifecycle() -> AsyncGenerator[GatewayService]:
         await health.start()
+        log.info("gateway started: %d/%d workers healthy%s", health.healthy_count(),
+                 len(health.members), " (dev mode)" if settings.dev_mode else "")
         try:
             yield service
         finally:
+            log.info("gateway stopping")
             await health.stop()
             await transport.aclose()
             if owned_store is not None:

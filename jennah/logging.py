@@ -25,11 +25,10 @@
 people; the images (``Dockerfile.*``) and the systemd env files in ``docs/deploy.md`` set
 ``json``, because there the reader is a log pipeline. An unknown value stops start-up.
 
-**Not covered.** uvicorn and hypercorn configure their own ``uvicorn.*`` /
-``hypercorn.error`` loggers when ``commands.serve`` starts them (after this runs), so their
-rare lines (a malformed HTTP request, an exception outside the RPC handlers, which the
-error mapper does not see) stay plain text on stderr; Cloud Logging records those as
-unstructured entries. Passing ``log_config=None`` to ``uvicorn.run`` would route them here.
+**Servers' own lines.** ``commands.serve`` hands uvicorn ``log_config=None`` and hypercorn
+its ``hypercorn.error`` logger, so their rare lines (a malformed HTTP request, an
+exception outside the RPC handlers, which the error mapper does not see) go through the
+handlers configured here, in the same format.
 
 **Secrets.** Nothing here logs the environment. As defence in depth, the values of the
 process's secret-looking variables (names containing TOKEN, SECRET, PASSWORD, KEY,
