@@ -27,6 +27,7 @@ the label ``local-runtime: container``, or has no commands (run the image's defa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,7 @@ LAUNCH_GRACE_SECONDS = 10.0
 LAUNCHED = "launched_at"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 PREFIX = "local:"
+log = logging.getLogger("jennah.providers.local")
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,14 @@ class LocalProvider:
             return ProviderStatus(None, raw, message="unknown job")
         if raw == "LOST":
             self._signal_group(job_dir, signal.SIGKILL)  # never leave a lost execution running
+        elif raw == "QUEUED" and self._needs_launch(job_dir):
+            # Launched, yet no runner claimed the job within the grace and none is alive
+            # (the worker that launched it died with it, e.g. its container was killed):
+            # the owner's poll launches it again, or it would wait for ever. The job never
+            # started, so this is not a second run; two runners cannot both run it (lock).
+            self._launch(job_dir)
+            log.info("local: relaunched the runner of %s (the first never started it)",
+                     job_dir.name)
         completed_at = _time(job_dir / r.COMPLETED)
         if state is JobStatus.CANCELLED and completed_at is None:
             completed_at = _time(job_dir / r.CANCELLED)

@@ -290,6 +290,22 @@ def test_a_fresh_launch_is_awaited_and_a_stale_one_retried(tmp_path: Path) -> No
     wait_for_state(LocalHarness(real), path, {JobStatus.COMPLETED}, 5)
 
 
+def test_a_poll_relaunches_a_runner_that_died_before_starting_the_job(tmp_path: Path) -> None:
+    """The worker that launched the runner died with it (a killed container): the new
+    owner only polls, so its poll must launch the job again, once, and it runs once."""
+    idle = LocalProvider(tmp_path / "local", python="/bin/true", container_engine=None)
+    task = make_task(EXIT_0)
+    path = idle.submit(task)  # "launched", but the runner exited without starting it
+    owner = LocalProvider(tmp_path / "local", container_engine=None)
+    time.sleep(0.3)
+    assert owner.status([path])[path].raw_state == "QUEUED"  # within the grace: no relaunch
+    assert not (jdir(owner, path) / r.STARTED).exists()
+    r.write_atomic(jdir(owner, path) / LAUNCHED, "2020-01-01T00:00:00+00:00")
+    st = wait_for_state(LocalHarness(owner), path, {JobStatus.COMPLETED}, 5)
+    assert st.exit_code == 0
+    assert LocalHarness(owner).executions(task.provider_job_id) == 1
+
+
 # --- environment and output ---------------------------------------------------------------
 
 
