@@ -7,12 +7,11 @@ The app is served by import string (:data:`APP`), as every server loads it
 from __future__ import annotations
 
 import os
-import sys
+from functools import partial
 
-from commands.serve import for_server, serve
+from commands.serve import for_server, main_of
 from database import STORES
 from jennah.asgi import ASGIApp
-from jennah.errors import SettingsError
 from jennah.logging import configure_logging
 from jennah.settings import GatewaySettings, load_gateway_settings
 from jennah.tracing import configure_tracing
@@ -32,11 +31,4 @@ def build(settings: GatewaySettings) -> ASGIApp:
 
 
 def main() -> int:
-    try:
-        settings = load_gateway_settings(stores=STORES)
-        serve(APP, host=settings.host, port=settings.port, server=settings.server,
-              grace=settings.shutdown_grace_seconds)
-    except SettingsError as exc:
-        print(f"jennah gateway: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return main_of("gateway", APP, partial(load_gateway_settings, stores=STORES))

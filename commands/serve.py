@@ -81,15 +81,44 @@ import contextlib
 import importlib
 import logging
 import signal
+import sys
 import time
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from jennah.asgi import ASGIApp, Receive, Scope, Send
 from jennah.blocking import blocking
+from jennah.errors import SettingsError
 from jennah.lifecycle import run_stop_hooks
 
 log = logging.getLogger("jennah.serve")
+
+
+class ServedSettings(Protocol):
+    """What serving needs of a role's settings (``WorkerSettings``, ``GatewaySettings``)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def shutdown_grace_seconds(self) -> float: ...
+
+
+def main_of(role: str, target: str, load: Callable[[], ServedSettings]) -> int:
+    """A role's main: ``load`` its settings, serve ``target`` until stopped. A settings
+    problem (from loading or from building the app) is one line on stderr, exit 2."""
+    try:
+        settings = load()
+        serve(target, host=settings.host, port=settings.port, server=settings.server,
+              grace=settings.shutdown_grace_seconds)
+    except SettingsError as exc:
+        print(f"jennah {role}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def serve(target: str, *, host: str, port: int, server: str, grace: float) -> None:

@@ -7,12 +7,11 @@ The app is served by import string (:data:`APP`), as every server loads it
 from __future__ import annotations
 
 import os
-import sys
+from functools import partial
 
-from commands.serve import for_server, serve
+from commands.serve import for_server, main_of
 from database import STORES
 from jennah.asgi import ASGIApp
-from jennah.errors import SettingsError
 from jennah.logging import configure_logging
 from jennah.settings import WorkerSettings, load_worker_settings
 from jennah.tracing import configure_tracing
@@ -31,11 +30,5 @@ def build(settings: WorkerSettings) -> ASGIApp:
 
 
 def main() -> int:
-    try:
-        settings = load_worker_settings(providers=PROVIDERS, stores=STORES)
-        serve(APP, host=settings.host, port=settings.port, server=settings.server,
-              grace=settings.shutdown_grace_seconds)
-    except SettingsError as exc:
-        print(f"jennah worker: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return main_of("worker", APP, partial(load_worker_settings, providers=PROVIDERS,
+                                          stores=STORES))
