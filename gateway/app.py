@@ -36,7 +36,7 @@ from gateway.health import Discover, HealthView, store_discovery
 from gateway.keys import KeyStore
 from gateway.ring import TenantRing
 from gateway.service import GatewayService
-from jennah.asgi import ASGIApp, compose
+from jennah.asgi import ASGIApp, compose, with_cors
 from jennah.rpc import ErrorMapper, RequestMetrics, safe_codecs
 from jennah.settings import GatewaySettings
 from jennah.tracing import TracingInterceptor
@@ -172,4 +172,5 @@ def create_app(
             "workers": {url: states[health.known_state(url)] for url in health.members},
         }
 
-    return compose(rpc, ready=ready, registry=registry, info=info)
+    app = compose(rpc, ready=ready, registry=registry, info=info)
+    return with_cors(app, settings.cors_origins) if settings.cors_origins else app

@@ -103,3 +103,32 @@ def compose(
             await rpc_app(scope, receive, send)
 
     return app
+
+
+# CORS for browser clients (Connect and gRPC-Web, docs/design.md §11 "CORS"): what a
+# preflight may ask for, and what a script may read back.
+CORS_METHODS = ("POST", "GET")
+CORS_REQUEST_HEADERS = (
+    "content-type", "connect-protocol-version", "connect-timeout-ms", "authorization",
+    "x-grpc-web", "x-user-agent", "grpc-timeout", "x-tenant-id",
+)  # fmt: skip
+CORS_EXPOSED_HEADERS = ("grpc-status", "grpc-message", "grpc-status-details-bin",
+                        "retry-after")
+
+
+def with_cors(app: ASGIApp, origins: tuple[str, ...]) -> ASGIApp:
+    """``app`` answering CORS for exactly ``origins`` (Starlette's ``CORSMiddleware``): a
+    preflight from a listed origin is answered, one from any other origin gets 400, and a
+    request without an ``Origin`` header passes through untouched. No credentials mode:
+    the API authenticates with the ``Authorization`` header, never with cookies."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    # Starlette types scopes and messages as MutableMapping, ours as dict: the same thing.
+    cors: ASGIApp = CORSMiddleware(  # type: ignore[assignment]
+        app,  # type: ignore[arg-type]
+        allow_origins=list(origins), allow_methods=list(CORS_METHODS),
+        allow_headers=list(CORS_REQUEST_HEADERS), expose_headers=list(CORS_EXPOSED_HEADERS),
+        allow_credentials=False, max_age=600,
+    )  # fmt: skip
+    return cors
+

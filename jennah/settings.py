@@ -34,6 +34,9 @@ T = TypeVar("T")
 
 SERVERS = ("uvicorn", "hypercorn", "pyvoy")
 
+# A browser origin as it appears in the Origin header: no path, no wildcard (a "*" would
+# let every site on the web call the API with a user's key).
+_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # the tenant id format (docs/design.md §8)
@@ -249,6 +252,9 @@ class GatewaySettings:
     store: StoreSettings
     # JENNAH_TRUSTED_PROXIES: IPs/CIDRs whose X-Auth-Request-Email is believed (gateway/auth.py).
     trusted_proxies: tuple[str, ...] = ()
+    # JENNAH_CORS_ORIGINS: the browser origins allowed to call the API (jennah/asgi.py
+    # with_cors); empty: no CORS answers at all.
+    cors_origins: tuple[str, ...] = ()
 
 
 # The registries a caller may pass (``providers.PROVIDERS``, ``database.STORES``): name →
@@ -399,5 +405,10 @@ def load_gateway_settings(
     if proxies and settings.dev_mode and not settings.api_keys_file:
         e.problems.append("JENNAH_API_KEYS_FILE (its identities map is needed by "
                           "JENNAH_TRUSTED_PROXIES)")
+    origins = tuple(o.strip() for o in e.text("JENNAH_CORS_ORIGINS").split(",") if o.strip())
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            e.problems.append(f"JENNAH_CORS_ORIGINS entry {origin!r} (expected an origin such "
+                              "as https://console.example.com: scheme, host, optional port)")
     e.check("gateway")
-    return replace(settings, trusted_proxies=proxies)
+    return replace(settings, trusted_proxies=proxies, cors_origins=origins)
