@@ -72,6 +72,7 @@ IO = Lane("jennah-io", 32)
 FSYNC = Lane("jennah-fsync", 16)
 
 
-async def blocking(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run ``fn(*args, **kwargs)`` in the :data:`IO` lane (the usual case)."""
-    return await IO.run(fn, *args, **kwargs)
+# ``await blocking(fn, *args)``: run ``fn`` in the IO lane (the usual case). The lane's
+# bound method itself, not a wrapper around it, so a call costs no extra coroutine
+# (SubmitJob's hot path makes several).
+blocking = IO.run

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from jennah.errors import SettingsError
+from jennah.models import TENANT_RE
 from jennah.registry import load
 
 T = TypeVar("T")
@@ -39,7 +40,6 @@ SERVERS = ("uvicorn", "hypercorn", "pyvoy")
 _ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
-_TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # the tenant id format (docs/design.md §8)
 
 
 def _items(value: str) -> frozenset[str]:
@@ -128,7 +128,7 @@ class Env:
         ``default``); a malformed entry is a problem naming ``expected``."""
         for entry in filter(None, (e.strip() for e in self.text(name).split(";"))):
             tenant, sep, value = (part.strip() for part in entry.partition("="))
-            known = _TENANT.fullmatch(tenant) or (default and tenant == "*")
+            known = TENANT_RE.fullmatch(tenant) or (default and tenant == "*")
             if sep and valid(value) and known:
                 yield tenant, value
             else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-from jennah.blocking import IO
+from jennah.blocking import blocking
 from providers.base import BatchProvider
 
 P = ParamSpec("P")
@@ -21,11 +21,7 @@ async def call_provider(
     provider: BatchProvider, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
 ) -> R:
     """``fn(*args, **kwargs)``, a call of ``provider``: on the event loop when the
-    provider says its calls never block (dry, fake), else in the IO lane.
-
-    ``IO.run`` rather than ``jennah.blocking.blocking`` (the same lane): this is on
-    SubmitJob's hot path, where one more coroutine per call shows (docs/performance.md).
-    """
+    provider says its calls never block (dry, fake), else in the IO lane."""
     if not provider.capabilities.blocking:
         return fn(*args, **kwargs)
-    return await IO.run(fn, *args, **kwargs)
+    return await blocking(fn, *args, **kwargs)
