@@ -29,6 +29,7 @@ EXIT_USAGE = 2
 # JobStatus without its prefix (tests/commands/test_cli.py checks it against the proto); a word
 # outside it is a usage error, not a traceback.
 JOB_STATUS_CHOICES = ("pending", "scheduled", "running", "completed", "failed", "cancelled")
+TASK_STATUS_CHOICES = ("pending", "running", "succeeded", "failed", "cancelled")
 
 
 def _print_json(msg: Message) -> None:
@@ -103,6 +104,10 @@ def submit_request(args: argparse.Namespace) -> Message:
             setattr(req, field, value)
     if args.spot:
         req.use_spot_vms = True
+    for flag, field in (("tasks", "task_count"), ("parallelism", "parallelism")):
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(req, field, value)
     for flag, field in (("cpu_millis", "cpu_millis"), ("memory_mib", "memory_mib"),
                         ("timeout", "max_run_duration_seconds")):
         value = getattr(args, flag)
@@ -193,6 +198,45 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    status = f"TASK_STATUS_{args.status.upper()}" if args.status else "TASK_STATUS_UNSPECIFIED"
+    req = pb.ListTasksRequest(job_id=args.job_id, page_size=args.page_size,
+                              page_token=args.page_token, status=status)  # fmt: skip
+    resp = _client(args).list_tasks(req)
+    if args.output == "json":
+        _print_json(resp)
+        return 0
+    print(f"{'TASK':>5} {'STATUS':<10} {'EXIT':>4} {'ATTEMPT':>7}  {'STARTED':<19}  ERROR")
+    for t in resp.tasks:
+        name = pb.TaskStatus.Name(t.status).removeprefix("TASK_STATUS_")
+        code = str(t.exit_code) if t.HasField("exit_code") else "-"
+        started = (t.started_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                   if t.HasField("started_at") else "-")
+        print(f"{t.index:>5} {name:<10} {code:>4} {t.attempt:>7}  {started:<19}  "
+              f"{t.error_message}")
+    if resp.next_page_token:
+        print(f"next page: --page-token {resp.next_page_token}")
+    return 0
+
+
+def cmd_notifications(args: argparse.Namespace) -> int:
+    from jennah.v1 import deployment_pb2 as pb
+
+    client = _client(args)
+    for notification_id in args.ack:
+        client.ack_notification(notification_id)
+    resp = client.list_notifications(args.limit, args.unread)
+    print(f"{resp.unread_count} unread")
+    for n in resp.notifications:
+        status = pb.JobStatus.Name(n.final_status).removeprefix("JOB_STATUS_")
+        at = n.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        mark = " " if n.is_read else "*"
+        print(f"{mark} {n.id}  {at}  {status:<9} {n.job_id}  {n.job_name}  {n.error_message}")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from jennah.v1 import deployment_pb2 as pb
 
@@ -212,6 +256,8 @@ def _print_events(stream: Iterable[Message]) -> None:
     for ev in stream:
         assert isinstance(ev, pb.JobEvent)
         kind = pb.EventKind.Name(ev.kind).removeprefix("EVENT_KIND_")
+        if ev.HasField("task_index"):  # a job of several tasks: which task said it
+            kind = f"{kind}[{ev.task_index}]"
         at = ev.created_at.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
         text = ev.output.rstrip("\n") if ev.output else ev.message
         print(f"{ev.seq:>6} {at} {kind:<14} {text}", flush=True)
@@ -300,6 +346,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--request-id", default="",
                    help="idempotency key (default: a new one, reused by every retry)")
     p.add_argument("--spot", action="store_true", help="use spot VMs")
+    p.add_argument("--tasks", type=int, default=None, metavar="N",
+                   help="run N tasks (each sees JENNAH_TASK_INDEX and JENNAH_TASK_COUNT)")
+    p.add_argument("--parallelism", type=int, default=None, metavar="P",
+                   help="at most P tasks at a time (default: no limit)")
     p.add_argument("--wait", "-w", action="store_true",
                    help="follow the job live; exit 0 if it COMPLETED, its exit code if it "
                    "FAILED (1 if none fits), 130 if CANCELLED")
@@ -319,6 +369,18 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--after-seq", type=int, default=0)
     add("tenant", cmd_tenant, "show the tenant you are calling as")
+    p = add("tasks", cmd_tasks, "list a job's tasks")
+    p.add_argument("job_id")
+    p.add_argument("--status", default="", type=str.lower, choices=TASK_STATUS_CHOICES,
+                   help="only tasks in this state")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    p = add("notifications", cmd_notifications, "list your notifications (newest first)")
+    p.add_argument("--unread", action="store_true", help="only the unread ones")
+    p.add_argument("--limit", type=int, default=0, help="at most this many (default 20)")
+    p.add_argument("--ack", metavar="ID", action="append", default=[],
+                   help="mark this notification read (repeatable)")
 
     add("worker", cmd_worker, "run a worker (settings from the environment)", client=False)
     add("gateway", cmd_gateway, "run the gateway (settings from the environment)", client=False)

@@ -31,6 +31,12 @@ every implementation must keep:
   server that is down becomes ``StoreUnavailable``.
 * **Clock.** Lease expiry uses the database clock where there is one (PostgreSQL
   ``now()``, Spanner ``CURRENT_TIMESTAMP()``); the embedded stores use an injected clock.
+* **Tasks.** A job's task states (``Job.tasks``) are stored with the job row, in the form
+  of ``jennah.tasks.encode``, and replaced whole by a patch that carries them
+  (``JobPatch.tasks``), in the same fenced write as the rest of the patch.
+* **Notifications.** The transition of a job into a terminal state writes one
+  notification for its tenant in the same transaction (none for a job that is already
+  terminal, so never two). Deleting a job deletes its notifications.
 * **Time values** are timezone-aware UTC ``datetime`` objects.
 """
 
@@ -47,6 +53,7 @@ from jennah.models import (
     JobFilter,
     JobPatch,
     Lease,
+    Notification,
     Page,
     Placed,
     Transition,
@@ -193,6 +200,19 @@ class JobStore(Protocol):
         """Place each execution event (``_common.place``) and insert the STORED ones,
         numbered; return ``(placed, event)`` per input event, in input order (the event
         as stored when STORED). ``legacy`` imports v1 WAL events (any kind)."""
+        ...
+
+    def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        """The tenant's newest ``limit`` notifications (``occurred_at`` then id
+        descending), only the unread ones if ``unread_only``, and how many of all the
+        tenant's notifications are unread."""
+        ...
+
+    def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        """Mark the tenant's notification read (again: no change); ``NotFound`` for an
+        unknown id or another tenant's."""
         ...
 
     # --- owner-facing, fenced ----------------------------------------------------------

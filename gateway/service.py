@@ -97,6 +97,28 @@ class GatewayService:
             lambda c, h, t: c.list_job_events(request, headers=h, timeout_ms=t),
         )
 
+    async def list_tasks(self, request: pb.ListTasksRequest, ctx: Ctx) -> pb.ListTasksResponse:
+        return await self.forwarder.unary(
+            self._tenant(ctx), ctx.timeout_ms,
+            lambda c, h, t: c.list_tasks(request, headers=h, timeout_ms=t),
+        )
+
+    async def list_notifications(
+        self, request: pb.ListNotificationsRequest, ctx: Ctx
+    ) -> pb.ListNotificationsResponse:
+        return await self.forwarder.unary(
+            self._tenant(ctx), ctx.timeout_ms,
+            lambda c, h, t: c.list_notifications(request, headers=h, timeout_ms=t),
+        )
+
+    async def ack_notification(
+        self, request: pb.AckNotificationRequest, ctx: Ctx
+    ) -> pb.AckNotificationResponse:
+        return await self.forwarder.unary(
+            self._tenant(ctx), ctx.timeout_ms,
+            lambda c, h, t: c.ack_notification(request, headers=h, timeout_ms=t),
+        )
+
     async def watch_job_events(
         self, request: pb.WatchJobEventsRequest, ctx: Ctx
     ) -> AsyncIterator[pb.JobEvent]:

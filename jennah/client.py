@@ -135,6 +135,19 @@ class JennahClient:
         return list(self._call(lambda: self.raw.list_job_events(req, headers=self.headers))
                     .events)  # fmt: skip
 
+    def list_tasks(self, request: pb.ListTasksRequest) -> pb.ListTasksResponse:
+        return self._call(lambda: self.raw.list_tasks(request, headers=self.headers))
+
+    def list_notifications(
+        self, limit: int = 0, unread_only: bool = False
+    ) -> pb.ListNotificationsResponse:
+        req = pb.ListNotificationsRequest(limit=limit, unread_only=unread_only)
+        return self._call(lambda: self.raw.list_notifications(req, headers=self.headers))
+
+    def ack_notification(self, notification_id: str) -> bool:
+        req = pb.AckNotificationRequest(notification_id=notification_id)
+        return self._call(lambda: self.raw.ack_notification(req, headers=self.headers)).success
+
     def watch_job_events(self, request: pb.WatchJobEventsRequest) -> Iterator[pb.JobEvent]:
         """Stream events; a stream broken by ``unavailable`` is resumed after the last
         event received (by seq for a job, by position for a tenant), so none is missed

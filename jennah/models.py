@@ -112,6 +112,51 @@ EVENT_FOR_STATUS: Mapping[JobStatus, EventKind] = {
 }
 
 
+class TaskStatus(StrEnum):
+    """The state of one task of a job (docs/design.md §16). Values are the stored spelling."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+# The most tasks one job may have (AWS Batch's array limit; GCP's and ours).
+MAX_TASK_COUNT = 10_000
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What is known of one task of a job. A job keeps these sparsely: a task without
+    one is PENDING with nothing else known. ``attempt`` counts the provider's retries of
+    the task (0 for its first run)."""
+
+    index: int
+    status: TaskStatus
+    exit_code: int | None = None
+    attempt: int = 0
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    error_message: str = ""
+    failure_class: FailureClass | None = None
+
+
+@dataclass(frozen=True)
+class TaskCounts:
+    """How many of a job's tasks are in each state; they add up to the task count."""
+
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+
 RESOURCE_PROFILES: Mapping[str, tuple[int, int]] = {
     # name: (cpu_millis, memory_mib)
     "small": (1000, 2048),
@@ -149,6 +194,15 @@ class JobSpec:
     # GPUs per task: a provider's accelerator type (GCP) and how many (0: none).
     accelerator_type: str = ""
     accelerator_count: int = 0
+    # Tasks running the image and command (1: a plain job) and how many at a time (0:
+    # no limit beyond the provider's).
+    task_count: int = 1
+    parallelism: int = 0
+
+    @property
+    def is_array(self) -> bool:
+        """True for a job of several tasks."""
+        return self.task_count > 1
 
     def to_dict(self) -> dict[str, object]:
         # Written out rather than dataclasses.asdict, whose recursive deep copy was a
@@ -170,6 +224,8 @@ class JobSpec:
             "max_retries": self.max_retries,
             "accelerator_type": self.accelerator_type,
             "accelerator_count": self.accelerator_count,
+            "task_count": self.task_count,
+            "parallelism": self.parallelism,
         }
 
     @classmethod
@@ -217,6 +273,9 @@ class Job:
     scheduled_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    # Of a job of several tasks: what is known of each task, sparse and by index
+    # (``jennah.tasks``); empty for a plain job.
+    tasks: tuple[TaskState, ...] = ()
 
     @property
     def lease(self) -> Lease:
@@ -247,6 +306,8 @@ class JobPatch:
     completed_at: datetime | None = None
     clear_resource: bool = False
     retry: bool = False
+    # The job's task states, replacing the stored ones (sparse, by index).
+    tasks: tuple[TaskState, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +350,8 @@ class JobEvent:
     dedup_key: str = ""
     offset: int = -1
     end: int = -1
+    # The task an OUTPUT (or task STATUS_DETAIL) event of a job of several tasks is of.
+    task_index: int | None = None
 
 
 class Placed(StrEnum):
@@ -303,6 +366,21 @@ class Placed(StrEnum):
     OUT_OF_ORDER = "out_of_order"
     # The job is gone, terminal, or on another attempt: the event is stale.
     STALE = "stale"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A job reached a terminal state: one per job, written by the store in the
+    transaction of that transition (docs/design.md §17)."""
+
+    notification_id: str
+    tenant_id: str
+    job_id: str
+    job_name: str
+    final_status: JobStatus
+    occurred_at: datetime
+    error_message: str = ""
+    is_read: bool = False
 
 
 @dataclass(frozen=True)

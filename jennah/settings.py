@@ -202,6 +202,8 @@ class AdmissionSettings:
     tenant_submit_burst: int = 200
     tenant_max_active_jobs: int = 1000
     provider_submit_rate: float | None = None
+    # The tasks of a tenant's non-terminal jobs (a job of N tasks counts N).
+    tenant_max_active_tasks: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,8 @@ def _admission_settings(e: Env) -> AdmissionSettings:
         tenant_submit_rate=tenant_rate,
         tenant_submit_burst=e.number("TENANT_SUBMIT_BURST", d.tenant_submit_burst, int, 1),
         tenant_max_active_jobs=e.number("TENANT_MAX_ACTIVE_JOBS", d.tenant_max_active_jobs, int),
+        tenant_max_active_tasks=e.number("TENANT_MAX_ACTIVE_TASKS", d.tenant_max_active_tasks,
+                                         int),
         provider_submit_rate=None if provider_rate < 0 else provider_rate,
     )
 

@@ -16,6 +16,14 @@ contract:
   not an error.
 * Vendor exceptions never leave the adapter: they become ``ProviderError`` subclasses
   with ``retryable`` set.
+* **Tasks** (docs/design.md §16): a job of ``spec.task_count`` > 1 tasks is one provider
+  job (a GCP task group, an AWS array, an Azure job of N tasks, N local processes) whose
+  tasks each see ``JENNAH_TASK_INDEX`` and ``JENNAH_TASK_COUNT`` (a plain job sees 0
+  and 1), at most ``spec.parallelism`` running at a time (0: no limit). Its status
+  carries ``tasks`` (sparse, see ``jennah.tasks``) and the job state they add up to
+  (:func:`providers.tasks.status_from_tasks`). A task is retried by the provider itself,
+  for the retryable failure classes, up to ``spec.max_retries`` (``TaskState.attempt``
+  counts them); ``cancel`` stops every task; ``read_output`` reads one task's output.
 * Calls are blocking; the worker runs them in a thread.
 * What the cloud would refuse, or could not honour, is declared in ``capabilities``
   (label limits, reserved keys, machine type, spot, accelerators) and checked by
@@ -32,7 +40,7 @@ from datetime import datetime
 from typing import Protocol
 
 from jennah.errors import InvalidArgument
-from jennah.models import FailureClass, JobSpec, JobStatus
+from jennah.models import MAX_TASK_COUNT, FailureClass, JobSpec, JobStatus, TaskState
 
 
 def provider_job_id(job_id: str, attempt: int) -> str:
@@ -78,6 +86,14 @@ class Capabilities:
     submit_rate: float | None = None
     # A GPU count needs a type (GCP: the accelerator's type is what is asked for).
     accelerator_type_required: bool = False
+    # --- jobs of several tasks (docs/design.md §16) ---
+    # Most tasks in one job (1: the provider runs plain jobs only).
+    max_task_count: int = MAX_TASK_COUNT
+    # Whether ``spec.parallelism`` (at most that many tasks at a time) takes effect.
+    parallelism: bool = True
+    # Tasks one provider call can create (None: one call creates all of them). Submit
+    # admission counts a job's provider calls with it (``submit_calls``).
+    tasks_per_call: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,8 @@ class ProviderStatus:
     message: str = ""
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    # A job of several tasks: what is known of each (sparse, by index); None otherwise.
+    tasks: tuple[TaskState, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,17 +147,34 @@ class BatchProvider(Protocol):
         ...
 
     def cancel(self, resource_path: str) -> None:
-        """Ask the provider to stop the execution. Idempotent."""
+        """Ask the provider to stop the execution, every task of it. Idempotent."""
         ...
+
+    # Optional, when ``capabilities.supports_output``:
+    # ``read_output(resource_path, offsets, task_index=0) -> OutputChunk``: what task
+    # ``task_index`` printed after the (stdout, stderr) ``offsets``.
 
     def close(self) -> None:
         """Release clients and connections. Idempotent."""
         ...
 
 
+def submit_calls(caps: Capabilities, task_count: int) -> int:
+    """The provider calls that create a job of ``task_count`` tasks (admission)."""
+    if caps.tasks_per_call is None or task_count <= 1:
+        return 1
+    return 1 + -(-task_count // caps.tasks_per_call)
+
+
 def check_spec(name: str, caps: Capabilities, spec: JobSpec) -> None:
     """Raise ``InvalidArgument`` if provider ``name`` would refuse ``spec`` or could not
     honour all of it (docs/providers.md lists each provider's limits and their sources)."""
+    if spec.task_count > caps.max_task_count:
+        raise InvalidArgument(f"task_count: {spec.task_count} given; the {name} provider "
+                              f"takes at most {caps.max_task_count}")
+    if spec.parallelism and spec.parallelism < spec.task_count and not caps.parallelism:
+        raise InvalidArgument(f"parallelism: the {name} provider cannot limit how many "
+                              "tasks run at a time (leave it 0)")
     labels = spec.labels
     if caps.max_labels is not None and len(labels) > caps.max_labels:
         raise InvalidArgument(

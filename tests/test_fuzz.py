@@ -58,7 +58,8 @@ pytestmark = pytest.mark.timeout(180)
 
 TENANTS = ("fuzz-a", "fuzz-b")
 METHODS = ("SubmitJob", "GetJob", "ListJobs", "CancelJob", "DeleteJob", "GetCurrentTenant",
-           "ListJobEvents", "WatchJobEvents")
+           "ListJobEvents", "ListTasks", "ListNotifications", "AckNotification",
+           "WatchJobEvents")
 REQUEST_TYPES: dict[str, type[Message]] = {
     m: getattr(pb, f"{m}Request") for m in METHODS
 }
@@ -312,7 +313,8 @@ SUBMIT_FIELDS = ("image_uri", "imageUri", "commands", "env_vars", "envVars", "na
                  "resourceOverride", "machine_type", "boot_disk_size_gb", "use_spot_vms",
                  "service_account", "max_retries", "maxRetries", "request_id", "requestId")
 OTHER_FIELDS = ("job_id", "jobId", "page_size", "pageSize", "page_token", "status", "labels",
-                "name_prefix", "after_seq", "afterSeq")
+                "name_prefix", "after_seq", "afterSeq", "limit", "unread_only",
+                "notification_id")
 UNKNOWN_FIELDS = ("bogus", "__proto__", "constructor", "envVarNames", "tenant_id", "", "a" * 300)
 
 json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
@@ -652,6 +654,12 @@ LIMIT_CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("image", {**OK_BODY, "image_uri": "Not A Valid Image!"}, "OCI image reference"),
     ("image upper", {**OK_BODY, "image_uri": "Busybox"}, "OCI image reference"),
     ("image digest", {**OK_BODY, "image_uri": "gcr.io/p/i@sha256:" + "a" * 64}, None),
+    ("10000 tasks", {**OK_BODY, "task_count": 10_000, "parallelism": 10_000}, None),
+    ("10001 tasks", {**OK_BODY, "task_count": 10_001}, "task_count=10001 is out of range"),
+    ("negative tasks", {**OK_BODY, "task_count": -1}, "task_count=-1"),
+    ("parallelism over count", {**OK_BODY, "task_count": 4, "parallelism": 5},
+     "at most task_count"),
+    ("task env", {**OK_BODY, "env_vars": {"JENNAH_TASK_COUNT": "1"}}, "set by Jennah"),
 ]
 
 

@@ -11,13 +11,19 @@ active-jobs count included (a store query), and before a known request id's retr
 
 Then three limits are checked, in this order, before anything is stored:
 
-1. **Active jobs per tenant** (``TENANT_MAX_ACTIVE_JOBS``, default 1,000; 0 disables): a
-   tenant may have at most that many non-terminal (PENDING, SCHEDULED, RUNNING) jobs.
+1. **Active jobs and tasks per tenant** (``TENANT_MAX_ACTIVE_JOBS``, default 1,000, and
+   ``TENANT_MAX_ACTIVE_TASKS``, default 100,000; 0 disables either): a tenant may have at
+   most that many non-terminal (PENDING, SCHEDULED, RUNNING) jobs, and their tasks (a job
+   of N tasks counts N; docs/design.md §16) may not add up to more than the task cap.
 2. **Submit rate per tenant** (``TENANT_SUBMIT_RATE`` per second, default 50, with a burst
    of ``TENANT_SUBMIT_BURST``, default 200; a rate of 0 disables): a token bucket per tenant.
 3. **Submit rate per provider** (the provider's default, below; ``PROVIDER_SUBMIT_RATE``
    overrides it): a token bucket shared by every tenant of this worker, so that the cloud
-   API's own throttling is not what a tenant hits first.
+   API's own throttling is not what a tenant hits first. It counts provider *calls*: a
+   job costs ``providers.base.submit_calls`` of them (1, or for Azure one per 100 tasks
+   plus the job's own). A submit needs one token in the bucket and then takes all its
+   calls, which may leave the bucket in debt: the next submits wait for it to refill, so
+   a job bigger than the bucket is never refused for ever.
 
 A refusal raises ``ResourceExhausted`` carrying ``retry_after_seconds``; the RPC layer
 (``jennah/rpc.py``) turns that into ``resource_exhausted`` whose message ends with
@@ -81,6 +87,7 @@ from jennah.models import JobFilter, JobStatus
 from jennah.settings import AdmissionSettings
 
 ACTIVE_STATUSES = (JobStatus.PENDING, JobStatus.SCHEDULED, JobStatus.RUNNING)
+NO_LIMIT = 1 << 62
 # When a tenant is at its active cap we cannot know when a job will finish; this is how
 # long a client should wait before asking again (jobs are polled about once a second).
 ACTIVE_CAP_RETRY_SECONDS = 5.0
@@ -89,8 +96,9 @@ PRUNE_ABOVE = 10_000
 PRUNE_EVERY_SECONDS = 10.0
 
 Clock = Callable[[], float]
-# (tenant_id, limit) -> the tenant's active jobs, counted up to at least ``limit``.
-ActiveCounter = Callable[[str, int], int]
+# (tenant_id, limit) -> the tenant's active jobs and their tasks, counted until the jobs
+# reach ``limit`` (a plain ``int`` is read as that many jobs of one task each).
+ActiveCounter = Callable[[str, int], "tuple[int, int] | int"]
 # Seconds a new job should wait because the job store is saturated; 0 when it is not.
 StorePressure = Callable[[], float]
 
@@ -104,21 +112,23 @@ def provider_submit_rate(default: float | None, override: float | None) -> float
 
 
 def store_active_counter(store: JobStore) -> ActiveCounter:
-    """Count a tenant's non-terminal jobs with ``list_jobs``, stopping at ``limit``."""
+    """Count a tenant's non-terminal jobs and their tasks with ``list_jobs``, stopping
+    once the jobs reach ``limit``."""
 
-    def count(tenant_id: str, limit: int) -> int:
-        total = 0
+    def count(tenant_id: str, limit: int) -> tuple[int, int]:
+        total = tasks = 0
         for status in ACTIVE_STATUSES:
             token = ""
             while total < limit:
                 page = store.list_jobs(tenant_id, JobFilter(status=status), MAX_PAGE_SIZE, token)
                 total += len(page.jobs)
+                tasks += sum(j.spec.task_count for j in page.jobs)
                 token = page.next_page_token
                 if not token:
                     break
             if total >= limit:
                 break
-        return total
+        return total, tasks
 
     return count
 
@@ -150,9 +160,9 @@ class TokenBucket:
         self._refill(now)
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
-    def take(self, now: float) -> None:
+    def take(self, now: float, n: int = 1) -> None:
         self._refill(now)
-        self.tokens -= 1
+        self.tokens -= n
 
     def full(self, now: float) -> bool:
         self._refill(now)
@@ -169,6 +179,8 @@ class _Active:
     count: int  # the last exact count plus the submits admitted since
     counted_at: float
     inflight: int = 0  # admitted on this worker, not yet stored
+    tasks: int = 0  # the same, in tasks
+    inflight_tasks: int = 0
 
 
 class Ticket:
@@ -182,19 +194,22 @@ class Ticket:
     """
 
     def __init__(
-        self, admission: Admission, tenant_id: str, request_id: str, *, retry: bool = False
+        self, admission: Admission, tenant_id: str, request_id: str, *, retry: bool = False,
+        tasks: int = 1, calls: int = 1,
     ) -> None:
         self._admission = admission
         self._tenant = tenant_id
         self._request_id = request_id
         self._retry = retry
         self._open = not retry
+        self._tasks = tasks
+        self._calls = calls
 
     def stored(self, created: bool) -> None:
         if self._request_id:
             self._admission.remember(self._tenant, self._request_id)
         if self._retry and created:
-            self._admission.charge(self._tenant)
+            self._admission.charge(self._tenant, self._tasks, self._calls)
         self._close(created)
 
     def abandon(self) -> None:
@@ -203,7 +218,7 @@ class Ticket:
     def _close(self, created: bool) -> None:
         if self._open:
             self._open = False
-            self._admission.settle(self._tenant, created)
+            self._admission.settle(self._tenant, created, self._tasks)
 
 
 class Admission:
@@ -223,6 +238,7 @@ class Admission:
         self.tenant_rate = settings.tenant_submit_rate
         self.tenant_burst = max(1.0, float(settings.tenant_submit_burst))
         self.max_active = settings.tenant_max_active_jobs if counter is not None else 0
+        self.max_tasks = settings.tenant_max_active_tasks if counter is not None else 0
         self.provider = provider
         self.provider_rate = provider_submit_rate(provider_rate, settings.provider_submit_rate)
         self.counter = counter
@@ -258,50 +274,71 @@ class Admission:
 
     # --- the check ---------------------------------------------------------------------
 
-    async def admit(self, tenant_id: str, request_id: str) -> Ticket:
-        """A ticket for one submit, or ``ResourceExhausted`` with a retry hint."""
+    @property
+    def _counts_active(self) -> bool:
+        return self.max_active > 0 or self.max_tasks > 0
+
+    async def admit(
+        self, tenant_id: str, request_id: str, *, tasks: int = 1, calls: int = 1
+    ) -> Ticket:
+        """A ticket for one submit of a job of ``tasks`` tasks that takes ``calls``
+        provider calls, or ``ResourceExhausted`` with a retry hint."""
         self._check_store()
         if request_id and (tenant_id, request_id) in self._recent:
             self._recent.move_to_end((tenant_id, request_id))
-            return Ticket(self, tenant_id, request_id, retry=True)
+            return Ticket(self, tenant_id, request_id, retry=True, tasks=tasks, calls=calls)
         self._prune(self.clock())
-        if self.max_active > 0:
-            await self._check_active(tenant_id)
+        if self._counts_active:
+            await self._check_active(tenant_id, tasks)
         try:
-            self._take_tokens(tenant_id)
+            self._take_tokens(tenant_id, calls)
         except ResourceExhausted:
-            if self.max_active > 0:
-                self.settle(tenant_id, created=False)
+            if self._counts_active:
+                self.settle(tenant_id, False, tasks)
             raise
-        return Ticket(self, tenant_id, request_id)
+        return Ticket(self, tenant_id, request_id, tasks=tasks, calls=calls)
 
-    async def _check_active(self, tenant_id: str) -> None:
+    async def _check_active(self, tenant_id: str, tasks: int) -> None:
         lock = self._locks.get(tenant_id)
         if lock is None:
             lock = self._locks[tenant_id] = asyncio.Lock()
+        max_jobs = self.max_active or NO_LIMIT
+        max_tasks = self.max_tasks or NO_LIMIT
         async with lock:
             entry = self._active.get(tenant_id)
             now = self.clock()
             near = entry is not None and (
-                entry.count + entry.inflight >= self.max_active - max(1, self.max_active // 10)
-            )
+                entry.count + entry.inflight >= max_jobs - max(1, max_jobs // 10)
+                or entry.tasks + entry.inflight_tasks + tasks
+                > max_tasks - max(1, max_tasks // 10))
             if entry is None or (near and now - entry.counted_at >= self.recount_interval):
                 assert self.counter is not None
                 self._check_store()  # again: it may have waited for the tenant's lock
-                counted = await blocking(self.counter, tenant_id, self.max_active)
+                counted = await blocking(self.counter, tenant_id, max_jobs)
+                jobs, active_tasks = counted if isinstance(counted, tuple) else (counted,
+                                                                                 counted)
                 self.counts += 1
                 if entry is None:
-                    entry = self._active[tenant_id] = _Active(counted, now)
+                    entry = self._active[tenant_id] = _Active(jobs, now, tasks=active_tasks)
                 else:
-                    entry.count, entry.counted_at = counted, now
+                    entry.count, entry.tasks, entry.counted_at = jobs, active_tasks, now
             active = entry.count + entry.inflight
-            if active >= self.max_active:
+            if active >= max_jobs:
                 raise ResourceExhausted(
                     f"tenant {tenant_id} has {active} active jobs, the most allowed is "
                     f"{self.max_active}; wait for some to finish",
                     retry_after_seconds=ACTIVE_CAP_RETRY_SECONDS,
                 )
+            active_tasks = entry.tasks + entry.inflight_tasks
+            if active_tasks + tasks > max_tasks:
+                raise ResourceExhausted(
+                    f"tenant {tenant_id} has {active_tasks} active tasks and this job has "
+                    f"{tasks}; the most allowed is {self.max_tasks} "
+                    "(TENANT_MAX_ACTIVE_TASKS); wait for some to finish",
+                    retry_after_seconds=ACTIVE_CAP_RETRY_SECONDS,
+                )
             entry.inflight += 1
+            entry.inflight_tasks += tasks
 
     def _check_store(self) -> None:
         if self.pressure is not None:
@@ -310,7 +347,7 @@ class Admission:
                 raise StoreBusy("the job store is busy (every connection of this worker is "
                                 "in use); nothing was stored", retry_after_seconds=_hint(wait))
 
-    def _take_tokens(self, tenant_id: str) -> None:
+    def _take_tokens(self, tenant_id: str, calls: int) -> None:
         now = self.clock()
         bucket: TokenBucket | None = None
         if self.tenant_rate > 0:
@@ -334,31 +371,34 @@ class Admission:
                     f"({self._provider_bucket.rate:g}/s)",
                     retry_after_seconds=_hint(wait),
                 )
-            self._provider_bucket.take(now)
+            self._provider_bucket.take(now, calls)
         if bucket is not None:
             bucket.take(now)
 
     # --- bookkeeping -------------------------------------------------------------------
 
-    def charge(self, tenant_id: str) -> None:
+    def charge(self, tenant_id: str, tasks: int = 1, calls: int = 1) -> None:
         """Account for a job created without a check (see :class:`Ticket`)."""
         now = self.clock()
         bucket = self._tenants.get(tenant_id)
         if bucket is not None:
             bucket.take(now)
         if self._provider_bucket is not None:
-            self._provider_bucket.take(now)
+            self._provider_bucket.take(now, calls)
         entry = self._active.get(tenant_id)
         if entry is not None:
             entry.count += 1
+            entry.tasks += tasks
 
-    def settle(self, tenant_id: str, created: bool) -> None:
+    def settle(self, tenant_id: str, created: bool, tasks: int = 1) -> None:
         entry = self._active.get(tenant_id)
         if entry is None:
             return
         entry.inflight = max(0, entry.inflight - 1)
+        entry.inflight_tasks = max(0, entry.inflight_tasks - tasks)
         if created:
             entry.count += 1
+            entry.tasks += tasks
 
     def remember(self, tenant_id: str, request_id: str) -> None:
         self._recent[(tenant_id, request_id)] = None

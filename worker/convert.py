@@ -14,8 +14,12 @@ from jennah.models import (
     JobEvent,
     JobSpec,
     JobStatus,
+    Notification,
     ResourceOverride,
+    TaskState,
+    TaskStatus,
 )
+from jennah.tasks import job_task_counts
 from jennah.v1 import deployment_pb2 as pb
 from worker.validation import validate_request_id, validate_spec
 
@@ -35,6 +39,17 @@ def status_from_pb(value: int) -> JobStatus | None:
     except ValueError:
         raise InvalidArgument(f"status {value} is not a known JobStatus") from None
     return JobStatus(name.removeprefix("JOB_STATUS_"))
+
+
+def task_status_from_pb(value: int) -> TaskStatus | None:
+    """``None`` for UNSPECIFIED; ``InvalidArgument`` for a number we do not know."""
+    if value == pb.TASK_STATUS_UNSPECIFIED:
+        return None
+    try:
+        name = pb.TaskStatus.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise InvalidArgument(f"status {value} is not a known TaskStatus") from None
+    return TaskStatus(name.removeprefix("TASK_STATUS_"))
 
 
 def failure_to_pb(fc: FailureClass | None) -> str:
@@ -71,6 +86,8 @@ def spec_from_request(req: pb.SubmitJobRequest) -> tuple[JobSpec, str]:
         max_retries=req.max_retries,
         accelerator_type=req.accelerator.type,
         accelerator_count=req.accelerator.count,
+        task_count=req.task_count,
+        parallelism=req.parallelism,
     )
     return spec, validate_request_id(req.request_id)
 
@@ -115,10 +132,45 @@ def job_to_pb(job: Job) -> pb.Job:
         started_at=ts(job.started_at),
         completed_at=ts(job.completed_at),
         lease_expires_at=ts(job.lease_expires_at),
+        task_count=s.task_count,
+        parallelism=s.parallelism,
     )
+    counts = job_task_counts(job)
+    msg.task_counts.pending = counts.pending
+    msg.task_counts.running = counts.running
+    msg.task_counts.succeeded = counts.succeeded
+    msg.task_counts.failed = counts.failed
+    msg.task_counts.cancelled = counts.cancelled
     if job.exit_code is not None:
         msg.exit_code = job.exit_code
     return msg
+
+
+def task_to_pb(task: TaskState) -> pb.Task:
+    msg = pb.Task(
+        index=task.index,
+        status=f"TASK_STATUS_{task.status.value}",
+        attempt=task.attempt,
+        started_at=ts(task.started_at),
+        completed_at=ts(task.completed_at),
+        error_message=task.error_message,
+        failure_class=failure_to_pb(task.failure_class),
+    )
+    if task.exit_code is not None:
+        msg.exit_code = task.exit_code
+    return msg
+
+
+def notification_to_pb(n: Notification) -> pb.Notification:
+    return pb.Notification(
+        id=n.notification_id,
+        job_id=n.job_id,
+        job_name=n.job_name,
+        final_status=status_to_pb(n.final_status),
+        occurred_at=ts(n.occurred_at),
+        error_message=n.error_message,
+        is_read=n.is_read,
+    )
 
 
 def event_to_pb(ev: JobEvent) -> pb.JobEvent:
@@ -133,4 +185,5 @@ def event_to_pb(ev: JobEvent) -> pb.JobEvent:
         worker_id=ev.worker_id,
         position=ev.position,
         attempt=ev.attempt,
+        task_index=ev.task_index,
     )

@@ -21,6 +21,7 @@ short; the client retries with its ``request_id`` and gets the job.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import random
@@ -43,6 +44,7 @@ from jennah.errors import (
 )
 from jennah.models import (
     EVENT_FOR_STATUS,
+    MAX_TASK_COUNT,
     EventKind,
     FailureClass,
     Job,
@@ -51,14 +53,19 @@ from jennah.models import (
     JobPatch,
     JobSpec,
     JobStatus,
+    Notification,
     Page,
+    TaskState,
+    TaskStatus,
 )
+from jennah.tasks import cancel_remaining, job_tasks, normalize
 from providers.base import (
     BatchProvider,
     ProviderStatus,
     ProviderTask,
     check_spec,
     provider_job_id,
+    submit_calls,
 )
 from worker.admission import Admission, Ticket
 from worker.commit import GroupCommitter
@@ -81,6 +88,26 @@ _IDS = random.Random(os.urandom(32))
 
 def new_job_id() -> str:
     return str(uuid.UUID(int=_IDS.getrandbits(128), version=4))
+
+
+def encode_task_token(index: int) -> str:
+    """ListTasks' page token: the index the next page starts at."""
+    return base64.urlsafe_b64encode(f"task:{index}".encode()).decode().rstrip("=")
+
+
+def decode_task_token(token: str) -> int:
+    """The index a page token starts at (0 for none); ``InvalidArgument`` otherwise."""
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        kind, _, number = text.partition(":")
+        index = int(number)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token is not a ListTasks page token") from None
+    if kind != "task" or not 0 <= index <= MAX_TASK_COUNT:
+        raise InvalidArgument("page_token is not a ListTasks page token")
+    return index
 
 
 class JobService:
@@ -159,7 +186,9 @@ class JobService:
             raise ShuttingDown("worker is shutting down; retry on another worker")
         self._check_service_account(tenant_id, spec)
         check_spec(self._provider.name, self._provider.capabilities, spec)
-        ticket = await self._admission.admit(tenant_id, request_id)
+        calls = submit_calls(self._provider.capabilities, spec.task_count)
+        ticket = await self._admission.admit(tenant_id, request_id, tasks=spec.task_count,
+                                             calls=calls)
         job = Job(
             job_id=self._new_id(),
             tenant_id=tenant_id,
@@ -235,6 +264,27 @@ class JobService:
     ) -> list[JobEvent]:
         return await blocking(self._store.list_tenant_events, tenant_id, after_position, limit)
 
+    async def list_tasks(
+        self, tenant_id: str, job_id: str, status: TaskStatus | None, page_size: int,
+        page_token: str,
+    ) -> tuple[list[TaskState], str]:
+        """One page of the job's tasks by index (only those in ``status``, if given), and
+        the token of the next page (empty on the last)."""
+        start = decode_task_token(page_token)
+        job = await self.get(tenant_id, job_id)
+        tasks = [t for t in job_tasks(job)[start:] if status is None or t.status is status]
+        page = tasks[:page_size]
+        more = len(tasks) > page_size
+        return page, encode_task_token(page[-1].index + 1) if more else ""
+
+    async def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        return await blocking(self._store.list_notifications, tenant_id, limit, unread_only)
+
+    async def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        await blocking(self._store.ack_notification, tenant_id, notification_id)
+
     async def has_active_jobs(self, tenant_id: str) -> bool:
         return await blocking(self._store.has_active_jobs, tenant_id)
 
@@ -304,13 +354,18 @@ class JobService:
     async def finish_cancel(self, job: Job) -> Job:
         """Stop the execution and record CANCELLED, once what it printed is in the store
         (``before_end``); if that cannot be done now, the job stays marked and the poller
-        finishes the cancel at its next cycle."""
+        finishes the cancel at its next cycle. Every unfinished task of a job of several
+        tasks is recorded CANCELLED with it."""
         if job.cloud_resource_path:
             await call_provider(self._provider, self._provider.cancel, job.cloud_resource_path)
             if self._before_end is not None and not await self._before_end(job):
                 return job
+        tasks = None
+        if job.spec.is_array:
+            tasks = cancel_remaining(job.spec.task_count, job.tasks, self._clock())
         try:
-            return await self._finish(job, JobStatus.CANCELLED, "cancelled by request")
+            return await self._finish(job, JobStatus.CANCELLED, "cancelled by request",
+                                      tasks=tasks)
         except Conflict:
             return await self.get(job.tenant_id, job.job_id)
 
@@ -324,6 +379,7 @@ class JobService:
         exit_code: int | None = None,
         started_at: datetime | None = None,
         completed_at: datetime | None = None,
+        tasks: tuple[TaskState, ...] | None = None,
     ) -> Job:
         patch = JobPatch(
             status=status,
@@ -332,8 +388,18 @@ class JobService:
             exit_code=exit_code,
             started_at=started_at if job.started_at is None else None,
             completed_at=completed_at or self._clock(),
+            tasks=tasks,
         )
         return await self._update(job, patch, message)
+
+    @staticmethod
+    def tasks_changed(job: Job, st: ProviderStatus) -> tuple[TaskState, ...] | None:
+        """The task states the provider reports for a job of several tasks, when they
+        differ from the stored ones (None otherwise): what a patch should carry."""
+        if not job.spec.is_array or st.tasks is None:
+            return None
+        tasks = normalize(st.tasks)
+        return None if tasks == job.tasks else tasks
 
     async def mark_running(self, job: Job, st: ProviderStatus) -> Job:
         """Record RUNNING for the current attempt (before any of its output goes in)."""
@@ -342,16 +408,22 @@ class JobService:
         now = self._clock()
         patch = JobPatch(status=JobStatus.RUNNING,
                          scheduled_at=now if job.scheduled_at is None else None,
-                         started_at=st.started_at or now)  # fmt: skip
+                         started_at=st.started_at or now,
+                         tasks=self.tasks_changed(job, st))  # fmt: skip
         return await self._update(job, patch, f"provider: {st.raw_state}")
 
     async def apply_status(self, job: Job, st: ProviderStatus) -> Job:
         """Move ``job`` forward to what the provider reports; never backwards (docs/design.md §3).
 
         A terminal state for an execution that ran, seen before any poll saw it running,
-        is recorded as RUNNING then the terminal state, in one transaction."""
+        is recorded as RUNNING then the terminal state, in one transaction. New task
+        states of a job of several tasks go in the same write as its transition, or in a
+        write of their own when its status does not change."""
         new = st.state
+        tasks = self.tasks_changed(job, st)
         if new is None or not job.status.can_move_to(new):
+            if tasks is not None and not job.status.terminal:
+                return await self._update(job, JobPatch(tasks=tasks), "tasks")
             return job
         if new is JobStatus.FAILED and self._should_retry(job, st.failure_class):
             return await self.retry(job, st)
@@ -367,16 +439,22 @@ class JobService:
                 exit_code=st.exit_code,
                 started_at=(st.started_at or st.completed_at or self._clock()) if ran else None,
                 completed_at=st.completed_at,
+                tasks=tasks,
             )
         if new is JobStatus.RUNNING:
             return await self.mark_running(job, st)
         now = self._clock()
-        patch = JobPatch(status=new, scheduled_at=now if job.scheduled_at is None else None)
+        patch = JobPatch(status=new, scheduled_at=now if job.scheduled_at is None else None,
+                         tasks=tasks)  # fmt: skip
         return await self._update(job, patch, st.message or f"provider: {st.raw_state}")
 
     @staticmethod
     def _should_retry(job: Job, fc: FailureClass | None) -> bool:
-        return fc is not None and fc.retryable and job.attempt < job.spec.max_retries
+        """A plain job is run again as a new execution; the tasks of a job of several
+        tasks are retried by the provider itself, each on its own (docs/design.md §16),
+        so the job is never resubmitted whole."""
+        return (fc is not None and fc.retryable and not job.spec.is_array
+                and job.attempt < job.spec.max_retries)
 
     async def retry(self, job: Job, st: ProviderStatus) -> Job:
         """Start the next attempt (back to PENDING, RETRY event) under a new provider id."""

@@ -14,13 +14,14 @@ both read on from the same offsets.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from database._common import output_dedup_key
 from database.base import JobStore, OutputOffsets
 from jennah.blocking import blocking
-from jennah.models import EventKind, Job, JobEvent, JobStatus
+from jennah.models import EventKind, Job, JobEvent, JobStatus, TaskState, TaskStatus
 from providers.base import BatchProvider
 from worker.events import ExecutionLog
 from worker.provider_calls import call_provider
@@ -57,17 +58,22 @@ class OutputReader:
         self._clock = clock
         # Where to read each job's output next: durable here (WAL) or in the store.
         self._offsets: dict[str, OutputOffsets] = {}
+        # The tasks of each job of several tasks whose output was read to its end.
+        self._done: dict[str, set[int]] = {}
 
     def keep_only(self, job_ids: Container[str]) -> None:
         """Forget the offsets of every other job (finished, deleted or taken over)."""
         for job_id in [j for j in self._offsets if j not in job_ids]:
             del self._offsets[job_id]
+        for job_id in [j for j in self._done if j not in job_ids]:
+            del self._done[job_id]
 
     def resync(self, job_ids: Iterable[str]) -> None:
         """Read these jobs on from the store's offsets next time (the store refused
         their output as out of order)."""
         for job_id in job_ids:
             self._offsets.pop(job_id, None)
+            self._done.pop(job_id, None)
 
     async def settle(self, job: Job) -> bool:
         """Before an end the provider did not report (a cancel): read the execution's
@@ -91,38 +97,71 @@ class OutputReader:
             self._offsets[job.job_id] = offsets
         return offsets
 
-    async def read(self, job: Job, *, final: bool) -> bool:
+    async def read(
+        self, job: Job, *, final: bool, tasks: Sequence[TaskState] | None = None
+    ) -> bool:
         """Read what the job printed since the offsets, append it durably, advance.
         Return True when everything there was to read is read (False: the budget ran
-        out first). ``WalError`` when the append failed (the offsets stay)."""
+        out first). ``WalError`` when the append failed (the offsets stay).
+
+        A job of several tasks is read task by task: each task that has started
+        (``tasks``, the provider's latest states; the stored ones when not given) has
+        its own streams, read until it has finished and nothing more comes."""
         read = getattr(self._provider, "read_output", None)
         if read is None:
             return True
         offsets = await self._offsets_of(job)
-        keys = [(job.attempt, 0, stream) for stream in STREAMS]
+        if not job.spec.is_array:
+            left = await self._read_task(job, read, offsets, None, final, OUTPUT_BUDGET_BYTES)
+            return left >= 0
+        done = self._done.setdefault(job.job_id, set())
         budget = OUTPUT_BUDGET_BYTES
+        for task in job.tasks if tasks is None else tasks:
+            if task.status is TaskStatus.PENDING or task.index in done:
+                continue
+            ended = final or task.status.terminal
+            budget = await self._read_task(job, read, offsets, task.index, ended, budget)
+            if budget < 0:
+                return False
+            if ended:
+                done.add(task.index)  # read to its end: never again
+        return True
+
+    async def _read_task(
+        self, job: Job, read: Callable[..., Any], offsets: OutputOffsets,
+        task_index: int | None, final: bool, budget: int,
+    ) -> int:
+        """Read one task's streams (``task_index`` None: a plain job's); return the
+        budget left, or -1 when it ran out before the end."""
+        keys = [(job.attempt, task_index or 0, stream) for stream in STREAMS]
         while budget > 0:
             start = tuple(offsets.get(k, 0) for k in keys)
-            chunk = await call_provider(self._provider, read, job.cloud_resource_path, start)
+            if task_index is None:
+                chunk = await call_provider(self._provider, read, job.cloud_resource_path,
+                                            start)  # fmt: skip
+            else:
+                chunk = await call_provider(self._provider, read, job.cloud_resource_path,
+                                            start, task_index=task_index)  # fmt: skip
             texts = (chunk.stdout, chunk.stderr)
             events = [
                 JobEvent(
                     job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
                     status=JobStatus.RUNNING, message=stream, output=text,
                     created_at=self._clock(), worker_id=self._worker_id,
-                    attempt=job.attempt, offset=begin, end=end,
-                    dedup_key=output_dedup_key(job.attempt, 0, stream, begin),
+                    attempt=job.attempt, offset=begin, end=end, task_index=task_index,
+                    dedup_key=output_dedup_key(job.attempt, task_index or 0, stream, begin),
                 )
                 for stream, text, begin, end in zip(STREAMS, texts, start, chunk.offsets,
                                                     strict=True)
                 if end > begin
             ]
             if not events:
-                return True
+                return budget
             await self._events.append(events)  # durable, or raises and offsets stay
             for k, end in zip(keys, chunk.offsets, strict=True):
                 offsets[k] = end
-            budget -= sum(e.end - e.offset for e in events)
-            if not final and sum(e.end - e.offset for e in events) < CAUGHT_UP_BYTES:
-                return True  # caught up with a running job
-        return False
+            got = sum(e.end - e.offset for e in events)
+            budget -= got
+            if not final and got < CAUGHT_UP_BYTES:
+                return max(budget, 0)  # caught up with a running task
+        return -1

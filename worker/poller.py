@@ -12,7 +12,8 @@ the truth: a lease lost to a peer simply drops out of the list), then:
 **Order within a job** (docs/design.md §6), one job's steps always in this order:
 
 1. a provider state change that maps to no new status is a STATUS_DETAIL (execution
-   event, through the WAL);
+   event, through the WAL); so is a task of a job of several tasks that failed, or that
+   the provider retried (docs/design.md §16), before the new task states are stored;
 2. if the execution has started (the provider says running, or finished after running),
    RUNNING is recorded first, before any output of the attempt;
 3. new output is read from where the store (or this worker's WAL) has it, appended to the
@@ -42,7 +43,8 @@ import anyio
 from database.base import JobStore
 from jennah.blocking import blocking
 from jennah.errors import JennahError, LeaseLost
-from jennah.models import EventKind, Job, JobEvent, JobStatus
+from jennah.models import EventKind, Job, JobEvent, JobStatus, TaskStatus
+from jennah.tasks import failure_message
 from providers.base import BatchProvider, ProviderStatus
 from worker.events import ExecutionLog
 from worker.output import FLUSH_TIMEOUT_SECONDS, OutputReader
@@ -185,6 +187,8 @@ class Poller:
     async def advance(self, job: Job, st: ProviderStatus) -> None:
         """One job's steps for one provider status, in the order of the module docstring."""
         await self._status_detail(job, st)
+        if not await self._task_details(job, st):
+            return  # the task states wait until their events are durable
         new = st.state
         if new is None:
             return
@@ -194,7 +198,7 @@ class Poller:
             job = await self._jobs.mark_running(job, st)
         if outputs and job.status is JobStatus.RUNNING:
             try:
-                drained = await self._output.read(job, final=new.terminal)
+                drained = await self._output.read(job, final=new.terminal, tasks=st.tasks)
             except WalError as exc:
                 log.warning("output of %s not read this cycle: %s", job.job_id, exc)
                 return  # offsets kept: read again next cycle; never end before the output
@@ -204,6 +208,41 @@ class Poller:
             await self._events.flush_job(job.job_id, FLUSH_TIMEOUT_SECONDS))
         if flushed:  # else the job's events are still on their way: end it next cycle
             await self._jobs.apply_status(job, st)
+
+    async def _task_details(self, job: Job, st: ProviderStatus) -> bool:
+        """A STATUS_DETAIL for each task that failed, or was retried by the provider,
+        since the stored task states (deduplicated by task, its attempt and what
+        happened, so a repeat after a crash or a takeover stores nothing new). False when
+        they could not be made durable (nothing else of the job moves this cycle)."""
+        if not job.spec.is_array or st.tasks is None or job.status.terminal:
+            return True
+        before = {t.index: t for t in job.tasks}
+        events = []
+        for t in st.tasks:
+            old = before.get(t.index)
+            if t.status is TaskStatus.FAILED and (old is None or (old.status, old.attempt)
+                                                  != (t.status, t.attempt)):  # fmt: skip
+                why = f" ({t.failure_class.value})" if t.failure_class else ""
+                text, what = failure_message(t) + why, "failed"
+            elif t.attempt > (old.attempt if old else 0):
+                text, what = f"task {t.index} retried by the provider: attempt {t.attempt}", \
+                    "retry"
+            else:
+                continue
+            events.append(JobEvent(
+                job_id=job.job_id, tenant_id=job.tenant_id, seq=0,
+                kind=EventKind.STATUS_DETAIL, status=job.status, message=text,
+                created_at=self._clock(), worker_id=self._worker_id, attempt=job.attempt,
+                task_index=t.index,
+                dedup_key=f"task:{job.attempt}:{t.index}:{t.attempt}:{what}",
+            ))
+        if events:
+            try:
+                await self._events.append(events)  # durable before the task states are stored
+            except WalError as exc:
+                log.warning("task events of %s not recorded this cycle: %s", job.job_id, exc)
+                return False
+        return True
 
     async def _status_detail(self, job: Job, st: ProviderStatus) -> None:
         previous = self._raw.get(job.job_id)

@@ -21,6 +21,10 @@ Ctx = RequestContext[Any, Any]
 
 EVENTS_DEFAULT_PAGE = 500
 EVENTS_MAX_PAGE = 1000
+TASKS_DEFAULT_PAGE = 100
+TASKS_MAX_PAGE = 1000
+NOTIFICATIONS_DEFAULT = 20
+NOTIFICATIONS_MAX = 100
 
 
 class WorkerService:
@@ -86,6 +90,35 @@ class WorkerService:
         limit = min(request.page_size or EVENTS_DEFAULT_PAGE, EVENTS_MAX_PAGE)
         events = await self.jobs.list_events(tenant, request.job_id, request.after_seq, limit)
         return pb.ListJobEventsResponse(events=[convert.event_to_pb(e) for e in events])
+
+    async def list_tasks(self, request: pb.ListTasksRequest, ctx: Ctx) -> pb.ListTasksResponse:
+        tenant = self._tenant(ctx)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(request.page_size or TASKS_DEFAULT_PAGE, TASKS_MAX_PAGE)
+        tasks, token = await self.jobs.list_tasks(
+            tenant, request.job_id, convert.task_status_from_pb(request.status), size,
+            request.page_token,
+        )
+        return pb.ListTasksResponse(tasks=[convert.task_to_pb(t) for t in tasks],
+                                    next_page_token=token)
+
+    async def list_notifications(
+        self, request: pb.ListNotificationsRequest, ctx: Ctx
+    ) -> pb.ListNotificationsResponse:
+        tenant = self._tenant(ctx)
+        if request.limit < 0:
+            raise InvalidArgument("limit must not be negative")
+        limit = min(request.limit or NOTIFICATIONS_DEFAULT, NOTIFICATIONS_MAX)
+        notes, unread = await self.jobs.list_notifications(tenant, limit, request.unread_only)
+        return pb.ListNotificationsResponse(
+            notifications=[convert.notification_to_pb(n) for n in notes], unread_count=unread)
+
+    async def ack_notification(
+        self, request: pb.AckNotificationRequest, ctx: Ctx
+    ) -> pb.AckNotificationResponse:
+        await self.jobs.ack_notification(self._tenant(ctx), request.notification_id)
+        return pb.AckNotificationResponse(success=True)
 
     async def watch_job_events(
         self, request: pb.WatchJobEventsRequest, ctx: Ctx

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from jennah.errors import InvalidArgument, echoed
-from jennah.models import RESOURCE_PROFILES, JobSpec, ResourceOverride
+from jennah.models import MAX_TASK_COUNT, RESOURCE_PROFILES, JobSpec, ResourceOverride
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # GCP label rules (the strictest of our providers).
@@ -59,6 +59,20 @@ def validate_image(image_uri: str) -> str:
     return image_uri
 
 
+# What every task sees (docs/design.md §16); a job may not set them itself.
+TASK_ENV_NAMES = frozenset({"JENNAH_TASK_INDEX", "JENNAH_TASK_COUNT"})
+
+
+def validate_tasks(task_count: int, parallelism: int) -> tuple[int, int]:
+    """``(task_count, parallelism)`` with 0 read as 1 task; ``InvalidArgument`` when the
+    count is over MAX_TASK_COUNT or the parallelism over the count."""
+    count = _bounded("task_count", task_count, MAX_TASK_COUNT) or 1
+    if not 0 <= parallelism <= count:
+        raise InvalidArgument(f"parallelism={parallelism} is out of range 0..{count} "
+                              "(at most task_count)")
+    return count, parallelism
+
+
 def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     if len(env) > MAX_ENV_VARS:
         raise InvalidArgument(f"env_vars has {len(env)} entries; at most {MAX_ENV_VARS}")
@@ -67,6 +81,8 @@ def validate_env(env: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgument(
                 f"env var name {name[:64]!r} is invalid: expected [A-Za-z_][A-Za-z0-9_]*"
             )
+        if name in TASK_ENV_NAMES:
+            raise InvalidArgument(f"env var {name} is set by Jennah for each task")
         if len(value.encode()) > MAX_ENV_VALUE_BYTES:
             # Never echo the value: it may be a secret.
             raise InvalidArgument(
@@ -124,8 +140,11 @@ def validate_spec(
     max_retries: int,
     accelerator_type: str = "",
     accelerator_count: int = 0,
+    task_count: int = 1,
+    parallelism: int = 0,
 ) -> JobSpec:
     """A validated ``JobSpec`` or ``InvalidArgument`` naming the first bad field."""
+    tasks, parallel = validate_tasks(task_count, parallelism)
     if len(name) > MAX_NAME_CHARS or not _printable(name):
         raise InvalidArgument(f"name must be at most {MAX_NAME_CHARS} printable characters")
     profile = resource_profile or "small"
@@ -165,6 +184,8 @@ def validate_spec(
         accelerator_type=accelerator_type,
         # A type alone asks for one.
         accelerator_count=gpus or (1 if accelerator_type else 0),
+        task_count=tasks,
+        parallelism=parallel,
     )
 
 

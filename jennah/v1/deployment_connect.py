@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .deployment_pb2 import CancelJobRequest, CancelJobResponse, DeleteJobRequest, DeleteJobResponse, GetCurrentTenantRequest, GetCurrentTenantResponse, GetJobRequest, GetJobResponse, JobEvent, ListJobEventsRequest, ListJobEventsResponse, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobResponse, WatchJobEventsRequest
+from .deployment_pb2 import AckNotificationRequest, AckNotificationResponse, CancelJobRequest, CancelJobResponse, DeleteJobRequest, DeleteJobResponse, GetCurrentTenantRequest, GetCurrentTenantResponse, GetJobRequest, GetJobResponse, JobEvent, ListJobEventsRequest, ListJobEventsResponse, ListJobsRequest, ListJobsResponse, ListNotificationsRequest, ListNotificationsResponse, ListTasksRequest, ListTasksResponse, SubmitJobRequest, SubmitJobResponse, WatchJobEventsRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -79,6 +79,24 @@ class DeploymentService(Protocol):
     async def list_job_events(self, request: ListJobEventsRequest, ctx: RequestContext[ListJobEventsRequest, ListJobEventsResponse], /) -> ListJobEventsResponse:
         """
         The unary equivalent of WatchJobEvents, for curl.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_tasks(self, request: ListTasksRequest, ctx: RequestContext[ListTasksRequest, ListTasksResponse], /) -> ListTasksResponse:
+        """
+        The tasks of a job, by index; a job of one task has one (index 0).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_notifications(self, request: ListNotificationsRequest, ctx: RequestContext[ListNotificationsRequest, ListNotificationsResponse], /) -> ListNotificationsResponse:
+        """
+        The tenant's notifications (one per job that reached a terminal state), newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def ack_notification(self, request: AckNotificationRequest, ctx: RequestContext[AckNotificationRequest, AckNotificationResponse], /) -> AckNotificationResponse:
+        """
+        Mark a notification read. An unknown id, or another tenant's, is not_found.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -183,6 +201,39 @@ class DeploymentServiceASGIApplication(ConnectASGIApplication[DeploymentService]
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_job_events,
+                ),
+                "/jennah.v1.DeploymentService/ListTasks": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListTasks",
+                        service_name="jennah.v1.DeploymentService",
+                        input=ListTasksRequest,
+                        output=ListTasksResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_tasks,
+                ),
+                "/jennah.v1.DeploymentService/ListNotifications": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListNotifications",
+                        service_name="jennah.v1.DeploymentService",
+                        input=ListNotificationsRequest,
+                        output=ListNotificationsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_notifications,
+                ),
+                "/jennah.v1.DeploymentService/AckNotification": Endpoint.unary(
+                    method=MethodInfo(
+                        name="AckNotification",
+                        service_name="jennah.v1.DeploymentService",
+                        input=AckNotificationRequest,
+                        output=AckNotificationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.ack_notification,
                 ),
             },
             interceptors=interceptors,
@@ -402,6 +453,75 @@ class DeploymentServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def list_tasks(
+        self,
+        request: ListTasksRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListTasksResponse:
+        """
+        The tasks of a job, by index; a job of one task has one (index 0).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListTasks",
+                service_name="jennah.v1.DeploymentService",
+                input=ListTasksRequest,
+                output=ListTasksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_notifications(
+        self,
+        request: ListNotificationsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListNotificationsResponse:
+        """
+        The tenant's notifications (one per job that reached a terminal state), newest first.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListNotifications",
+                service_name="jennah.v1.DeploymentService",
+                input=ListNotificationsRequest,
+                output=ListNotificationsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def ack_notification(
+        self,
+        request: AckNotificationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AckNotificationResponse:
+        """
+        Mark a notification read. An unknown id, or another tenant's, is not_found.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="AckNotification",
+                service_name="jennah.v1.DeploymentService",
+                input=AckNotificationRequest,
+                output=AckNotificationResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class DeploymentServiceSync(Protocol):
     def submit_job(self, request: SubmitJobRequest, ctx: RequestContext[SubmitJobRequest, SubmitJobResponse], /) -> SubmitJobResponse:
@@ -445,6 +565,24 @@ class DeploymentServiceSync(Protocol):
     def list_job_events(self, request: ListJobEventsRequest, ctx: RequestContext[ListJobEventsRequest, ListJobEventsResponse], /) -> ListJobEventsResponse:
         """
         The unary equivalent of WatchJobEvents, for curl.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_tasks(self, request: ListTasksRequest, ctx: RequestContext[ListTasksRequest, ListTasksResponse], /) -> ListTasksResponse:
+        """
+        The tasks of a job, by index; a job of one task has one (index 0).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_notifications(self, request: ListNotificationsRequest, ctx: RequestContext[ListNotificationsRequest, ListNotificationsResponse], /) -> ListNotificationsResponse:
+        """
+        The tenant's notifications (one per job that reached a terminal state), newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def ack_notification(self, request: AckNotificationRequest, ctx: RequestContext[AckNotificationRequest, AckNotificationResponse], /) -> AckNotificationResponse:
+        """
+        Mark a notification read. An unknown id, or another tenant's, is not_found.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -547,6 +685,39 @@ class DeploymentServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_job_events,
+                ),
+                "/jennah.v1.DeploymentService/ListTasks": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListTasks",
+                        service_name="jennah.v1.DeploymentService",
+                        input=ListTasksRequest,
+                        output=ListTasksResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_tasks,
+                ),
+                "/jennah.v1.DeploymentService/ListNotifications": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListNotifications",
+                        service_name="jennah.v1.DeploymentService",
+                        input=ListNotificationsRequest,
+                        output=ListNotificationsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_notifications,
+                ),
+                "/jennah.v1.DeploymentService/AckNotification": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="AckNotification",
+                        service_name="jennah.v1.DeploymentService",
+                        input=AckNotificationRequest,
+                        output=AckNotificationResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.ack_notification,
                 ),
             },
             interceptors=interceptors,
@@ -760,6 +931,75 @@ class DeploymentServiceClientSync(ConnectClientSync):
                 service_name="jennah.v1.DeploymentService",
                 input=ListJobEventsRequest,
                 output=ListJobEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_tasks(
+        self,
+        request: ListTasksRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListTasksResponse:
+        """
+        The tasks of a job, by index; a job of one task has one (index 0).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListTasks",
+                service_name="jennah.v1.DeploymentService",
+                input=ListTasksRequest,
+                output=ListTasksResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_notifications(
+        self,
+        request: ListNotificationsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListNotificationsResponse:
+        """
+        The tenant's notifications (one per job that reached a terminal state), newest first.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListNotifications",
+                service_name="jennah.v1.DeploymentService",
+                input=ListNotificationsRequest,
+                output=ListNotificationsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def ack_notification(
+        self,
+        request: AckNotificationRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AckNotificationResponse:
+        """
+        Mark a notification read. An unknown id, or another tenant's, is not_found.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="AckNotification",
+                service_name="jennah.v1.DeploymentService",
+                input=AckNotificationRequest,
+                output=AckNotificationResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

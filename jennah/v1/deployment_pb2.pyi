@@ -29,6 +29,15 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_QUOTA: _ClassVar[FailureClass]
     FAILURE_CLASS_TIMEOUT: _ClassVar[FailureClass]
 
+class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATUS_UNSPECIFIED: _ClassVar[TaskStatus]
+    TASK_STATUS_PENDING: _ClassVar[TaskStatus]
+    TASK_STATUS_RUNNING: _ClassVar[TaskStatus]
+    TASK_STATUS_SUCCEEDED: _ClassVar[TaskStatus]
+    TASK_STATUS_FAILED: _ClassVar[TaskStatus]
+    TASK_STATUS_CANCELLED: _ClassVar[TaskStatus]
+
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
@@ -56,6 +65,12 @@ FAILURE_CLASS_PREEMPTED: FailureClass
 FAILURE_CLASS_INFRASTRUCTURE: FailureClass
 FAILURE_CLASS_QUOTA: FailureClass
 FAILURE_CLASS_TIMEOUT: FailureClass
+TASK_STATUS_UNSPECIFIED: TaskStatus
+TASK_STATUS_PENDING: TaskStatus
+TASK_STATUS_RUNNING: TaskStatus
+TASK_STATUS_SUCCEEDED: TaskStatus
+TASK_STATUS_FAILED: TaskStatus
+TASK_STATUS_CANCELLED: TaskStatus
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_SUBMITTED: EventKind
 EVENT_KIND_SCHEDULED: EventKind
@@ -88,7 +103,7 @@ class Accelerator(_message.Message):
     def __init__(self, type: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("image_uri", "commands", "env_vars", "name", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "request_id", "accelerator")
+    __slots__ = ("image_uri", "commands", "env_vars", "name", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "request_id", "accelerator", "task_count", "parallelism")
     class EnvVarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +132,8 @@ class SubmitJobRequest(_message.Message):
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
     image_uri: str
     commands: _containers.RepeatedScalarFieldContainer[str]
     env_vars: _containers.ScalarMap[str, str]
@@ -131,7 +148,9 @@ class SubmitJobRequest(_message.Message):
     max_retries: int
     request_id: str
     accelerator: Accelerator
-    def __init__(self, image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., request_id: _Optional[str] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ...) -> None: ...
+    task_count: int
+    parallelism: int
+    def __init__(self, image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., request_id: _Optional[str] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ..., task_count: _Optional[int] = ..., parallelism: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job_id", "status", "worker_id")
@@ -144,7 +163,7 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "tenant_id", "name", "status", "image_uri", "commands", "env_var_names", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "retry_count", "request_id", "error_message", "failure_class", "exit_code", "provider", "cloud_resource_path", "owner_worker_id", "created_at", "updated_at", "scheduled_at", "started_at", "completed_at", "lease_version", "lease_expires_at", "cancel_requested", "accelerator")
+    __slots__ = ("job_id", "tenant_id", "name", "status", "image_uri", "commands", "env_var_names", "labels", "resource_profile", "resource_override", "machine_type", "boot_disk_size_gb", "use_spot_vms", "service_account", "max_retries", "retry_count", "request_id", "error_message", "failure_class", "exit_code", "provider", "cloud_resource_path", "owner_worker_id", "created_at", "updated_at", "scheduled_at", "started_at", "completed_at", "lease_version", "lease_expires_at", "cancel_requested", "accelerator", "task_count", "parallelism", "task_counts")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +203,9 @@ class Job(_message.Message):
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARALLELISM_FIELD_NUMBER: _ClassVar[int]
+    TASK_COUNTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     tenant_id: str
     name: str
@@ -216,7 +238,110 @@ class Job(_message.Message):
     lease_expires_at: _timestamp_pb2.Timestamp
     cancel_requested: bool
     accelerator: Accelerator
-    def __init__(self, job_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_var_names: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., retry_count: _Optional[int] = ..., request_id: _Optional[str] = ..., error_message: _Optional[str] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., exit_code: _Optional[int] = ..., provider: _Optional[str] = ..., cloud_resource_path: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_version: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ...) -> None: ...
+    task_count: int
+    parallelism: int
+    task_counts: TaskCounts
+    def __init__(self, job_id: _Optional[str] = ..., tenant_id: _Optional[str] = ..., name: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., image_uri: _Optional[str] = ..., commands: _Optional[_Iterable[str]] = ..., env_var_names: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., resource_profile: _Optional[str] = ..., resource_override: _Optional[_Union[ResourceOverride, _Mapping]] = ..., machine_type: _Optional[str] = ..., boot_disk_size_gb: _Optional[int] = ..., use_spot_vms: _Optional[bool] = ..., service_account: _Optional[str] = ..., max_retries: _Optional[int] = ..., retry_count: _Optional[int] = ..., request_id: _Optional[str] = ..., error_message: _Optional[str] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., exit_code: _Optional[int] = ..., provider: _Optional[str] = ..., cloud_resource_path: _Optional[str] = ..., owner_worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_version: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., accelerator: _Optional[_Union[Accelerator, _Mapping]] = ..., task_count: _Optional[int] = ..., parallelism: _Optional[int] = ..., task_counts: _Optional[_Union[TaskCounts, _Mapping]] = ...) -> None: ...
+
+class TaskCounts(_message.Message):
+    __slots__ = ("pending", "running", "succeeded", "failed", "cancelled")
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    def __init__(self, pending: _Optional[int] = ..., running: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("index", "status", "exit_code", "attempt", "started_at", "completed_at", "error_message", "failure_class")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    status: TaskStatus
+    exit_code: int
+    attempt: int
+    started_at: _timestamp_pb2.Timestamp
+    completed_at: _timestamp_pb2.Timestamp
+    error_message: str
+    failure_class: FailureClass
+    def __init__(self, index: _Optional[int] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., exit_code: _Optional[int] = ..., attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_message: _Optional[str] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ("job_id", "page_size", "page_token", "status")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    page_size: int
+    page_token: str
+    status: TaskStatus
+    def __init__(self, job_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ...) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks", "next_page_token")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Notification(_message.Message):
+    __slots__ = ("id", "job_id", "job_name", "final_status", "occurred_at", "error_message", "is_read")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    FINAL_STATUS_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    IS_READ_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    job_id: str
+    job_name: str
+    final_status: JobStatus
+    occurred_at: _timestamp_pb2.Timestamp
+    error_message: str
+    is_read: bool
+    def __init__(self, id: _Optional[str] = ..., job_id: _Optional[str] = ..., job_name: _Optional[str] = ..., final_status: _Optional[_Union[JobStatus, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_message: _Optional[str] = ..., is_read: _Optional[bool] = ...) -> None: ...
+
+class ListNotificationsRequest(_message.Message):
+    __slots__ = ("limit", "unread_only")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_ONLY_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    unread_only: bool
+    def __init__(self, limit: _Optional[int] = ..., unread_only: _Optional[bool] = ...) -> None: ...
+
+class ListNotificationsResponse(_message.Message):
+    __slots__ = ("notifications", "unread_count")
+    NOTIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    UNREAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    notifications: _containers.RepeatedCompositeFieldContainer[Notification]
+    unread_count: int
+    def __init__(self, notifications: _Optional[_Iterable[_Union[Notification, _Mapping]]] = ..., unread_count: _Optional[int] = ...) -> None: ...
+
+class AckNotificationRequest(_message.Message):
+    __slots__ = ("notification_id",)
+    NOTIFICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    notification_id: str
+    def __init__(self, notification_id: _Optional[str] = ...) -> None: ...
+
+class AckNotificationResponse(_message.Message):
+    __slots__ = ("success",)
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    def __init__(self, success: _Optional[bool] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -296,7 +421,7 @@ class GetCurrentTenantResponse(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., auth_method: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "seq", "kind", "status", "message", "output", "created_at", "worker_id", "position", "attempt")
+    __slots__ = ("job_id", "seq", "kind", "status", "message", "output", "created_at", "worker_id", "position", "attempt", "task_index")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +432,7 @@ class JobEvent(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TASK_INDEX_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     kind: EventKind
@@ -317,7 +443,8 @@ class JobEvent(_message.Message):
     worker_id: str
     position: int
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., message: _Optional[str] = ..., output: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., position: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    task_index: int
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., message: _Optional[str] = ..., output: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., position: _Optional[int] = ..., attempt: _Optional[int] = ..., task_index: _Optional[int] = ...) -> None: ...
 
 class WatchJobEventsRequest(_message.Message):
     __slots__ = ("job_id", "after_seq", "follow", "after_position")

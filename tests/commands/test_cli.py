@@ -22,12 +22,14 @@ def test_db_migrate_creates_the_schema_once(tmp_path: Path) -> None:
     env = {"DB_PROVIDER": "sqlite", "DB_PATH": str(db)}
     first = _jennah("db", "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "applied 2 migration(s)" in first.stdout and "0002_events_v2.sql" in first.stdout
+    assert "applied 3 migration(s)" in first.stdout and "0002_events_v2.sql" in first.stdout
+    assert "0003_tasks_notifications.sql" in first.stdout
     second = _jennah("db", "migrate", env=env)
     assert second.returncode == 0 and "applied 0 migration(s)" in second.stdout
     with sqlite3.connect(db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"tenants", "jobs", "job_transitions", "job_events", "workers"} <= tables
+    assert {"tenants", "jobs", "job_transitions", "job_events", "workers",
+            "notifications"} <= tables
 
 
 def test_bad_settings_stop_start_up_with_one_line_naming_every_variable(tmp_path: Path) -> None:
@@ -50,6 +52,10 @@ def test_list_status_choices_are_the_protos_and_a_bad_one_is_a_usage_error() -> 
 
     names = tuple(n.removeprefix("JOB_STATUS_").lower() for n in pb.JobStatus.keys()[1:])
     assert names == JOB_STATUS_CHOICES
+    from commands.cli import TASK_STATUS_CHOICES
+
+    tasks = tuple(n.removeprefix("TASK_STATUS_").lower() for n in pb.TaskStatus.keys()[1:])
+    assert tasks == TASK_STATUS_CHOICES
     proc = _jennah("list", "--status", "bogus", "--url", "http://127.0.0.1:9", env={})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "invalid choice: 'bogus'" in proc.stderr
@@ -72,6 +78,10 @@ def test_submit_options_go_before_or_after_the_image_and_the_command_follows_das
     assert dict(req.labels) == {"team": "ml"} and req.max_retries == 2  # type: ignore[attr-defined]
     assert req.resource_override.max_run_duration_seconds == 900  # type: ignore[attr-defined]
     assert req.accelerator.count == 2  # type: ignore[attr-defined]
+    assert (req.task_count, req.parallelism) == (0, 0)  # type: ignore[attr-defined]
+    tasks = submit_request(parse_args(["submit", "busybox", "--tasks", "100",
+                                       "--parallelism", "10", "--", "true"]))
+    assert (tasks.task_count, tasks.parallelism) == (100, 10)  # type: ignore[attr-defined]
     from_file = submit_request(parse_args(["submit", "-f", str(job)]))
     assert from_file.image_uri == "alpine" and list(from_file.commands) == ["echo", "file"]  # type: ignore[attr-defined]
 

@@ -153,8 +153,15 @@ def test_unary_calls_reach_the_tenants_worker_with_headers(
     assert c.delete_job(pb.DeleteJobRequest(job_id="j1"), headers=headers).job_id == "j1"
     events = c.list_job_events(pb.ListJobEventsRequest(job_id="j1", after_seq=4), headers=headers)
     assert [e.seq for e in events.events] == [5, 6]
+    tasks = c.list_tasks(pb.ListTasksRequest(job_id="j1"), headers=headers)
+    assert [t.index for t in tasks.tasks] == [0, 1]
+    notes = c.list_notifications(pb.ListNotificationsRequest(limit=3), headers=headers)
+    assert (notes.unread_count, notes.notifications[0].job_id) == (1, home.fake.worker_id)
+    assert c.ack_notification(pb.AckNotificationRequest(notification_id="n1"),
+                              headers=headers).success
     assert [s.method for s in home.fake.seen] == [
-        "GetJob", "ListJobs", "CancelJob", "DeleteJob", "ListJobEvents"]
+        "GetJob", "ListJobs", "CancelJob", "DeleteJob", "ListJobEvents", "ListTasks",
+        "ListNotifications", "AckNotification"]
     assert {(s.tenant, s.token) for s in home.fake.seen} == {(tenant, "tok")}
     assert home.fake.calls("ListJobs")[0].request.page_size == 5
     ok = gateway.metric("jennah_gateway_requests_total", method="GetJob", code="ok")

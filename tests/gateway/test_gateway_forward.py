@@ -121,6 +121,24 @@ class FakeWorker:
             for s in range(request.after_seq + 1, request.after_seq + 3)
         ])
 
+    async def list_tasks(self, request: pb.ListTasksRequest, ctx: Ctx) -> pb.ListTasksResponse:
+        self._record("ListTasks", request, ctx)
+        await self._behave(request.job_id)
+        return pb.ListTasksResponse(tasks=[pb.Task(index=i) for i in range(2)])
+
+    async def list_notifications(
+        self, request: pb.ListNotificationsRequest, ctx: Ctx
+    ) -> pb.ListNotificationsResponse:
+        self._record("ListNotifications", request, ctx)
+        return pb.ListNotificationsResponse(
+            notifications=[pb.Notification(id="n1", job_id=self.worker_id)], unread_count=1)
+
+    async def ack_notification(
+        self, request: pb.AckNotificationRequest, ctx: Ctx
+    ) -> pb.AckNotificationResponse:
+        self._record("AckNotification", request, ctx)
+        return pb.AckNotificationResponse(success=True)
+
     async def watch_job_events(
         self, request: pb.WatchJobEventsRequest, ctx: Ctx
     ) -> AsyncIterator[pb.JobEvent]:

@@ -19,6 +19,13 @@ ordinary meaning (an in-memory fake interprets them, see ``providers/memory.py``
 * ``["sh", "-c", "exit 3"]``: ends FAILED, exit code 3, failure class ``user_error``;
 * ``["sh", "-c", "sleep 60"]``: stays RUNNING until cancelled.
 
+Jobs of several tasks (``spec.task_count`` > 1) use two more:
+
+* ``["sh", "-c", '[ "$JENNAH_TASK_INDEX" != 1 ] || exit 4']``: task 1 fails with exit
+  code 4 (``user_error``), the other tasks succeed;
+* ``["sh", "-c", 'echo "task $JENNAH_TASK_INDEX of $JENNAH_TASK_COUNT"']``: each task
+  prints its index and the count (read back when the provider supports output).
+
 Class attributes a subclass may tune: ``state_timeout`` (seconds to reach a state) and
 ``cancel_timeout`` (seconds from ``cancel`` to CANCELLED; the acceptance in docs/design.md is 2 s).
 """
@@ -29,12 +36,14 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import ClassVar, Protocol
 
 import pytest
 
-from jennah.models import FailureClass, JobSpec, JobStatus
+from jennah.models import FailureClass, JobSpec, JobStatus, TaskStatus
 from jennah.registry import load
+from jennah.tasks import count
 from providers import PROVIDERS
 from providers.base import BatchProvider, Capabilities, ProviderStatus, ProviderTask
 from providers.base import provider_job_id as make_provider_job_id
@@ -43,6 +52,10 @@ from tests.helpers import RegisteredContract
 EXIT_0 = ("sh", "-c", "exit 0")
 EXIT_3 = ("sh", "-c", "exit 3")
 SLEEP_60 = ("sh", "-c", "sleep 60")
+# Jobs of several tasks (docs/design.md §16): task 1 fails with exit 4, the others succeed;
+# each task prints its index and the count.
+TASK_1_FAILS = ("sh", "-c", '[ "$JENNAH_TASK_INDEX" != 1 ] || exit 4')
+ECHO_TASK = ("sh", "-c", 'echo "task $JENNAH_TASK_INDEX of $JENNAH_TASK_COUNT"')
 IMAGE = "docker.io/library/busybox:1.36"
 
 
@@ -130,6 +143,14 @@ class ProviderContract(RegisteredContract):
     def task(self, commands: Sequence[str]) -> ProviderTask:
         """The task the tests submit; a backend may override it to add what it needs."""
         return make_task(commands)
+
+    def array_task(
+        self, commands: Sequence[str], task_count: int, parallelism: int = 0
+    ) -> ProviderTask:
+        """A job of ``task_count`` tasks, at most ``parallelism`` at a time."""
+        task = self.task(commands)
+        spec = replace(task.spec, task_count=task_count, parallelism=parallelism)
+        return replace(task, spec=spec)
 
     def wait(self, h: ProviderHarness, path: str, *states: JobStatus) -> ProviderStatus:
         return wait_for_state(h, path, states, self.state_timeout)
@@ -297,6 +318,106 @@ class ProviderContract(RegisteredContract):
                 before[path].state, before[path].exit_code)
         assert after[ok].state is JobStatus.COMPLETED
         assert after[bad].state is JobStatus.FAILED
+
+
+    # --- jobs of several tasks (docs/design.md §16) --------------------------------------
+
+    def test_a_plain_job_reports_no_tasks(self, harness: ProviderHarness) -> None:
+        path = harness.provider.submit(self.task(EXIT_0))
+        st = self.wait(harness, path, JobStatus.COMPLETED)
+        assert st.tasks is None
+
+    def test_capabilities_declare_tasks(self, harness: ProviderHarness) -> None:
+        caps = harness.provider.capabilities
+        assert 1 <= caps.max_task_count <= 10_000
+        assert caps.tasks_per_call is None or caps.tasks_per_call >= 1
+
+    def test_every_task_succeeds_and_the_job_completes(self, harness: ProviderHarness) -> None:
+        task = self.array_task(EXIT_0, 3)
+        path = harness.provider.submit(task)
+        st = self.wait(harness, path, JobStatus.COMPLETED, JobStatus.FAILED)
+        assert st.state is JobStatus.COMPLETED, st
+        assert st.exit_code == 0
+        assert st.tasks is not None
+        assert [(t.index, t.status, t.exit_code) for t in st.tasks] == [
+            (i, TaskStatus.SUCCEEDED, 0) for i in range(3)]
+        assert all(t.completed_at is not None for t in st.tasks)
+        assert st.started_at is not None and st.completed_at is not None
+        assert harness.executions(task.provider_job_id) == 1
+
+    def test_one_failed_task_fails_the_job_once_all_ended(
+        self, harness: ProviderHarness
+    ) -> None:
+        path = harness.provider.submit(self.array_task(TASK_1_FAILS, 3))
+        st = self.wait(harness, path, JobStatus.COMPLETED, JobStatus.FAILED)
+        assert st.state is JobStatus.FAILED, st
+        assert st.tasks is not None
+        by_index = {t.index: t for t in st.tasks}
+        assert by_index[1].status is TaskStatus.FAILED
+        assert by_index[1].exit_code == 4
+        assert by_index[1].failure_class is FailureClass.USER_ERROR
+        assert {by_index[i].status for i in (0, 2)} == {TaskStatus.SUCCEEDED}
+        assert st.exit_code == 4
+        assert st.failure_class is FailureClass.USER_ERROR
+        assert st.message.startswith("task 1 failed: exit code 4"), st.message
+        assert count(3, st.tasks).failed == 1
+
+    def test_submit_of_several_tasks_is_idempotent(self, harness: ProviderHarness) -> None:
+        task = self.array_task(EXIT_0, 2)
+        first = harness.provider.submit(task)
+        assert harness.provider.submit(task) == first
+        self.wait(harness, first, JobStatus.COMPLETED)
+        assert harness.provider.submit(task) == first
+        assert harness.executions(task.provider_job_id) == 1
+
+    def test_cancel_stops_every_task(self, harness: ProviderHarness) -> None:
+        if not getattr(harness, "supports_long_running", True):
+            pytest.skip("this backend cannot keep a job running")
+        path = harness.provider.submit(self.array_task(SLEEP_60, 3))
+        self.wait(harness, path, JobStatus.RUNNING)
+        harness.provider.cancel(path)
+        st = wait_for_state(harness, path, {JobStatus.CANCELLED}, self.cancel_timeout + 5)
+        assert st.tasks is not None
+        assert not [t for t in st.tasks if not t.status.terminal]
+
+    def test_parallelism_bounds_the_running_tasks(self, harness: ProviderHarness) -> None:
+        if not harness.provider.capabilities.parallelism:
+            pytest.skip("this provider cannot limit parallelism (check_spec refuses it)")
+        if not getattr(harness, "supports_long_running", True):
+            pytest.skip("this backend cannot keep a job running")
+        path = harness.provider.submit(self.array_task(SLEEP_60, 4, parallelism=2))
+        self.wait(harness, path, JobStatus.RUNNING)
+        most = 0
+        for _ in range(10):
+            st = harness.provider.status([path])[path]
+            assert st.tasks is not None
+            running = count(4, st.tasks).running
+            most = max(most, running)
+            assert running <= 2, st.tasks
+            harness.advance()
+        assert most >= 1
+        harness.provider.cancel(path)
+        self.wait(harness, path, JobStatus.CANCELLED)
+
+    def test_each_task_sees_its_index_and_has_its_own_output(
+        self, harness: ProviderHarness
+    ) -> None:
+        p = harness.provider
+        if not p.capabilities.supports_output:
+            pytest.skip("this provider does not return output")
+        path = p.submit(self.array_task(ECHO_TASK, 3))
+        self.wait(harness, path, JobStatus.COMPLETED)
+        read = p.read_output  # type: ignore[attr-defined]
+        deadline = time.monotonic() + self.state_timeout
+        for i in range(3):
+            text = ""
+            while f"task {i} of 3" not in text:
+                assert time.monotonic() < deadline, (i, text)
+                text += read(path, (0, 0), task_index=i).stdout
+                if f"task {i} of 3" not in text:
+                    text = ""
+                    harness.advance()
+            assert text.strip() == f"task {i} of 3"
 
 
 def contract_runs() -> dict[str, list[type[RegisteredContract]]]:

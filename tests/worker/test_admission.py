@@ -68,9 +68,10 @@ def run(coro: Any) -> Any:
 
 
 def limits(rate: float = 0, burst: int = 1, active: int = 0,
-           provider: float | None = 0) -> AdmissionSettings:
+           provider: float | None = 0, tasks: int = 0) -> AdmissionSettings:
     return AdmissionSettings(tenant_submit_rate=rate, tenant_submit_burst=burst,
-                             tenant_max_active_jobs=active, provider_submit_rate=provider)
+                             tenant_max_active_jobs=active, provider_submit_rate=provider,
+                             tenant_max_active_tasks=tasks)
 
 
 async def admit_n(adm: Admission, tenant: str, n: int, rid: str = "") -> int:
@@ -228,9 +229,9 @@ def test_store_active_counter_counts_only_active_jobs_and_stops_at_the_limit() -
     store.create_job(Job(job_id="x", tenant_id="other", spec=JobSpec("busybox"),
                          owner_worker_id="w"), 30)
     count = store_active_counter(store)
-    assert count("acme", 100) == 7
-    assert count("acme", 3) >= 3
-    assert count("nobody", 100) == 0
+    assert count("acme", 100) == (7, 7)
+    assert count("acme", 3)[0] >= 3
+    assert count("nobody", 100) == (0, 0)
 
 
 # --- idempotent retries ----------------------------------------------------------------
@@ -374,3 +375,58 @@ def test_active_cap_over_http() -> None:
         assert headers.get("retry-after") == "5"
         assert len(store.list_jobs("acme", JobFilter(), 50, "").jobs) == 2
         assert post(worker.url, "SubmitJob", body, tenant="other")[0] == 200
+
+
+# --- tasks (docs/design.md §16) ----------------------------------------------------------
+
+
+def test_the_task_cap_counts_the_tasks_of_active_jobs_and_of_the_new_one() -> None:
+    counted: list[int] = []
+
+    def counter(tenant_id: str, limit: int) -> tuple[int, int]:
+        counted.append(limit)
+        return 2, 9_000  # two active jobs holding 9,000 tasks
+
+    adm = Admission(limits(tasks=10_000), provider="local", counter=counter, clock=Clock())
+    ticket = run(adm.admit("acme", "", tasks=1_000))  # 9,000 + 1,000: at the cap, allowed
+    ticket.stored(True)
+    with pytest.raises(ResourceExhausted, match="10000 active tasks and this job has 1"):
+        run(adm.admit("acme", "", tasks=1))
+    with pytest.raises(ResourceExhausted, match="TENANT_MAX_ACTIVE_TASKS"):
+        run(adm.admit("acme", "", tasks=500))
+    assert counted  # the store was asked
+    # A refused submit holds nothing back: another tenant, or fewer tasks later, pass.
+    assert run(adm.admit("beta", "", tasks=1_000))
+
+
+def test_a_refused_task_count_releases_its_inflight_tasks() -> None:
+    adm = Admission(limits(tasks=10), provider="local", counter=lambda t, n: (0, 0),
+                    clock=Clock())
+    with pytest.raises(ResourceExhausted):
+        run(adm.admit("acme", "", tasks=11))
+    first = run(adm.admit("acme", "", tasks=10))
+    first.abandon()  # the store failed: its tasks are not counted
+    run(adm.admit("acme", "", tasks=10)).stored(True)
+    with pytest.raises(ResourceExhausted):
+        run(adm.admit("acme", "", tasks=1))
+
+
+def test_the_provider_rate_counts_provider_calls_and_never_refuses_a_big_job_for_ever() -> None:
+    clock = Clock()
+    adm = Admission(limits(provider=10), provider="azure", clock=clock)
+    run(adm.admit("acme", "", calls=101))  # 10 tokens were there: 91 in debt
+    with pytest.raises(ResourceExhausted) as refused:
+        run(adm.admit("acme", "", calls=1))
+    assert refused.value.retry_after_seconds == 9.2  # 92 tokens at 10/s
+    clock.now += 9.3
+    assert run(adm.admit("acme", "", calls=1))
+
+
+def test_store_counter_counts_the_tasks_of_active_jobs() -> None:
+    store = MemoryStore()
+    for i, n in enumerate((1, 5, 7)):
+        store.create_job(Job(job_id=f"j{i}", tenant_id="acme", owner_worker_id="w",
+                             spec=JobSpec(image_uri="busybox", task_count=n)), 30)
+    done = store.get_job("acme", "j2")
+    store.update_job("j2", done.lease, JobPatch(status=JobStatus.CANCELLED))
+    assert store_active_counter(store)("acme", 1000) == (2, 6)
