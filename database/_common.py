@@ -13,17 +13,21 @@ import binascii
 import copy
 import dataclasses
 import json
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from jennah import tasks as task_states
 from jennah.errors import (
     Conflict,
     InvalidArgument,
     LeaseLost,
+    NotFound,
     StoreBusy,
     StoreError,
     StoreUnavailable,
+    echoed,
 )
 from jennah.models import (
     ACTIVE_STATUSES,
@@ -37,6 +41,7 @@ from jennah.models import (
     JobSpec,
     JobStatus,
     Lease,
+    Notification,
     Placed,
     Transition,
     WorkerInfo,
@@ -49,14 +54,14 @@ JOB_COLUMNS: tuple[str, ...] = (
     "provider_job_id", "cloud_resource_path", "error_message", "failure_class", "exit_code",
     "cancel_requested", "owner_worker_id", "lease_version",
     "lease_expires_at", "last_heartbeat_at", "created_at", "updated_at", "scheduled_at",
-    "started_at", "completed_at",
+    "started_at", "completed_at", "tasks",
 )  # fmt: skip
 TRANSITION_COLUMNS: tuple[str, ...] = (
     "job_id", "idx", "from_status", "to_status", "at", "reason", "worker_id",
 )  # fmt: skip
 EVENT_COLUMNS: tuple[str, ...] = (
     "job_id", "seq", "tenant_id", "kind", "status", "message", "output", "created_at",
-    "worker_id", "position", "attempt", "dedup_key",
+    "worker_id", "position", "attempt", "dedup_key", "task_index",
 )  # fmt: skip
 # JobEvent fields that exist only in transit (an OUTPUT event's byte range).
 EVENT_TRANSIT_FIELDS = frozenset({"offset", "end"})
@@ -66,6 +71,11 @@ TENANT_COLUMNS: tuple[str, ...] = ("tenant_id", "created_at", "event_position")
 # How far each output stream of each execution has been delivered (bytes).
 OUTPUT_COLUMNS: tuple[str, ...] = ("job_id", "attempt", "task_index", "stream", "delivered_end")
 MIGRATION_COLUMNS: tuple[str, ...] = ("name", "applied_at")
+# One per job that reached a terminal state (``terminal_notification``).
+NOTIFICATION_COLUMNS: tuple[str, ...] = (
+    "notification_id", "tenant_id", "job_id", "job_name", "final_status", "occurred_at",
+    "error_message", "is_read",
+)  # fmt: skip
 
 # Every table a SQL store uses, with the columns its code writes and reads. ``jobs`` has
 # columns beyond the Job fields: ``event_seq``, the last seq given to its events,
@@ -81,6 +91,7 @@ TABLE_COLUMNS: Mapping[str, tuple[str, ...]] = {
     "job_events": EVENT_COLUMNS,
     "job_output": OUTPUT_COLUMNS,
     "workers": WORKER_COLUMNS,
+    "notifications": NOTIFICATION_COLUMNS,
     "schema_migrations": MIGRATION_COLUMNS,
 }
 JOB_TIME_COLUMNS = frozenset(
@@ -88,7 +99,7 @@ JOB_TIME_COLUMNS = frozenset(
      "started_at", "completed_at"}
 )  # fmt: skip
 # Column names that hold a timestamp in any table (SQLite stores them as integers).
-TIME_COLUMNS = JOB_TIME_COLUMNS | {"at", "heartbeat_at", "applied_at"}
+TIME_COLUMNS = JOB_TIME_COLUMNS | {"at", "heartbeat_at", "applied_at", "occurred_at"}
 ACTIVE = tuple(sorted(s.value for s in ACTIVE_STATUSES))
 
 Row = dict[str, Any]
@@ -174,16 +185,20 @@ def matches(job: Job, flt: JobFilter) -> bool:
 
 def job_to_row(job: Job, with_spec: bool = True) -> Row:
     """The row of ``job``; without ``with_spec`` the spec is left out (updates never
-    write it: it is immutable)."""
+    write it: it is immutable). ``tasks`` is the stored form of ``jennah.tasks.encode``
+    (None for a job without task states: a plain job pays nothing for it)."""
     row: Row = {c: getattr(job, c) for c in JOB_COLUMNS}
     row["spec"] = job.spec.to_dict() if with_spec else None
     row["status"] = job.status.value
     row["failure_class"] = job.failure_class.value if job.failure_class else None
+    row["tasks"] = task_states.encode(job.tasks) if job.tasks else None
     return row
 
 
 def column_value(column: str, value: Any) -> Any:
-    """One Job attribute as ``job_to_row`` stores it (enums by value)."""
+    """One Job attribute as ``job_to_row`` stores it (enums by value, tasks encoded)."""
+    if column == "tasks":
+        return task_states.encode(value) if value else None
     if column in ("status", "failure_class") and value is not None:
         return value.value
     return value
@@ -197,6 +212,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
     fc = values["failure_class"]
     values["failure_class"] = FailureClass(fc) if fc else None
     values["cancel_requested"] = bool(values["cancel_requested"])
+    values["tasks"] = task_states.decode(values["tasks"]) if values["tasks"] else ()
     for c in JOB_TIME_COLUMNS:
         if values[c] is not None:
             values[c] = utc(values[c])
@@ -236,11 +252,31 @@ def event_from_row(row: Mapping[str, Any]) -> JobEvent:
         position=int(row["position"] or 0),
         attempt=int(row["attempt"] or 0),
         dedup_key=row["dedup_key"] or "",
+        task_index=None if row["task_index"] is None else int(row["task_index"]),
     )
 
 
 def worker_from_row(row: Mapping[str, Any]) -> WorkerInfo:
     return WorkerInfo(row["worker_id"], row["endpoint"], utc(row["heartbeat_at"]))
+
+
+def notification_to_row(n: Notification) -> Row:
+    row: Row = {c: getattr(n, c) for c in NOTIFICATION_COLUMNS}
+    row["final_status"] = n.final_status.value
+    return row
+
+
+def notification_from_row(row: Mapping[str, Any]) -> Notification:
+    return Notification(
+        notification_id=row["notification_id"],
+        tenant_id=row["tenant_id"],
+        job_id=row["job_id"],
+        job_name=row["job_name"],
+        final_status=JobStatus(row["final_status"]),
+        occurred_at=utc(row["occurred_at"]),
+        error_message=row["error_message"] or "",
+        is_read=bool(row["is_read"]),
+    )
 
 
 # --- the rules of a fenced update -------------------------------------------------------
@@ -312,7 +348,9 @@ def apply_patch(
 ) -> tuple[Job, list[Transition], list[JobEvent]]:
     """The job after ``patch``, the transitions to record and their lifecycle events
     (one per transition, not yet numbered); ``Conflict`` for a backwards move. The store
-    stamps only ``updated_at``: status times come from the patch, set by the caller."""
+    stamps only ``updated_at``: status times come from the patch, set by the caller.
+    Task states in the patch replace the job's whole, in their canonical form
+    (``jennah.tasks.normalize``), so that the job returned equals the job read back."""
     if patch.retry:
         return _retry(job, lease, patch, now, reason)
     steps: list[JobStatus] = []
@@ -336,6 +374,8 @@ def apply_patch(
         value = getattr(patch, name)
         if value is not None:
             changes[name] = utc(value)
+    if patch.tasks is not None:
+        changes["tasks"] = task_states.normalize(patch.tasks)
     updated = evolve(job, **changes)
     transitions: list[Transition] = []
     events: list[JobEvent] = []
@@ -365,9 +405,43 @@ def _retry(
         job, status=JobStatus.PENDING, attempt=job.attempt + 1, provider_job_id="",
         cloud_resource_path="", updated_at=now, scheduled_at=None, started_at=None,
     )  # fmt: skip
+    if patch.tasks is not None:
+        updated.tasks = task_states.normalize(patch.tasks)
     t = Transition(job.job_id, job.status, JobStatus.PENDING, now, reason, lease.worker_id)
     return updated, [t], [lifecycle_event(updated, EventKind.RETRY, reason, now,
                                           lease.worker_id)]  # fmt: skip
+
+
+# --- notifications ------------------------------------------------------------------------
+
+# A notification's id is derived from its job's id: a job has at most one, so every
+# store's primary key enforces "one per job" once more, and deleting a job finds its
+# notification by key, with no index on job_id.
+_NOTIFICATION_NAMESPACE = uuid.UUID("5c1e0a57-3f0d-4b8e-9d43-2a8f6b1c7e90")
+
+
+def notification_id(job_id: str) -> str:
+    return str(uuid.uuid5(_NOTIFICATION_NAMESPACE, job_id))
+
+
+def notification_not_found(notification_id: str) -> NotFound:
+    """An unknown notification id, or another tenant's (told apart by nothing)."""
+    return NotFound(f"notification {echoed(notification_id)} not found")
+
+
+def terminal_notification(before: Job, after: Job, now: datetime) -> Notification | None:
+    """The notification for an update from ``before`` to ``after`` at ``now``: one when
+    the job moved into a terminal state, None otherwise (a terminal job never moves
+    again, so a job gets at most one). A completed job's notification carries no error
+    message (a message left by an earlier attempt is not the outcome)."""
+    if before.status.terminal or not after.status.terminal:
+        return None
+    return Notification(
+        notification_id=notification_id(after.job_id), tenant_id=after.tenant_id,
+        job_id=after.job_id, job_name=after.spec.name, final_status=after.status,
+        occurred_at=now,
+        error_message="" if after.status is JobStatus.COMPLETED else after.error_message,
+    )  # fmt: skip
 
 
 # --- group commit -----------------------------------------------------------------------
@@ -402,7 +476,9 @@ def together_or_one_by_one(
 
 
 def output_key(event: JobEvent) -> OutputKey:
-    return (event.attempt, 0, event.message)
+    """The output stream an OUTPUT event belongs to: each task of each attempt has its
+    own streams, placed independently (a plain job's one task is task 0)."""
+    return (event.attempt, event.task_index or 0, event.message)
 
 
 def place(

@@ -21,6 +21,10 @@ transaction, tenant by tenant in sorted order, from ``tenants.event_position``: 
 tenant rows are locked last and in one order, so concurrent batches of two workers
 cannot deadlock on them, and each position is allocated under a lock held until commit,
 so positions increase in commit order.
+
+**Notifications** of the jobs an op moved into a terminal state are queued like the
+transitions and inserted at the end of the op's transaction; their primary key (the id
+derived from the job id) makes a second one for a job impossible, whatever the path.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from jennah.models import (
     JobFilter,
     JobPatch,
     Lease,
+    Notification,
     Page,
     Placed,
     Transition,
@@ -80,6 +85,9 @@ _EVENT_COLS = ", ".join(c.EVENT_COLUMNS)
 _INSERT_EVENT = (f"INSERT INTO job_events ({_EVENT_COLS}) "
                  f"VALUES ({', '.join('?' for _ in c.EVENT_COLUMNS)})")  # fmt: skip
 _OUTPUT_COLS = ", ".join(c.OUTPUT_COLUMNS)
+_NOTE_COLS = ", ".join(c.NOTIFICATION_COLUMNS)
+_INSERT_NOTE = (f"INSERT INTO notifications ({_NOTE_COLS}) "
+                f"VALUES ({', '.join('?' for _ in c.NOTIFICATION_COLUMNS)})")  # fmt: skip
 _FENCE_CHUNK = 200  # leases per fenced statement (3 parameters each)
 _ACTIVE_IN = "status IN (" + ", ".join(f"'{s}'" for s in c.ACTIVE) + ")"
 
@@ -105,11 +113,17 @@ class Tx(Protocol):
 
 class _Pending:
     """Events numbered within a transaction, waiting for their tenant positions, and
-    transition rows, written together at the end of the transaction."""
+    transition and notification rows, written together at the end of the transaction."""
 
     def __init__(self) -> None:
         self.events: list[tuple[JobEvent, int]] = []  # (event, its seq)
         self.transitions: list[list[Any]] = []
+        self.notes: list[list[Any]] = []
+
+    def notify(self, note: Notification | None) -> None:
+        if note is not None:
+            row = c.notification_to_row(note)
+            self.notes.append([row[col] for col in c.NOTIFICATION_COLUMNS])
 
     def record(self, transitions: Sequence[Transition], last_idx: int) -> None:
         """Queue ``transitions`` with the idx values ending at ``last_idx``."""
@@ -212,6 +226,8 @@ class SqlStore(ABC):
             positions = self._insert_events(tx, pending.events)
             if pending.transitions:
                 tx.many(_INSERT_TRANSITION, pending.transitions)
+            if pending.notes:
+                tx.many(_INSERT_NOTE, pending.notes)
         for op, result in zip(ops, results, strict=True):
             if isinstance(op, AppendEvents) and isinstance(result, list):
                 result[:] = [(p, dataclasses.replace(ev, position=positions[(ev.job_id, ev.seq)]))
@@ -349,6 +365,8 @@ class SqlStore(ABC):
                 raise NotFound.job(job_id)
             for table in ("job_events", "job_transitions", "job_output"):
                 tx.run(f"DELETE FROM {table} WHERE job_id = ?", job_id)
+            tx.run("DELETE FROM notifications WHERE notification_id = ? AND tenant_id = ?",
+                   c.notification_id(job_id), tenant_id)  # fmt: skip
             tx.run("DELETE FROM jobs WHERE job_id = ? AND tenant_id = ?", job_id, tenant_id)
 
     def list_transitions(self, tenant_id: str, job_id: str) -> list[Transition]:
@@ -387,6 +405,28 @@ class SqlStore(ABC):
     def output_offsets(self, job_id: str) -> OutputOffsets:
         with self._tx(write=False) as tx:
             return self._cursors(tx, job_id)
+
+    # Both reads are index range scans of the tenant's rows (``notifications_tenant``,
+    # and ``notifications_unread`` for the unread ones and their count); ``is_read`` is
+    # compared with a literal, as a bound parameter would hide from the planner which
+    # part of the index to read.
+    def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        unread = " AND is_read = FALSE" if unread_only else ""
+        with self._tx(write=False) as tx:
+            rows = tx.rows(f"SELECT {_NOTE_COLS} FROM notifications WHERE tenant_id = ?{unread} "
+                           "ORDER BY occurred_at DESC, notification_id DESC LIMIT ?",
+                           tenant_id, max(limit, 0))  # fmt: skip
+            count = tx.rows("SELECT count(*) AS n FROM notifications WHERE tenant_id = ? "
+                            "AND is_read = FALSE", tenant_id)[0]["n"]  # fmt: skip
+        return [c.notification_from_row(r) for r in rows], int(count)
+
+    def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        with self._tx() as tx:
+            if not tx.run("UPDATE notifications SET is_read = TRUE WHERE tenant_id = ? "
+                          "AND notification_id = ?", tenant_id, notification_id):  # fmt: skip
+                raise c.notification_not_found(notification_id)
 
     @staticmethod
     def _cursors(tx: Tx, job_id: str) -> OutputOffsets:
@@ -493,6 +533,7 @@ class SqlStore(ABC):
             pending.record(transitions, int(written[0]["transition_seq"]))
         if events:
             pending.add(events, int(written[0]["event_seq"]))
+        pending.notify(c.terminal_notification(job, updated, now))
         return updated
 
     def _fenced(self, leases: Sequence[tuple[str, Lease]], sql: str, *values: Any) -> set[str]:

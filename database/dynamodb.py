@@ -15,6 +15,14 @@ Item design (table ``<DYNAMODB_TABLE_PREFIX>-jobs``, key ``pk``/``sk``, on-deman
 
 * tenant ``pk=TENANT#<tenant> sk=TENANT`` with ``event_position`` (the last position
   given to the tenant's events);
+* notifications, in the tenant's partition ``pk=NOTE#<tenant>``, keyed by time so that
+  one consistent Query lists them newest first: the notification
+  ``sk=N#<occurred_at µs:020>#<id>``; while it is unread, a copy ``sk=U#<same>``, so that
+  the unread ones and their count are a Query of their own (a sparse index would be
+  eventually consistent: an ack would not show at once); and ``sk=ID#<id>`` naming the
+  time part, for an ack by id. All three are written in the transaction of the job's
+  terminal update (the id is derived from the job id, ``_common.notification_id``, so a
+  delete of the job finds them too);
 * tenant event ``pk=TEV#<tenant> sk=<position:020>``: a second copy of every event, in
   the tenant's partition, so that ``list_tenant_events`` is one consistent Query;
 * request-id guard ``pk=REQ#<tenant>#<request_id> sk=REQ`` holding the job id, written in
@@ -112,7 +120,9 @@ The default skew is 2 s; worker clocks must agree to within it (NTP does far bet
 Released leases are set to the epoch, so they are claimable at once whatever the skew.
 
 **Limits.** An item holds at most 400 KB, so a spec larger than that (huge env values)
-is refused with ``InvalidArgument``; so is an event whose text is that large.
+is refused with ``InvalidArgument``; so is an event whose text is that large. A job's
+task states (a binary attribute ``tasks``, ``jennah.tasks.encode``) take about 40 KB for
+10,000 finished tasks.
 """
 
 from __future__ import annotations
@@ -157,6 +167,7 @@ from jennah.models import (
     JobFilter,
     JobPatch,
     Lease,
+    Notification,
     Page,
     Placed,
     Transition,
@@ -207,7 +218,10 @@ _UNAVAILABLE = {
 }  # fmt: skip
 _UNAVAILABLE_REASONS = {"ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"}
 _FAILED = "ConditionalCheckFailed"
-_TIME_ATTRS = c.JOB_TIME_COLUMNS | {"at", "heartbeat_at"}
+_TIME_ATTRS = c.JOB_TIME_COLUMNS | {"at", "heartbeat_at", "occurred_at"}
+# Notification ids are UUIDs (36 characters): a longer one is nobody's, and is not put in
+# a key (a sort key holds at most 1 KB).
+_MAX_NOTIFICATION_ID = 128
 _CHECK_ERRORS = (LeaseLost, Conflict, NotFound, InvalidArgument)
 
 
@@ -253,6 +267,8 @@ class _Cancelled(Exception):
 def _av(value: Any) -> dict[str, Any]:
     if isinstance(value, bool):
         return {"BOOL": value}
+    if isinstance(value, bytes):
+        return {"B": value}
     if isinstance(value, int):
         return {"N": str(value)}
     if isinstance(value, datetime):
@@ -272,6 +288,8 @@ def _from_av(attr: str, av: Mapping[str, Any]) -> Any:
         return c.from_micros(n) if attr in _TIME_ATTRS else n
     if "M" in av:
         return {k: _from_av(k, v) for k, v in av["M"].items()}
+    if "B" in av:
+        return bytes(av["B"])
     return av["S"]
 
 
@@ -284,8 +302,13 @@ def _int(item: Mapping[str, Any], attr: str) -> int:
 
 
 def _size(item: Mapping[str, Any]) -> int:
-    """Roughly the bytes DynamoDB counts for ``item`` (a little more)."""
-    return len(json.dumps(item, separators=(",", ":")).encode())
+    """Roughly the bytes DynamoDB counts for ``item`` (a little more; a binary value
+    counts its length)."""
+    return len(json.dumps(item, separators=(",", ":"), default=_blob_stub).encode())
+
+
+def _blob_stub(value: bytes) -> str:
+    return "." * len(value)
 
 
 def _key(pk: str, sk: str) -> Item:
@@ -321,6 +344,21 @@ def _dedup_key(job_id: str, key: str) -> Item:
 def _cursor_key(job_id: str, out: c.OutputKey) -> Item:
     attempt, task, stream = out
     return _key(f"JOB#{job_id}", f"OUT#{attempt:06d}#{task:06d}#{stream}")
+
+
+def _note_key(kind: str, tenant_id: str, suffix: str) -> Item:
+    """A notification item: ``kind`` N (the notification), U (its unread copy) or ID."""
+    return _key(f"NOTE#{tenant_id}", f"{kind}#{suffix}")
+
+
+def _note_suffix(n: Notification) -> str:
+    return f"{c.to_micros(n.occurred_at):020d}#{n.notification_id}"
+
+
+def _note_item(n: Notification, kind: str) -> Item:
+    row = c.notification_to_row(n)
+    return {**{k: _av(v) for k, v in row.items()}, **_note_key(kind, n.tenant_id,
+                                                                 _note_suffix(n))}
 
 
 _MARKER_KEY = _key("SCHEMA", "events_v2")
@@ -579,8 +617,8 @@ class _Update(_Work):
         item = s._get(_job_key(op.job_id))
         job = c.check_lease(_job_from_item(item) if item else None, op.lease)
         assert item is not None
-        updated, transitions, events = c.apply_patch(job, op.lease, op.patch, s._now(),
-                                                     op.reason)  # fmt: skip
+        now = s._now()
+        updated, transitions, events = c.apply_patch(job, op.lease, op.patch, now, op.reason)
         e = _Expr()
         extra: dict[str, Any] = {}
         cond = (f"attribute_exists(pk) AND {e.n('owner_worker_id')} = {e.v(op.lease.worker_id)} "
@@ -593,15 +631,27 @@ class _Update(_Work):
         count = _int(item, "tr_count") if "tr_count" in item else 1
         if transitions:
             extra["tr_count"] = count + len(transitions)
-        update = s._diff(e, job, updated, extra)
+        new_item = _job_item(updated)
+        update = s._diff(e, job, updated, new_item, extra)
         actions: list[TxItem] = [{"Update": {
             "TableName": s.table, "Key": _job_key(op.job_id), "UpdateExpression": update,
             "ConditionExpression": cond, **e.args()}}]  # fmt: skip
         actions += [s._put(_transition_item(t, count + i), "attribute_not_exists(pk)")
                     for i, t in enumerate(transitions)]  # fmt: skip
+        size_ = _size(new_item)
+        # The condition on the job's status makes this the one move into a terminal
+        # state; the id item's condition says so again.
+        note = c.terminal_notification(job, updated, now)
+        if note is not None:
+            notes = [_note_item(note, "N"), _note_item(note, "U"),
+                     {**_note_key("ID", note.tenant_id, note.notification_id),
+                      "note_key": _av(_note_suffix(note))}]  # fmt: skip
+            actions += [s._put(notes[0]), s._put(notes[1]),
+                        s._put(notes[2], "attribute_not_exists(pk)")]  # fmt: skip
+            size_ += sum(_size(n) for n in notes)
         numbered = [dataclasses.replace(ev, seq=seq + 1 + i) for i, ev in enumerate(events)]
         self.updated = updated
-        size_ = _size(_job_item(updated)) + sum(2 * _size(_event_item(ev, {})) for ev in numbered)
+        size_ += sum(2 * _size(_event_item(ev, {})) for ev in numbered)
         return _Unit(actions, numbered, size_)
 
     def committed(self, events: list[JobEvent]) -> None:
@@ -1539,6 +1589,7 @@ class DynamoDBStore:
         self._sweep(tenant_id, job_id)
 
     def _sweep(self, tenant_id: str, job_id: str) -> None:
+        self._delete_notification(tenant_id, c.notification_id(job_id))
         e = _Expr()
         items = list(self._query(
             KeyConditionExpression="pk = :pk", ConsistentRead=True,
@@ -1552,6 +1603,16 @@ class DynamoDBStore:
         # The copies first: the events name them, so a sweep cut short can be finished.
         self._batch_delete(copies)
         self._batch_delete([{"pk": it["pk"], "sk": it["sk"]} for it in items])
+
+    def _delete_notification(self, tenant_id: str, notification_id: str) -> None:
+        """Remove the notification and its copy, then its id item (which names them, so
+        that a delete cut short can be finished)."""
+        ref = self._get(_note_key("ID", tenant_id, notification_id))
+        if ref is None:
+            return
+        suffix = ref["note_key"]["S"]
+        self._batch_delete([_note_key("N", tenant_id, suffix), _note_key("U", tenant_id, suffix)])
+        self._batch_delete([_note_key("ID", tenant_id, notification_id)])
 
     def list_transitions(self, tenant_id: str, job_id: str) -> list[Transition]:
         self._tenant_job(tenant_id, job_id)
@@ -1604,6 +1665,53 @@ class DynamoDBStore:
         return {(_int(it, "attempt"), _int(it, "task_index"), it["stream"]["S"]):
                 _int(it, "delivered_end") for it in self._partition(f"JOB#{job_id}", "OUT#")}
 
+    def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        notes: list[Notification] = []
+        if limit > 0:
+            for item in self._query(
+                KeyConditionExpression="pk = :pk AND begins_with(sk, :pre)",
+                ConsistentRead=True, ScanIndexForward=False, Limit=limit,
+                ExpressionAttributeValues={":pk": {"S": f"NOTE#{tenant_id}"},
+                                           ":pre": {"S": "U#" if unread_only else "N#"}},
+            ):  # fmt: skip
+                notes.append(c.notification_from_row(_row(item, c.NOTIFICATION_COLUMNS)))
+                if len(notes) >= limit:
+                    break
+        unread = 0
+        kwargs: dict[str, Any] = {
+            "TableName": self.table, "Select": "COUNT", "ConsistentRead": True,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :pre)",
+            "ExpressionAttributeValues": {":pk": {"S": f"NOTE#{tenant_id}"},
+                                          ":pre": {"S": "U#"}}}  # fmt: skip
+        while True:
+            resp = self._call("query", **kwargs)
+            unread += int(resp.get("Count", 0))
+            if "LastEvaluatedKey" not in resp:
+                return notes, unread
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        """Set ``is_read`` and drop the unread copy, in one transaction conditional on the
+        notification still being there (a delete of its job may be sweeping it)."""
+        ref = None
+        if len(notification_id) <= _MAX_NOTIFICATION_ID:
+            ref = self._get(_note_key("ID", tenant_id, notification_id))
+        if ref is None:
+            raise c.notification_not_found(notification_id)
+        suffix = ref["note_key"]["S"]
+        e = _Expr()
+        try:
+            self._call("transact_write_items", TransactItems=[
+                {"Update": {"TableName": self.table, "Key": _note_key("N", tenant_id, suffix),
+                            "UpdateExpression": f"SET {e.n('is_read')} = {e.v(True)}",
+                            "ConditionExpression": "attribute_exists(pk)", **e.args()}},
+                {"Delete": {"TableName": self.table, "Key": _note_key("U", tenant_id, suffix)}},
+            ])  # fmt: skip
+        except _Cancelled:
+            raise c.notification_not_found(notification_id) from None
+
     def append_execution_events(
         self, events: Sequence[JobEvent], legacy: bool = False
     ) -> list[tuple[Placed, JobEvent]]:
@@ -1655,13 +1763,14 @@ class DynamoDBStore:
         return cast(Job, unwrap(self.write_batch([op])[0]))
 
     @staticmethod
-    def _diff(e: _Expr, old: Job, new: Job, extra: Mapping[str, Any]) -> str:
-        """The UpdateExpression turning ``old`` into ``new``, plus ``extra`` SETs."""
+    def _diff(e: _Expr, old: Job, new: Job, new_item: Item, extra: Mapping[str, Any]) -> str:
+        """The UpdateExpression turning ``old`` into ``new`` (whose item is ``new_item``),
+        plus ``extra`` SETs. Fields are compared on the jobs, not on their items: that
+        spares encoding the old job's task states on every update."""
         sets = [f"{e.n(k)} = {e.v(v)}" for k, v in extra.items()]
         removes: list[str] = []
-        new_item, old_item = _job_item(new), _job_item(old)
         for col in c.JOB_COLUMNS:
-            if new_item.get(col) == old_item.get(col):
+            if getattr(new, col) == getattr(old, col):
                 continue
             if col in new_item:
                 sets.append(f"{e.n(col)} = {e.raw(new_item[col])}")

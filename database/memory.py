@@ -30,6 +30,7 @@ from jennah.models import (
     JobFilter,
     JobPatch,
     Lease,
+    Notification,
     Page,
     Placed,
     Transition,
@@ -39,7 +40,7 @@ from jennah.settings import StoreSettings
 
 
 class MemoryStore:
-    """Jobs, transitions, events and workers in dicts, behind one lock."""
+    """Jobs, transitions, events, notifications and workers in dicts, behind one lock."""
 
     name = "memory"
 
@@ -55,6 +56,7 @@ class MemoryStore:
         self._positions: dict[str, int] = {}  # last position per tenant
         self._workers: dict[str, WorkerInfo] = {}
         self._tenants: dict[str, datetime] = {}
+        self._notes: dict[str, dict[str, Notification]] = {}  # tenant -> id -> note
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> MemoryStore:
@@ -164,6 +166,7 @@ class MemoryStore:
             self._cursors.pop(job_id, None)
             events = self._tenant_events.get(tenant_id, [])
             self._tenant_events[tenant_id] = [e for e in events if e.job_id != job_id]
+            self._notes.get(tenant_id, {}).pop(c.notification_id(job_id), None)
 
     def list_transitions(self, tenant_id: str, job_id: str) -> list[Transition]:
         with self._lock:
@@ -208,6 +211,24 @@ class MemoryStore:
         result = unwrap(self.write_batch([AppendEvents(tuple(events), legacy)])[0])
         return cast(list[tuple[Placed, JobEvent]], result)
 
+    def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        with self._lock:
+            notes = list(self._notes.get(tenant_id, {}).values())
+        unread = sum(not n.is_read for n in notes)
+        if unread_only:
+            notes = [n for n in notes if not n.is_read]
+        notes.sort(key=lambda n: (n.occurred_at, n.notification_id), reverse=True)
+        return notes[: max(limit, 0)], unread
+
+    def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        with self._lock:
+            notes = self._notes.get(tenant_id, {})
+            if notification_id not in notes:
+                raise c.notification_not_found(notification_id)
+            notes[notification_id] = dataclasses.replace(notes[notification_id], is_read=True)
+
     def _append(self, events: Sequence[JobEvent], legacy: bool) -> list[tuple[Placed, JobEvent]]:
         out = []
         for ev in events:
@@ -228,10 +249,14 @@ class MemoryStore:
 
     def _update(self, job_id: str, lease: Lease, patch: JobPatch, reason: str) -> Job:
         job = c.check_lease(self._jobs.get(job_id), lease)
-        updated, transitions, events = c.apply_patch(job, lease, patch, self._now(), reason)
+        now = self._now()
+        updated, transitions, events = c.apply_patch(job, lease, patch, now, reason)
         self._jobs[job_id] = updated
         self._transitions.setdefault(job_id, []).extend(transitions)
         self._add_events(events)
+        note = c.terminal_notification(job, updated, now)
+        if note is not None:
+            self._notes.setdefault(job.tenant_id, {})[note.notification_id] = note
         return dataclasses.replace(updated)
 
     def _held(self, job_id: str, lease: Lease) -> Job | None:

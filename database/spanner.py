@@ -34,6 +34,12 @@ writers of one tenant then queue on its counter instead of both holding a shared
 until one is aborted at commit. The transaction function is re-run whole when Spanner
 aborts it, and everything it decides lives in that run's :class:`_Write`.
 
+**Tasks and notifications.** A job's task states are a BYTES column of its row (the
+client takes and gives BYTES base64-encoded; ``_job_row`` and ``_job`` convert). The
+notification of a job that an update moved into a terminal state is inserted by that
+update's transaction (``_Write.flush``); notifications are interleaved in their tenant,
+not their job, since an ack names only the notification.
+
 **Migrations.** ``migrate()`` applies each ``*.sql`` file once with ``update_ddl`` and
 records it in ``SchemaMigrations``. DDL cannot share a transaction with that row, so a
 migrator that loses a race waits for the winner's record instead of failing. After the
@@ -70,6 +76,7 @@ hold DML).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
@@ -104,6 +111,7 @@ from jennah.models import (
     JobFilter,
     JobPatch,
     Lease,
+    Notification,
     Page,
     Placed,
     Transition,
@@ -124,6 +132,7 @@ _SELECT = "SELECT " + ", ".join(c.JOB_COLUMNS) + " FROM Jobs"
 _JOB_READ = ", ".join((*c.JOB_COLUMNS, "event_seq"))
 _EVENT_COLS = ", ".join(c.EVENT_COLUMNS)  # POSITION is not reserved in GoogleSQL
 _OUTPUT_ROW = ("tenant_id", *c.OUTPUT_COLUMNS)
+_NOTE_COLS = ", ".join(c.NOTIFICATION_COLUMNS)
 # The emulator rejects a query on a NULL_FILTERED index unless told that the query
 # filters the NULLs out (these do); Cloud Spanner ignores the hint.
 _NULLS_FILTERED = "@{spanner_emulator.disable_query_null_filtered_index_check=true} "
@@ -203,6 +212,8 @@ def _label_pair(key: str, value: str) -> str:
 def _job_row(job: Job) -> dict[str, Any]:
     row = c.job_to_row(job)
     row["spec"] = json.dumps(row["spec"], separators=(",", ":"))
+    if row["tasks"] is not None:  # the client takes BYTES values base64-encoded
+        row["tasks"] = base64.b64encode(row["tasks"])
     row["request_id"] = row["request_id"] or None
     row["job_name"] = job.spec.name
     row["label_pairs"] = sorted(_label_pair(k, v) for k, v in job.spec.labels.items())
@@ -217,6 +228,8 @@ def _job_values(job: Job) -> list[Any]:
 def _job(values: Sequence[Any]) -> Job:
     row = {col: _plain(v) for col, v in zip(c.JOB_COLUMNS, values, strict=True)}
     row["request_id"] = row["request_id"] or ""
+    if row["tasks"] is not None:  # and gives them back base64-encoded
+        row["tasks"] = base64.b64decode(row["tasks"])
     return c.job_from_row(row)
 
 
@@ -298,6 +311,7 @@ class _Write:
         self.looked_up: dict[str, set[str]] = {}  # dedup keys already looked up, per job
         self.positions: dict[str, int | None] = {}  # tenant counters read; None: no row
         self.events: list[JobEvent] = []  # numbered (seq), positions come in flush()
+        self.notes: list[Notification] = []  # of the jobs that moved into a terminal state
 
     # --- reads -------------------------------------------------------------------------
 
@@ -531,6 +545,9 @@ class _Write:
             self.next_idx[job_id] += 1
         if events:
             self.add_events(job_id, events)
+        note = c.terminal_notification(job, updated, self.now)
+        if note is not None:
+            self.notes.append(note)
         return dataclasses.replace(updated)
 
     def append(self, events: Sequence[JobEvent], legacy: bool) -> list[tuple[Placed, JobEvent]]:
@@ -613,6 +630,10 @@ class _Write:
                 for tenant, idx, t in self.transitions])  # fmt: skip
         if event_rows:
             tx.insert("JobEvents", c.EVENT_COLUMNS, event_rows)
+        if self.notes:
+            rows = [c.notification_to_row(n) for n in self.notes]
+            tx.insert("Notifications", c.NOTIFICATION_COLUMNS,
+                      [[r[col] for col in c.NOTIFICATION_COLUMNS] for r in rows])  # fmt: skip
         output = []
         for job_id, cursors in sorted(self.cursors.items()):
             row = self.jobs.get(job_id)
@@ -1039,8 +1060,10 @@ class SpannerStore:
 
         def tx_fn(tx: Any, now: datetime) -> None:
             self._tenant_job(tx, tenant_id, job_id)
-            # Cascades to its transitions, events and output ends (interleaved).
+            # Cascades to its transitions, events and output ends (interleaved); its
+            # notification is the tenant's, found by its key.
             tx.delete("Jobs", keyset(keys=[[tenant_id, job_id]]))
+            tx.delete("Notifications", keyset(keys=[[tenant_id, c.notification_id(job_id)]]))
 
         self._run(tx_fn)
 
@@ -1090,6 +1113,34 @@ class SpannerStore:
     ) -> list[tuple[Placed, JobEvent]]:
         result = unwrap(self.write_batch([AppendEvents(tuple(events), legacy)])[0])
         return cast(list[tuple[Placed, JobEvent]], result)
+
+    def list_notifications(
+        self, tenant_id: str, limit: int, unread_only: bool
+    ) -> tuple[list[Notification], int]:
+        """Both reads in one snapshot, each a range of one index of the tenant's rows."""
+        where, index = ("AND is_read = FALSE ", "NotificationsUnread") if unread_only else (
+            "", "NotificationsByTime")  # fmt: skip
+        with self._errors(), self._db.snapshot(multi_use=True) as snap:
+            rows = self._rows(snap, f"SELECT {_NOTE_COLS} FROM Notifications@{{FORCE_INDEX="
+                              f"{index}}} WHERE tenant_id = @t {where}ORDER BY occurred_at "
+                              "DESC, notification_id DESC LIMIT @n",
+                              t=tenant_id, n=max(limit, 0))  # fmt: skip
+            [[unread]] = self._rows(snap, "SELECT COUNT(*) FROM Notifications@{FORCE_INDEX="
+                                    "NotificationsUnread} WHERE tenant_id = @t AND "
+                                    "is_read = FALSE", t=tenant_id)  # fmt: skip
+        notes = [c.notification_from_row(dict(zip(c.NOTIFICATION_COLUMNS, map(_plain, r),
+                                                  strict=True))) for r in rows]  # fmt: skip
+        return notes, int(unread)
+
+    def ack_notification(self, tenant_id: str, notification_id: str) -> None:
+        def body(tx: Any) -> None:
+            if not self._rows(tx, "SELECT 1 FROM Notifications WHERE tenant_id = @t AND "
+                                  "notification_id = @i", t=tenant_id, i=notification_id):
+                raise c.notification_not_found(notification_id)
+            tx.update("Notifications", ("tenant_id", "notification_id", "is_read"),
+                      [(tenant_id, notification_id, True)])  # fmt: skip
+
+        self._transact(body)
 
     # --- owner-facing, fenced ----------------------------------------------------------
 

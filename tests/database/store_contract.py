@@ -31,6 +31,7 @@ from database import STORES
 from database.base import AppendEvents, CreateJob, JobStore, UpdateJob
 from jennah.errors import Conflict, InvalidArgument, LeaseLost, NotFound, StoreUnavailable
 from jennah.models import (
+    EVENT_FOR_STATUS,
     EventKind,
     FailureClass,
     Job,
@@ -42,8 +43,11 @@ from jennah.models import (
     Lease,
     Placed,
     ResourceOverride,
+    TaskState,
+    TaskStatus,
 )
 from jennah.registry import load
+from jennah.tasks import normalize
 from tests.helpers import RegisteredContract
 
 T = TypeVar("T")
@@ -59,6 +63,7 @@ def make_job(
     name: str = "",
     labels: dict[str, str] | None = None,
     created_at: datetime | None = None,
+    task_count: int = 1,
 ) -> Job:
     spec = JobSpec(
         image_uri="docker.io/library/busybox:1.36",
@@ -66,6 +71,7 @@ def make_job(
         env_vars={"TOKEN": "s3cret"},
         name=name,
         labels=labels or {},
+        task_count=task_count,
     )
     return Job(
         job_id=f"j-{uuid.uuid4().hex[:12]}",
@@ -103,14 +109,15 @@ def run_threads(n: int, fn: Callable[[int], T], timeout: float = 30.0) -> list[T
 
 
 def output(job: Job, offset: int, text: str, *, attempt: int = 0,
-           stream: str = "stdout") -> JobEvent:
-    """An OUTPUT event of ``text`` at byte ``offset`` of ``stream``, as a producer sends it."""
+           stream: str = "stdout", task: int | None = None) -> JobEvent:
+    """An OUTPUT event of ``text`` at byte ``offset`` of ``stream`` (of task ``task``, for
+    a job of several tasks), as a producer sends it."""
     end = offset + len(text.encode())
     return JobEvent(
         job_id=job.job_id, tenant_id=job.tenant_id, seq=0, kind=EventKind.OUTPUT,
         status=JobStatus.RUNNING, message=stream, output=text, created_at=BASE,
         worker_id="w1", attempt=attempt, offset=offset, end=end,
-        dedup_key=f"out:{attempt}:0:{stream}:{offset}",
+        dedup_key=f"out:{attempt}:{task or 0}:{stream}:{offset}", task_index=task,
     )  # fmt: skip
 
 
@@ -121,6 +128,27 @@ def detail(job: Job, key: str, *, attempt: int = 0) -> JobEvent:
         status=job.status, message=f"detail {key}", created_at=BASE, worker_id="w1",
         attempt=attempt, dedup_key=key,
     )  # fmt: skip
+
+
+def many_tasks(n: int) -> tuple[TaskState, ...]:
+    """What a provider may report of ``n`` tasks: every state and field, times with
+    microseconds (stored to the millisecond), in reverse order, with bare PENDING entries
+    (the canonical form drops them)."""
+    at = BASE + timedelta(microseconds=123_456)
+    states = []
+    for i in reversed(range(n)):
+        status = list(TaskStatus)[i % 5]
+        ran = status is not TaskStatus.PENDING
+        states.append(TaskState(
+            index=i, status=status, attempt=i % 3,
+            exit_code=(i % 7 if status is TaskStatus.FAILED else 0) if status.terminal else None,
+            started_at=at + timedelta(seconds=i) if ran else None,
+            completed_at=at + timedelta(seconds=2 * i) if status.terminal else None,
+            error_message=f"task {i} failed: exit code {i % 7}" if status is TaskStatus.FAILED
+            else "",
+            failure_class=FailureClass.USER_ERROR if status is TaskStatus.FAILED else None,
+        ))  # fmt: skip
+    return tuple(states)
 
 
 def kinds(store: JobStore, job: Job) -> list[tuple[int, EventKind]]:
@@ -754,6 +782,280 @@ class StoreContract(RegisteredContract):
         assert [j.job_id for j in owned][-2:] == [mine[0].job_id, mine[2].job_id]
         assert len(owned) == 3 and owned[0].tenant_id == "tenant-b"
         assert store.list_owned_jobs("nobody") == []
+
+    # --- array jobs: task states and output by task ----------------------------------------
+
+    def _array(self, store: JobStore, task_count: int = 4) -> Job:
+        """A RUNNING job of ``task_count`` tasks."""
+        return self._running(store, self._create(store, make_job(task_count=task_count)))
+
+    def test_task_states_are_stored_with_the_job(self, store: JobStore) -> None:
+        job = self._create(store, make_job(task_count=10_000))
+        assert job.tasks == () and store.get_job("tenant-a", job.job_id).tasks == ()
+        reported = many_tasks(10_000)
+        want = normalize(reported)
+        assert len(want) > 9_000 and want != reported  # normalizing does something here
+        job = store.update_job(job.job_id, job.lease, JobPatch(
+            status=JobStatus.RUNNING, started_at=BASE, tasks=reported), "runs")  # fmt: skip
+        assert job.tasks == want
+        assert store.get_job("tenant-a", job.job_id) == job
+        assert store.list_jobs("tenant-a", JobFilter(), 10, "").jobs == [job]
+        assert store.list_owned_jobs("w1") == [job]
+        # A patch without task states keeps them; one with them replaces them whole.
+        job = store.update_job(job.job_id, job.lease, JobPatch(error_message="x"))
+        assert store.get_job("tenant-a", job.job_id).tasks == want
+        few = (TaskState(7, TaskStatus.SUCCEEDED, exit_code=0, started_at=BASE,
+                         completed_at=BASE),)  # fmt: skip
+        job = store.update_job(job.job_id, job.lease, JobPatch(tasks=few))
+        assert job.tasks == few and store.get_job("tenant-a", job.job_id).tasks == few
+        assert store.release_leases([(job.job_id, job.lease)]) == 1
+        [claimed] = store.claim_expired("w2", LONG_TTL, 10)
+        assert claimed.tasks == few
+        cleared = store.update_job(job.job_id, claimed.lease, JobPatch(tasks=()))
+        assert cleared.tasks == () and store.get_job("tenant-a", job.job_id) == cleared
+
+    def test_a_patch_of_task_states_only_is_fenced_and_moves_nothing(
+        self, store: JobStore
+    ) -> None:
+        job = self._array(store)
+        events, transitions = kinds(store, job), store.list_transitions("tenant-a", job.job_id)
+        tasks = (TaskState(0, TaskStatus.RUNNING, started_at=BASE),)
+        for lease in (Lease("w1", 2), Lease("w2", 1)):
+            with pytest.raises(LeaseLost):
+                store.update_job(job.job_id, lease, JobPatch(tasks=tasks))
+            (lost,) = store.write_batch([UpdateJob(job.job_id, lease, JobPatch(tasks=tasks),
+                                                   "", job)])  # fmt: skip
+            assert isinstance(lost, LeaseLost)
+        assert store.get_job("tenant-a", job.job_id) == job
+        time.sleep(0.01)
+        moved = store.update_job(job.job_id, job.lease, JobPatch(tasks=tasks))
+        assert moved.tasks == tasks and moved.status is JobStatus.RUNNING
+        assert moved.updated_at is not None and job.updated_at is not None
+        assert moved.updated_at > job.updated_at
+        more = (*tasks, TaskState(1, TaskStatus.SUCCEEDED, exit_code=0, completed_at=BASE))
+        (fast,) = store.write_batch([UpdateJob(job.job_id, job.lease, JobPatch(tasks=more),
+                                               "", moved)])  # fmt: skip
+        assert isinstance(fast, Job) and fast.tasks == more
+        assert store.get_job("tenant-a", job.job_id) == fast
+        assert kinds(store, job) == events
+        assert store.list_transitions("tenant-a", job.job_id) == transitions
+        assert store.list_notifications("tenant-a", 10, False) == ([], 0)
+
+    def test_task_states_and_a_terminal_move_commit_together(self, store: JobStore) -> None:
+        failed = self._array(store, 3)
+        final = (TaskState(0, TaskStatus.SUCCEEDED, exit_code=0, completed_at=BASE),
+                 TaskState(1, TaskStatus.FAILED, exit_code=2, completed_at=BASE,
+                           failure_class=FailureClass.USER_ERROR),
+                 TaskState(2, TaskStatus.CANCELLED, completed_at=BASE))  # fmt: skip
+        failed = store.update_job(failed.job_id, failed.lease, JobPatch(
+            status=JobStatus.FAILED, completed_at=BASE, exit_code=2, tasks=final,
+            failure_class=FailureClass.USER_ERROR, error_message="task 1 failed: exit code 2",
+        ), "task 1 failed")  # fmt: skip
+        assert store.get_job("tenant-a", failed.job_id) == failed
+        assert failed.tasks == final and failed.status is JobStatus.FAILED
+        assert kinds(store, failed)[-1][1] is EventKind.FAILED
+        # The same through a batch's fast path (the caller's copy of the job).
+        done = self._array(store, 2)
+        ok = tuple(TaskState(i, TaskStatus.SUCCEEDED, exit_code=0) for i in range(2))
+        (got,) = store.write_batch([UpdateJob(done.job_id, done.lease, JobPatch(
+            status=JobStatus.COMPLETED, completed_at=BASE, exit_code=0, tasks=ok,
+            error_message="attempt 0 was preempted"), "all done", done)])  # fmt: skip
+        assert isinstance(got, Job) and got.tasks == ok and got.status is JobStatus.COMPLETED
+        assert store.get_job("tenant-a", done.job_id) == got
+        notes, unread = store.list_notifications("tenant-a", 10, False)
+        assert unread == 2
+        assert sorted((n.job_id, n.final_status, n.error_message) for n in notes) == sorted([
+            (failed.job_id, JobStatus.FAILED, "task 1 failed: exit code 2"),
+            (done.job_id, JobStatus.COMPLETED, "")])  # fmt: skip
+
+    def test_events_keep_their_task_index(self, store: JobStore) -> None:
+        job = self._array(store)
+        tagged = dataclasses.replace(detail(job, "t2-failed"), task_index=2)
+        placed = store.append_execution_events([output(job, 0, "three\n", task=3), tagged])
+        assert [(p, e.task_index) for p, e in placed] == [(Placed.STORED, 3), (Placed.STORED, 2)]
+        got = store.list_events("tenant-a", job.job_id, 0, 100)
+        assert [(e.kind, e.task_index) for e in got] == [
+            (EventKind.SUBMITTED, None), (EventKind.RUNNING, None), (EventKind.OUTPUT, 3),
+            (EventKind.STATUS_DETAIL, 2)]  # fmt: skip
+        assert [e.task_index for e in store.list_tenant_events("tenant-a", 0, 100)] == [
+            None, None, 3, 2]
+
+    def test_output_of_each_task_is_placed_on_its_own(self, store: JobStore) -> None:
+        job = self._array(store, 3)
+
+        def put(*events: JobEvent) -> list[Placed]:
+            return [p for p, _ in store.append_execution_events(events)]
+
+        assert put(output(job, 0, "a0\n", task=0), output(job, 0, "b1\n", task=1)) == [
+            Placed.STORED] * 2  # the same offset of two tasks: two streams
+        assert put(output(job, 3, "c0\n", task=0)) == [Placed.STORED]
+        assert put(output(job, 6, "gap\n", task=1)) == [Placed.OUT_OF_ORDER]  # task 1 is at 3
+        assert put(output(job, 3, "d1\n", task=1), output(job, 0, "a0\n", task=0)) == [
+            Placed.STORED, Placed.DUPLICATE]
+        assert put(output(job, 0, "e2\n", task=2, stream="stderr")) == [Placed.STORED]
+        assert store.output_offsets(job.job_id) == {
+            (0, 0, "stdout"): 6, (0, 1, "stdout"): 6, (0, 2, "stderr"): 3}
+        got = [e for e in store.list_events("tenant-a", job.job_id, 0, 100)
+               if e.kind is EventKind.OUTPUT]  # fmt: skip
+        text = {t: "".join(e.output for e in got if e.task_index == t) for t in range(3)}
+        assert text == {0: "a0\nc0\n", 1: "b1\nd1\n", 2: "e2\n"}
+
+    # --- notifications ---------------------------------------------------------------------
+
+    def _finish(self, store: JobStore, status: JobStatus, tenant: str = "tenant-a",
+                name: str = "") -> Job:  # fmt: skip
+        job = self._create(store, make_job(tenant, name=name))
+        return store.update_job(job.job_id, job.lease, JobPatch(
+            status=status, error_message=f"{status.value.lower()} at the end"), "end")
+
+    def test_a_job_reaching_a_terminal_state_notifies_once(self, store: JobStore) -> None:
+        job = self._create(store, make_job(name="nightly"))
+        for status in (JobStatus.SCHEDULED, JobStatus.RUNNING):
+            job = store.update_job(job.job_id, job.lease, JobPatch(status=status))
+        job = store.update_job(job.job_id, job.lease, JobPatch(attempt=1, retry=True))
+        assert store.list_notifications("tenant-a", 10, False) == ([], 0)
+        job = store.update_job(job.job_id, job.lease, JobPatch(
+            status=JobStatus.FAILED, error_message="exit code 3"), "failed")  # fmt: skip
+        [note], unread = store.list_notifications("tenant-a", 10, False)
+        assert unread == 1
+        assert uuid.UUID(note.notification_id)
+        assert (note.tenant_id, note.job_id, note.job_name, note.final_status,
+                note.error_message, note.is_read) == (
+            "tenant-a", job.job_id, "nightly", JobStatus.FAILED, "exit code 3", False)
+        assert note.occurred_at == store.list_transitions("tenant-a", job.job_id)[-1].at
+        assert_utc(note.occurred_at)
+        # Nothing moves a terminal job again, and an update without a move adds nothing.
+        store.update_job(job.job_id, job.lease, JobPatch(error_message="later"))
+        with pytest.raises(Conflict):
+            store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.COMPLETED))
+        assert store.list_notifications("tenant-a", 10, False) == ([note], 1)
+
+    def test_racing_terminal_updates_notify_once(
+        self, store: JobStore, open_handle: Callable[[], JobStore]
+    ) -> None:
+        jobs = [self._running(store, self._create(store, make_job())) for _ in range(3)]
+        # Three different ends: a move to the state the job is in already is no move.
+        ends = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED]
+        handles = [open_handle() for _ in ends]
+
+        def finish(i: int) -> list[object]:
+            out: list[object] = []
+            for job in jobs:
+                patch = JobPatch(status=ends[i], error_message=f"writer {i}")
+                if i % 2:  # the batch's fast path, from the copy of the job both writers had
+                    out += handles[i].write_batch([UpdateJob(job.job_id, job.lease, patch,
+                                                             "end", job)])  # fmt: skip
+                else:
+                    try:
+                        out.append(handles[i].update_job(job.job_id, job.lease, patch, "end"))
+                    except Conflict as exc:
+                        out.append(exc)
+            return out
+
+        results = run_threads(len(ends), finish)
+        notes, unread = store.list_notifications("tenant-a", 100, False)
+        assert unread == len(jobs) == len(notes)
+        for k, job in enumerate(jobs):
+            per_job = [r[k] for r in results]
+            [won] = [r for r in per_job if isinstance(r, Job)]
+            assert sum(isinstance(r, Conflict) for r in per_job) == len(ends) - 1
+            [note] = [n for n in notes if n.job_id == job.job_id]
+            message = "" if won.status is JobStatus.COMPLETED else won.error_message
+            assert (note.final_status, note.error_message) == (won.status, message)
+            terminal = {EVENT_FOR_STATUS[s] for s in ends}
+            assert [k for _, k in kinds(store, job) if k in terminal] == [
+                EVENT_FOR_STATUS[won.status]]
+
+    def test_notifications_newest_first_with_limit_unread_and_ack(self, store: JobStore) -> None:
+        ends = [JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.COMPLETED]
+        jobs = []
+        for status in ends:
+            jobs.append(self._finish(store, status))
+            time.sleep(0.002)  # distinct times on every store clock
+        self._finish(store, JobStatus.FAILED, "tenant-b")
+        notes, unread = store.list_notifications("tenant-a", 10, False)
+        assert [n.job_id for n in notes] == [j.job_id for j in reversed(jobs)]
+        assert [n.final_status for n in notes] == list(reversed(ends))
+        assert unread == 4 and not any(n.is_read for n in notes)
+        times = [n.occurred_at for n in notes]
+        assert times == sorted(times, reverse=True) and len(set(times)) == 4
+        assert store.list_notifications("tenant-a", 2, False) == (notes[:2], 4)
+        store.ack_notification("tenant-a", notes[1].notification_id)
+        store.ack_notification("tenant-a", notes[1].notification_id)  # again: no change
+        after, unread = store.list_notifications("tenant-a", 10, False)
+        assert unread == 3
+        assert after == [dataclasses.replace(n, is_read=i == 1) for i, n in enumerate(notes)]
+        assert store.list_notifications("tenant-a", 10, True) == (
+            [notes[0], notes[2], notes[3]], 3)
+        assert store.list_notifications("tenant-a", 2, True) == ([notes[0], notes[2]], 3)
+        for n in notes:
+            store.ack_notification("tenant-a", n.notification_id)
+        assert store.list_notifications("tenant-a", 10, True) == ([], 0)
+        assert [n.is_read for n in store.list_notifications("tenant-a", 10, False)[0]] == [
+            True] * 4
+        assert store.list_notifications("tenant-b", 10, False)[1] == 1  # not touched
+
+    def test_notifications_are_the_tenants_own(self, store: JobStore) -> None:
+        mine = self._finish(store, JobStatus.COMPLETED)
+        [note], _ = store.list_notifications("tenant-a", 10, False)
+        assert note.job_id == mine.job_id
+        assert store.list_notifications("tenant-b", 10, False) == ([], 0)
+        assert store.list_notifications("tenant-b", 10, True) == ([], 0)
+        for tenant, notification_id in (("tenant-b", note.notification_id),
+                                        ("tenant-a", str(uuid.uuid4())), ("tenant-a", ""),
+                                        ("tenant-a", "x" * 2000)):  # fmt: skip
+            with pytest.raises(NotFound):
+                store.ack_notification(tenant, notification_id)
+        assert store.list_notifications("tenant-a", 10, False) == ([note], 1)
+
+    def test_delete_removes_the_jobs_notification(self, store: JobStore) -> None:
+        gone = self._finish(store, JobStatus.FAILED)
+        kept = self._finish(store, JobStatus.COMPLETED)
+        [note] = [n for n in store.list_notifications("tenant-a", 10, False)[0]
+                  if n.job_id == gone.job_id]  # fmt: skip
+        store.delete_job("tenant-a", gone.job_id)
+        notes, unread = store.list_notifications("tenant-a", 10, False)
+        assert [n.job_id for n in notes] == [kept.job_id] and unread == 1
+        with pytest.raises(NotFound):
+            store.ack_notification("tenant-a", note.notification_id)
+
+    def test_a_failed_update_notifies_nobody(self, store: JobStore) -> None:
+        job = self._running(store, self._create(store, make_job()))
+        end = JobPatch(status=JobStatus.COMPLETED)
+        with pytest.raises(LeaseLost):
+            store.update_job(job.job_id, Lease("w2", 1), end)
+        results = store.write_batch([
+            UpdateJob(job.job_id, Lease("w1", 9), end, "stale lease", job),
+            UpdateJob(job.job_id, job.lease, JobPatch(attempt=5, retry=True), "bad retry"),
+            UpdateJob(job.job_id, job.lease, JobPatch(status=JobStatus.PENDING), "backwards"),
+        ])  # fmt: skip
+        assert [type(r) for r in results] == [LeaseLost, Conflict, Conflict]
+        # Taken over: the old owner's copy and lease fail on the batch's fast path too.
+        assert store.release_leases([(job.job_id, job.lease)]) == 1
+        [taken] = store.claim_expired("w2", LONG_TTL, 10)
+        (lost,) = store.write_batch([UpdateJob(job.job_id, job.lease, end, "old owner", job)])
+        assert isinstance(lost, LeaseLost)
+        assert store.list_notifications("tenant-a", 10, False) == ([], 0)
+        assert store.get_job("tenant-a", job.job_id) == taken
+        done = store.update_job(job.job_id, taken.lease, JobPatch(status=JobStatus.CANCELLED))
+        (again,) = store.write_batch([UpdateJob(job.job_id, taken.lease, end, "late", taken)])
+        assert isinstance(again, Conflict)
+        notes, unread = store.list_notifications("tenant-a", 10, False)
+        assert [(n.job_id, n.final_status) for n in notes] == [(done.job_id,
+                                                                JobStatus.CANCELLED)]
+        assert unread == 1
+
+    def test_a_terminal_update_from_a_stale_copy_notifies_once(self, store: JobStore) -> None:
+        """The batch's fast path misses (the row changed since the copy) and the update
+        is made from the row read again: one notification, of that update."""
+        job = self._running(store, self._create(store, make_job()))
+        store.update_job(job.job_id, job.lease, JobPatch(error_message="meanwhile"))
+        (done,) = store.write_batch([UpdateJob(job.job_id, job.lease, JobPatch(
+            status=JobStatus.FAILED), "end", job)])  # fmt: skip
+        assert isinstance(done, Job) and done.status is JobStatus.FAILED
+        [note], unread = store.list_notifications("tenant-a", 10, False)
+        assert (note.job_id, note.final_status, note.error_message, unread) == (
+            job.job_id, JobStatus.FAILED, "meanwhile", 1)
 
     # --- membership ----------------------------------------------------------------------
 

@@ -212,7 +212,8 @@ def test_from_settings(tmp_path: Path) -> None:
     store = create_store(StoreSettings(kind="sqlite", env={"DB_PATH": str(path)}))
     try:
         assert isinstance(store, SQLiteStore) and path.parent.is_dir()
-        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
+        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql",
+                                 "0003_tasks_notifications.sql"]
     finally:
         store.close()
     assert isinstance(create_store(StoreSettings(kind="memory")), MemoryStore)
@@ -223,7 +224,8 @@ def test_postgres_from_settings(postgres_db_url: str) -> None:
     store = create_store(StoreSettings(kind="postgres", env={"DATABASE_URL": postgres_db_url}))
     try:
         assert isinstance(store, PostgresStore)
-        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql"]
+        assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql",
+                                 "0003_tasks_notifications.sql"]
         store.ping()
     finally:
         store.close()

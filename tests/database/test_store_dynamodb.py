@@ -393,3 +393,44 @@ def test_a_reservation_of_a_writer_that_died_expires(
     [(placed, ev)] = store.append_execution_events([detail(job, "x")])  # never committed
     assert (placed, ev.position) == (Placed.STORED, 2)
     assert 0.3 <= time.monotonic() - start < 5  # it waited the reservation out
+
+
+def test_a_terminal_update_and_its_notification_are_one_transaction(
+    open_dynamo: Callable[[], DynamoDBStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notification's items go in the transaction of the move into a terminal state;
+    a delete cut short before its sweep reached them is finished by the next delete."""
+    store = open_dynamo()
+    store.migrate()
+    job, _ = store.create_job(make_job(), 60)
+    calls: list[list[str]] = []
+    real = store._client.transact_write_items
+
+    def recording(**kwargs: Any) -> Any:
+        actions = [next(iter(a.values())) for a in kwargs["TransactItems"]]
+        calls.append([(a.get("Key") or a["Item"])["sk"]["S"].split("#")[0] for a in actions])
+        return real(**kwargs)
+
+    monkeypatch.setattr(store._client, "transact_write_items", recording)
+    store.update_job(job.job_id, job.lease, JobPatch(status=JobStatus.FAILED), "failed")
+    [call] = calls
+    assert sorted(call) == sorted(["JOB", "TR", "N", "U", "ID", "EV", "00000000000000000002",
+                                   "TENANT"])  # with the event's tenant copy and counter
+    assert store.list_notifications("tenant-a", 10, True)[1] == 1
+
+    real_delete = store._delete_notification
+
+    def cut_short(tenant_id: str, notification_id: str) -> None:
+        raise StoreUnavailable("the worker died here")
+
+    monkeypatch.setattr(store, "_delete_notification", cut_short)
+    with pytest.raises(StoreUnavailable):
+        store.delete_job("tenant-a", job.job_id)
+    assert store.list_notifications("tenant-a", 10, False)[1] == 1  # left behind
+    monkeypatch.setattr(store, "_delete_notification", real_delete)
+    with pytest.raises(NotFound):
+        store.delete_job("tenant-a", job.job_id)
+    assert store.list_notifications("tenant-a", 10, False) == ([], 0)
+    left = store._client.query(TableName=store.table, KeyConditionExpression="pk = :pk",
+                               ExpressionAttributeValues={":pk": {"S": "NOTE#tenant-a"}})
+    assert left["Items"] == []

@@ -37,6 +37,9 @@ from tests.fixtures.spanner import (
 )
 from tests.helpers import free_port
 
+FILES = ["0001_init.sql", "0002_events_v2.sql", "0003_legacy_preferred_worker.sql",
+         "0004_tasks_notifications.sql"]
+
 
 def settings(emulator: SpannerEmulator, database: str) -> StoreSettings:
     return StoreSettings(kind="spanner", env={
@@ -77,8 +80,7 @@ class TestSpannerStore(ReopenableContract):
 
 def test_schema_interleaves_jobs_in_tenants(open_spanner: Callable[[], SpannerStore]) -> None:
     store = open_spanner()
-    assert store.migrate() == ["0001_init.sql", "0002_events_v2.sql",
-                              "0003_legacy_preferred_worker.sql"]
+    assert store.migrate() == FILES
     with store._db.snapshot() as snap:
         rows = snap.execute_sql(
             "SELECT table_name, parent_table_name, on_delete_action "
@@ -88,11 +90,11 @@ def test_schema_interleaves_jobs_in_tenants(open_spanner: Callable[[], SpannerSt
     assert tables["JobTransitions"] == ("Jobs", "CASCADE")
     assert tables["JobEvents"] == ("Jobs", "CASCADE")
     assert tables["JobOutput"] == ("Jobs", "CASCADE")
+    assert tables["Notifications"] == ("Tenants", "CASCADE")
     assert {"Tenants", "Workers", "SchemaMigrations"} <= set(tables)
     with store._db.snapshot() as snap:
         names = [r[0] for r in snap.execute_sql("SELECT name FROM SchemaMigrations ORDER BY name")]
-    assert names == ["0001_init.sql", "0002_events_v2.sql", V1_DONE,
-                     "0003_legacy_preferred_worker.sql"]
+    assert names == sorted([*FILES, V1_DONE])
 
 
 def test_concurrent_migrators_apply_the_schema_once(
@@ -101,8 +103,7 @@ def test_concurrent_migrators_apply_the_schema_once(
     handles = [open_spanner() for _ in range(3)]
     results = run_threads(3, lambda i: handles[i].migrate())
     # Each file once, though not necessarily both by the same migrator.
-    assert sorted(name for names in results for name in names) == [
-        "0001_init.sql", "0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
+    assert sorted(name for names in results for name in names) == FILES
     job, created = handles[0].create_job(make_job(), 30)
     assert created and handles[1].get_job(job.tenant_id, job.job_id) == job
 
@@ -149,6 +150,7 @@ def test_close_is_prompt_and_idempotent(open_spanner: Callable[[], SpannerStore]
 
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 LEASE_1 = 1 << 32  # v1 numbered events in blocks of 2**32 per lease version
+V2_JOB_COLUMNS = {"tasks"}
 V1_EVENT_COLUMNS = ("tenant_id", "job_id", "seq", "kind", "status", "message", "output",
                     "created_at", "worker_id")  # fmt: skip
 
@@ -187,9 +189,11 @@ def _v1_database(store: SpannerStore) -> None:
 
     def write(tx: Any, now: datetime) -> None:
         tx.insert("Tenants", ("tenant_id", "created_at"), [("tenant-a", T0), ("tenant-b", T0)])
-        # v1 also wrote the column that is now legacy (NOT NULL until 0003).
-        tx.insert("Jobs", (*spanner._COLS, *_common.LEGACY_JOB_COLUMNS),
-                  [(*spanner._job_values(j), "") for j in jobs])
+        # v1 also wrote the column that is now legacy (NOT NULL until 0003), and not the
+        # columns added since.
+        cols = [col for col in spanner._COLS if col not in V2_JOB_COLUMNS]
+        tx.insert("Jobs", (*cols, *_common.LEGACY_JOB_COLUMNS),
+                  [(*(spanner._job_row(j)[col] for col in cols), "") for j in jobs])
         tx.insert("JobEvents", V1_EVENT_COLUMNS, events)
 
     store._run(write)
@@ -252,7 +256,7 @@ def _assert_v2_writes_follow(store: SpannerStore) -> None:
 def test_migrate_numbers_the_events_v1_left(open_spanner: Callable[[], SpannerStore]) -> None:
     store = open_spanner()
     _v1_database(store)
-    assert store.migrate() == ["0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
+    assert store.migrate() == FILES[1:]
     every = _assert_upgraded(store)
     # One transaction: v1's tenant order exactly (time, then job id, then seq).
     assert [(e.job_id, e.seq) for e in every] == [
@@ -313,7 +317,6 @@ def test_concurrent_migrators_number_the_v1_events_once(
     monkeypatch.setattr(spanner, "_UPGRADE_CHUNK", 2)
     handles = [open_spanner() for _ in range(3)]
     results = run_threads(3, lambda i: handles[i].migrate())
-    assert sorted(name for names in results for name in names) == [
-        "0002_events_v2.sql", "0003_legacy_preferred_worker.sql"]
+    assert sorted(name for names in results for name in names) == FILES[1:]
     _assert_upgraded(store)
     _assert_v2_writes_follow(store)

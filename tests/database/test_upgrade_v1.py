@@ -58,7 +58,9 @@ def upgrade(home: Path, store_env: dict[str, str]) -> None:
     """The runbook's procedure, with every v1 worker stopped: migrate the store, deliver
     every v1 log on this host, then start v2 workers."""
     out = migrate_cli(store_env)
-    assert "applied 1 migration(s)" in out and "0002_events_v2.sql" in out
+    since_v1 = [m.name for m in dialect_migrations(store_env["DB_PROVIDER"])][1:]
+    assert f"applied {len(since_v1)} migration(s)" in out
+    assert all(name in out for name in since_v1) and "0002_events_v2.sql" in since_v1
     out = jennah({**store_env, "WAL_DIR": str(home / "wal"),
                   "ARCHIVE_DIR": str(home / "archive")}, "wal", "import-v1")  # fmt: skip
     # 4 logs; 5 undelivered events (job 2: 3, job 3: 1, job 4: 1), none stored before.
@@ -99,7 +101,16 @@ def snapshot(store: JobStore) -> dict[str, list[tuple[int, int, str, str, str]]]
                 for e in store.list_events(tenant(j), j, 0, 1000)] for j in EXPECTED}
 
 
-def check(home: Path, store_env: dict[str, str]) -> None:
+def active_jobs(store_env: dict[str, str]) -> set[str]:
+    """The jobs v1 left unfinished."""
+    store = create_store(settings(store_env))
+    try:
+        return {j for j in EXPECTED if not store.get_job(tenant(j), j).status.terminal}
+    finally:
+        store.close()
+
+
+def check(home: Path, store_env: dict[str, str], active: set[str]) -> None:
     # The v1 logs were delivered and archived: no <job>.<attempt>.wal is left.
     left = [p.name for p in (home / "wal").rglob("*.wal") if p.name.count(".") == 2]
     assert left == [], left
@@ -113,6 +124,11 @@ def check(home: Path, store_env: dict[str, str]) -> None:
             assert head == [(e["kind"], e["message"], e["output"]) for e in v1_events], job_id
         problems = check_jobs(store, [(tenant(j), j) for j in EXPECTED])
         assert problems == [], "\n".join(problems)
+        # The upgraded store notifies of the jobs finished since (none for those v1
+        # finished: notifications did not exist then).
+        notified = {n.job_id for t in set(TENANT_OF.values()) | {"acme"}
+                    for n in store.list_notifications(t, 100, False)[0]}  # fmt: skip
+        assert active and notified == active
         before = snapshot(store)
     finally:
         store.close()
@@ -138,6 +154,7 @@ def test_a_v1_sqlite_store_and_wal_upgrade_without_losing_an_event(home: Path) -
     shutil.copyfile(FIXTURE / "jennah.db", db)
     store_env = {"DB_PROVIDER": "sqlite", "DB_PATH": str(db)}
     upgrade(home, store_env)
+    active = active_jobs(store_env)
     store = create_store(settings(store_env))
     try:  # the delivered v1 events, renumbered: gapless, with positions and offsets
         events = store.list_events("beta", "00000000-0000-4000-8000-000000000003", 0, 100)
@@ -150,7 +167,7 @@ def test_a_v1_sqlite_store_and_wal_upgrade_without_losing_an_event(home: Path) -
     finally:
         store.close()
     run_workers(home, store_env)
-    check(home, store_env)
+    check(home, store_env, active)
 
 
 def _load_v1_rows_into_postgres(url: str) -> None:
@@ -188,8 +205,9 @@ def test_a_v1_postgres_store_and_wal_upgrade_without_losing_an_event(
     _load_v1_rows_into_postgres(postgres_db_url)
     store_env = {"DB_PROVIDER": "postgres", "DATABASE_URL": postgres_db_url}
     upgrade(home, store_env)
+    active = active_jobs(store_env)
     run_workers(home, store_env)
-    check(home, store_env)
+    check(home, store_env, active)
 
 
 @pytest.fixture(autouse=True)
