@@ -19,6 +19,13 @@ directory without ``spec.json`` is an unknown job.
 **Messages** (status messages, errors) carry ids and reasons, never a path: the
 ``OSError`` text of a failure, which names its file, stays out of them.
 
+**Jobs of several tasks** (``spec.task_count`` > 1): the same directory and runner run
+every task (``providers/local_runner.py``: ``tasks.log``, ``tasks/``), at most
+``spec.parallelism`` at a time (``DEFAULT_TASK_PARALLELISM`` for 0); :class:`TaskLog` folds
+the log into task states, and docs/providers.md ("Local and dry providers") gives the
+rules: the job-level rows before ``providers.tasks.status_from_tasks``, how a task's end
+is classified, retries, cancel.
+
 **Runtimes**: ``spec.commands`` run directly on the host as argv. A container engine
 (docker or podman, usable only when ``<engine> info`` succeeds) is used when the job has
 the label ``local-runtime: container``, or has no commands (run the image's default).
@@ -36,16 +43,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
-from jennah.models import RESOURCE_PROFILES, FailureClass, JobStatus
+from jennah.models import RESOURCE_PROFILES, FailureClass, JobStatus, TaskState, TaskStatus
 from jennah.settings import Env, ProviderSettings
+from jennah.tasks import cancel_remaining
 from providers import local_runner as r
 from providers.base import Capabilities, OutputChunk, ProviderStatus, ProviderTask
+from providers.tasks import status_from_tasks
 
 AUTO = "auto"
 RUNTIME_LABEL = "local-runtime"
@@ -57,6 +67,25 @@ LAUNCH_GRACE_SECONDS = 10.0
 LAUNCHED = "launched_at"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 PREFIX = "local:"
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# How many tasks of a job run at a time when the job sets no parallelism (0): this
+# machine's share, four per CPU it may use and at least 8. "No limit" taken literally
+# would start 10,000 processes at once on a laptop, exhausting its memory or process
+# limit; tasks are usually I/O-bound enough for a few per core to pay. A parallelism the
+# job does set is honoured exactly, above this number too.
+DEFAULT_TASK_PARALLELISM = max(8, 4 * _cpus())
+# Jobs whose folded ``tasks.log`` a provider keeps (the active ones a worker polls).
+TASK_LOG_CACHE = 1024
+# Task counts of job directories a provider has read (immutable once written).
+TASK_COUNT_CACHE = 100_000
 log = logging.getLogger("jennah.providers.local")
 
 
@@ -164,8 +193,11 @@ def detect_container_engine(
 
 
 def _jennah_env(task: ProviderTask) -> dict[str, str]:
+    """Jennah's variables; the runner sets ``JENNAH_TASK_INDEX`` of each task of a job of
+    several tasks over the 0 of a plain job."""
     return {"JENNAH_JOB_ID": task.job_id, "JENNAH_ATTEMPT": str(task.attempt),
-            "JENNAH_TENANT_ID": task.tenant_id, "JENNAH_PROVIDER_JOB_ID": task.provider_job_id}
+            "JENNAH_TENANT_ID": task.tenant_id, "JENNAH_PROVIDER_JOB_ID": task.provider_job_id,
+            "JENNAH_TASK_INDEX": "0", "JENNAH_TASK_COUNT": str(max(task.spec.task_count, 1))}
 
 
 def _time(path: Path) -> datetime | None:
@@ -174,6 +206,77 @@ def _time(path: Path) -> datetime | None:
         return datetime.fromisoformat(text) if text else None
     except ValueError:
         return None
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+_OUTCOMES = {r.TASK_SUCCEEDED: TaskStatus.SUCCEEDED, r.TASK_FAILED: TaskStatus.FAILED,
+             r.TASK_CANCELLED: TaskStatus.CANCELLED}
+
+
+@dataclass
+class TaskLog:
+    """A job's ``tasks.log`` (``providers/local_runner.py``) folded into task states, and
+    read on from ``offset`` as the runner appends to it, so a poll costs the new lines
+    only. ``groups``: the process group (leader pid, leader start time) of each task the
+    log says is running."""
+
+    offset: int = 0
+    tasks: dict[int, TaskState] = field(default_factory=dict)
+    groups: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The last status made from it, and what it was made from.
+    status: tuple[object, ProviderStatus] | None = None
+
+    def read(self, path: Path) -> TaskLog:
+        """This log with the complete lines added since the last read. The runner only
+        appends; a file shorter than what was read is another one, read from its start."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                folded = self if size >= self.offset else TaskLog()
+                if size > folded.offset:
+                    f.seek(folded.offset)
+                    data = f.read(size - folded.offset)
+                    end = data.rfind(b"\n") + 1  # a line being written: the next read
+                    folded.fold(data[:end].decode(errors="replace"))
+                    folded.offset += end
+        except FileNotFoundError:
+            return self  # not started yet
+        return folded
+
+    def fold(self, text: str) -> None:
+        for line in text.splitlines():
+            try:
+                self._line(line.split(" ", 7))
+            except (IndexError, ValueError):
+                log.warning("local: ignored a malformed tasks.log line %r", line[:200])
+
+    def _line(self, f: list[str]) -> None:
+        index, attempt, at = int(f[1]), int(f[2]), _from_ms(int(f[3]))
+        if f[0] == "S":
+            self.tasks[index] = TaskState(index, TaskStatus.RUNNING, attempt=attempt,
+                                          started_at=at)
+            self.groups[index] = (int(f[4]), int(f[5]))
+            return
+        code, outcome, failure = int(f[4]), f[5], f[6]
+        why = f[7] if len(f) > 7 else ""
+        self.groups.pop(index, None)
+        before = self.tasks.get(index)
+        started = (before.started_at if before is not None and before.attempt == attempt
+                   and before.status is TaskStatus.RUNNING else at)  # no S: could not start
+        failure_class = None if failure == "-" else FailureClass(failure)
+        if outcome == r.TASK_RETRIED:
+            self.tasks[index] = TaskState(index, TaskStatus.PENDING, exit_code=code,
+                                          attempt=attempt + 1, error_message=f"retried: {why}")
+            return
+        self.tasks[index] = TaskState(
+            index, _OUTCOMES[outcome], exit_code=code, attempt=attempt, started_at=started,
+            completed_at=at, error_message=why, failure_class=failure_class)
+
+    def snapshot(self) -> tuple[TaskState, ...]:
+        return tuple(self.tasks[i] for i in sorted(self.tasks))
 
 
 class _Reaper:
@@ -245,6 +348,9 @@ class LocalProvider:
         self.python = python
         self._engine = container_engine
         self._engine_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._task_logs: OrderedDict[Path, TaskLog] = OrderedDict()
+        self._task_counts: OrderedDict[Path, int] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> LocalProvider:
@@ -276,13 +382,19 @@ class LocalProvider:
             argv, runtime = container_argv(engine, task), "container"
         else:
             argv, runtime = list(spec.commands), "native"
-        return {
+        fields: dict[str, object] = {
             "provider_job_id": task.provider_job_id, "job_id": task.job_id,
             "tenant_id": task.tenant_id, "attempt": task.attempt, "image_uri": spec.image_uri,
             "runtime": runtime, "argv": argv, "env": dict(spec.env_vars),
             "jennah_env": _jennah_env(task),
             "max_run_seconds": spec.resource_override.max_run_duration_seconds,
         }
+        if spec.is_array:
+            fields.update(task_count=spec.task_count, max_retries=spec.max_retries,
+                          parallelism=spec.parallelism or DEFAULT_TASK_PARALLELISM)
+            if runtime == "container":  # one container per task, each named for its task
+                fields["task_name_at"] = argv.index("--name") + 1
+        return fields
 
     def submit(self, task: ProviderTask) -> str:
         """Create the job directory (``mkdir`` is the atomic "create if absent") and
@@ -361,8 +473,12 @@ class LocalProvider:
         state, raw, failure = map_state(obs)
         if state is None:
             return ProviderStatus(None, raw, message="unknown job")
-        if raw == "LOST":
-            self._signal_group(job_dir, signal.SIGKILL)  # never leave a lost execution running
+        task_count = self._task_count(job_dir)
+        if raw == "LOST":  # never leave a lost execution running
+            if task_count > 1:
+                self._signal_tasks(job_dir, signal.SIGKILL)
+            else:
+                self._signal_group(job_dir, signal.SIGKILL)
         elif raw == "QUEUED" and self._needs_launch(job_dir):
             # Launched, yet no runner claimed the job within the grace and none is alive
             # (the worker that launched it died with it, e.g. its container was killed):
@@ -371,6 +487,8 @@ class LocalProvider:
             self._launch(job_dir)
             log.info("local: relaunched the runner of %s (the first never started it)",
                      job_dir.name)
+        if task_count > 1:
+            return self._tasks_status(job_dir, task_count, obs, raw)
         completed_at = _time(job_dir / r.COMPLETED)
         if state is JobStatus.CANCELLED and completed_at is None:
             completed_at = _time(job_dir / r.CANCELLED)
@@ -379,6 +497,109 @@ class LocalProvider:
             message=_message(raw, obs.exit_code), started_at=_time(job_dir / r.STARTED),
             completed_at=completed_at,
         )
+
+    # --- jobs of several tasks --------------------------------------------------------------
+
+    def _task_count(self, job_dir: Path) -> int:
+        """The job's task count, from its ``spec.json`` (read once: it never changes)."""
+        with self._cache_lock:
+            known = self._task_counts.get(job_dir)
+        if known is not None:
+            return known
+        try:
+            count = int(json.loads((job_dir / r.SPEC).read_text()).get("task_count") or 1)
+        except (FileNotFoundError, ValueError, AttributeError):
+            return 1  # no spec yet, or not ours: read again next time
+        with self._cache_lock:
+            self._task_counts[job_dir] = count
+            if len(self._task_counts) > TASK_COUNT_CACHE:
+                self._task_counts.popitem(last=False)
+        return count
+
+    def _task_log(self, job_dir: Path) -> TaskLog:
+        """The job's ``tasks.log``, folded up to its end. Call with ``_cache_lock`` held."""
+        folded = self._task_logs.pop(job_dir, None) or TaskLog()
+        folded = folded.read(job_dir / r.TASKS_LOG)
+        self._task_logs[job_dir] = folded  # the most recently used last
+        if len(self._task_logs) > TASK_LOG_CACHE:
+            self._task_logs.popitem(last=False)
+        return folded
+
+    def _tasks_status(
+        self, job_dir: Path, task_count: int, obs: Observation, raw: str
+    ) -> ProviderStatus:
+        """The status of a job of several tasks, from its tasks
+        (:func:`providers.tasks.status_from_tasks`), with the job-level rows of
+        :func:`map_state` first: a cancelled job is CANCELLED, every task not finished
+        counted as cancelled; a lost runner fails the job as ``infrastructure``, its
+        running tasks with it. A job whose tasks have all ended stays RUNNING (raw
+        ``ENDING``) until the runner has recorded the job's end, which it does once no
+        process of the job is left. The status is kept until the log or the job changes:
+        10,000 tasks are not folded and counted again at every poll."""
+        with self._cache_lock:
+            folded = self._task_log(job_dir)
+            key = (folded.offset, raw, obs.exit_code)
+            if folded.status is not None and folded.status[0] == key:
+                return folded.status[1]
+            tasks = folded.snapshot()
+            st = self._tasks_state(job_dir, task_count, tasks, raw, obs.exit_code is not None)
+            folded.status = (key, st)
+            return st
+
+    def _tasks_state(
+        self, job_dir: Path, task_count: int, tasks: tuple[TaskState, ...], raw: str,
+        finished: bool,
+    ) -> ProviderStatus:
+        if raw in ("CANCELLED", "CANCELLING"):
+            at = (_time(job_dir / r.COMPLETED) or _time(job_dir / r.CANCELLED)
+                  or datetime.now(UTC))
+            st = status_from_tasks(task_count, cancel_remaining(task_count, tasks, at),
+                                   raw_state=raw)
+            return replace(st, state=JobStatus.CANCELLED, exit_code=None, failure_class=None,
+                           message=_message(raw, None), completed_at=at)
+        if raw == "LOST":
+            why = _message(raw, None)
+            lost = [replace(t, status=TaskStatus.FAILED, error_message=why,
+                            failure_class=FailureClass.INFRASTRUCTURE)
+                    if t.status is TaskStatus.RUNNING else t for t in tasks]
+            st = status_from_tasks(task_count, lost, raw_state=raw)
+            return replace(st, state=JobStatus.FAILED, exit_code=None, message=why,
+                           failure_class=FailureClass.INFRASTRUCTURE, completed_at=None)
+        if finished:  # a task that never started never will (the job was stopped)
+            at = _time(job_dir / r.COMPLETED) or datetime.now(UTC)
+            return status_from_tasks(task_count, cancel_remaining(task_count, tasks, at))
+        st = status_from_tasks(task_count, tasks, raw_state="QUEUED" if raw == "QUEUED" else "")
+        if st.state is not None and st.state.terminal:
+            return replace(st, state=JobStatus.RUNNING, raw_state="ENDING", exit_code=None,
+                           failure_class=None, message="", completed_at=None)
+        return st
+
+    def _signal_tasks(self, job_dir: Path, sig: int) -> bool:
+        """Signal the process group of every task the log says is running, each only while
+        its leader is provably the task's (same pid and start time); True if any was."""
+        if (job_dir / r.EXIT_CODE).exists():
+            return False
+        with self._cache_lock:
+            groups = list(self._task_log(job_dir).groups.values())
+        sent = False
+        for pgid, start in groups:
+            stat = r.proc_stat(pgid)
+            if stat is None or stat.start != start:
+                continue
+            try:
+                os.killpg(pgid, sig)
+                sent = True
+            except ProcessLookupError:
+                pass
+        return sent
+
+    def _tasks_running(self, job_dir: Path) -> bool:
+        if (job_dir / r.EXIT_CODE).exists():
+            return False
+        with self._cache_lock:
+            groups = list(self._task_log(job_dir).groups.values())
+        return any((stat := r.proc_stat(pgid)) is not None and stat.start == start
+                   and stat.state != "Z" for pgid, start in groups)
 
     # --- cancel --------------------------------------------------------------------------
 
@@ -426,35 +647,53 @@ class LocalProvider:
         try:
             if not (job_dir / r.CANCELLED).exists():
                 r.write_atomic(job_dir / r.CANCELLED, r.now_iso())
-            # The runner looks for the marker after writing the pid, so a job starting
-            # right now is stopped by one side or the other.
-            if not self._signal_group(job_dir, signal.SIGTERM):
+            # The runner looks for the marker after writing the pid (or a task's start),
+            # so a job starting right now is stopped by one side or the other.
+            if self._task_count(job_dir) > 1:
+                signal_, running = self._signal_tasks, self._tasks_running
+            else:
+                signal_, running = self._signal_group, self._group_running
+            if not signal_(job_dir, signal.SIGTERM):
                 return
             deadline = time.monotonic() + CANCEL_GRACE_SECONDS
             while time.monotonic() < deadline:
-                if not self._group_running(job_dir):
+                if not running(job_dir):
                     return
                 time.sleep(0.02)
-            self._signal_group(job_dir, signal.SIGKILL)
+            signal_(job_dir, signal.SIGKILL)
         except OSError as exc:
             why = f"local provider cannot cancel {job_dir.name}: {_reason(exc)}"
             raise ProviderUnavailable(why) from exc
 
     # --- output --------------------------------------------------------------------------
 
-    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
-        """New stdout/stderr text after the byte ``offsets``: whole lines only until the
-        job has finished, at most ``OUTPUT_CAP`` bytes per stream, invalid UTF-8 replaced."""
+    def read_output(
+        self, resource_path: str, offsets: tuple[int, int], task_index: int = 0
+    ) -> OutputChunk:
+        """New stdout/stderr text of task ``task_index`` (a plain job's one task is 0)
+        after the byte ``offsets``: whole lines only until the task has finished, at most
+        ``OUTPUT_CAP`` bytes per stream, invalid UTF-8 replaced. A task the job does not
+        have has no output."""
         job_dir = self.directory_of(resource_path)
         if job_dir is None:
             return OutputChunk(offsets=offsets)
         try:
             obs = observe(job_dir)  # before reading: once final, the files no longer grow
+            task_count = self._task_count(job_dir) if obs.known else 1
+            if not 0 <= task_index < task_count:
+                return OutputChunk(offsets=offsets)
             state, _, _ = map_state(obs)
             final = obs.exit_code is not None or (state is not None and state.terminal
                                                   and not obs.runner_alive)
-            out, out_end = read_lines(job_dir / r.STDOUT, offsets[0], final)
-            err, err_end = read_lines(job_dir / r.STDERR, offsets[1], final)
+            stdout, stderr = job_dir / r.STDOUT, job_dir / r.STDERR
+            if task_count > 1:
+                stdout, stderr = r.task_output(job_dir, task_index)
+                if not final:
+                    with self._cache_lock:
+                        task = self._task_log(job_dir).tasks.get(task_index)
+                    final = task is not None and task.status.terminal
+            out, out_end = read_lines(stdout, offsets[0], final)
+            err, err_end = read_lines(stderr, offsets[1], final)
         except OSError as exc:
             why = f"local provider cannot read the output of {job_dir.name}: {_reason(exc)}"
             raise ProviderUnavailable(why) from exc

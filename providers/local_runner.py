@@ -53,14 +53,51 @@ the runner's children.
 
 The runner blocks SIGCHLD and SIGTERM and takes them with ``sigtimedwait``; the job starts
 with an empty signal mask.
+
+**Jobs of several tasks** (``task_count`` > 1 in ``spec.json``): the same runner (one per
+job, under the same lock and claim) starts every task itself with ``posix_spawn``, so a
+task costs one process start, not an interpreter. At most ``parallelism`` tasks run at a
+time (the provider writes the effective number); each is the leader of its own session,
+sees ``JENNAH_TASK_INDEX`` and ``JENNAH_TASK_COUNT``, and writes
+``tasks/<index>.stdout`` and ``tasks/<index>.stderr`` (all its attempts, appended); the
+tasks share ``work/``. There is no ``pid`` file: the starts and ends are lines of
+``tasks.log``, appended whole, which the provider folds into task states:
+
+* ``S <index> <attempt> <epoch ms> <pid> <starttime>``: an attempt started (its leader,
+  whose pid is the task's process group id, and the leader's ``/proc`` start time, 0 if
+  it had already ended when the line was written, at the runner's next wake);
+* ``E <index> <attempt> <epoch ms> <exit code> <outcome> <failure class|-> <message>``:
+  it ended; the outcome is ``S`` succeeded, ``F`` failed, ``C`` cancelled, or ``R``
+  failed and will be run again as attempt + 1 (an ``E`` line without its ``S``: the
+  attempt could not start).
+
+How an attempt's end is classified, first match: the job is cancelled: ``C``; the runner
+was told to stop (SIGTERM): ``infrastructure``; the task ran for its maximum run
+duration (counted per task): ``timeout``; exit 0: ``S``; ended by SIGKILL or SIGTERM
+that the runner did not send (the OOM killer, an operator): ``infrastructure``, which is
+retried, like a preempted VM; any other exit or signal: ``user_error``. A command that
+cannot be found or run is ``user_error`` (127, 126); a host out of processes or memory
+at the start is ``infrastructure``. A failure of a retryable class is run again, at once,
+while the attempt is below ``max_retries``; other tasks go on whatever one task does.
+
+When a task's leader exits, the rest of its process group is killed with it (SIGKILL,
+before the leader is reaped, so the group id cannot have been reused). A process that
+left its task's group is still the job's: it is killed when the job is stopped, and at
+the job's end, when the runner kills every descendant left as for a single task. A task
+that reaches its maximum run duration gets SIGTERM to its group, SIGKILL after
+``STOP_GRACE_SECONDS``. Stopping the job (cancelled, SIGTERM) starts no more tasks and
+signals every descendant, as above. The ``exit_code`` the runner writes at the end is 0
+when every task succeeded, else 1: the tasks' own codes are in ``tasks.log``.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
 import fcntl
+import heapq
 import json
 import math
 import os
@@ -70,7 +107,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,6 +144,20 @@ POLL_SECONDS = 0.25
 KILL_ALL_SECONDS = 5.0
 # What wakes the runner: a child changed state, or it is told to stop the job.
 _WAKE = frozenset({signal.SIGCHLD, signal.SIGTERM})
+# --- jobs of several tasks (module docstring) ---
+TASKS_LOG = "tasks.log"
+TASKS_DIR = "tasks"
+# How an attempt ended, in ``tasks.log``.
+TASK_SUCCEEDED, TASK_FAILED, TASK_CANCELLED, TASK_RETRIED = "S", "F", "C", "R"
+# Failure classes, spelled as ``jennah.models.FailureClass`` (the runner imports only the
+# standard library), and those retried (``FailureClass.retryable``).
+USER_ERROR, INFRASTRUCTURE, TIMEOUT = "user_error", "infrastructure", "timeout"
+RETRYABLE = frozenset({INFRASTRUCTURE})
+# Signals that, when the runner did not send them, end a task from outside (the kernel's
+# OOM killer, an operator, a host shutdown): the local counterpart of a preempted VM.
+OUTSIDE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM})
+# While stopping every task: the pause between two SIGKILL rounds after the grace.
+KILL_ROUND_SECONDS = 0.1
 
 
 def now_iso() -> str:
@@ -249,18 +301,28 @@ def _become_subreaper() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _spawn(argv: list[str], env: Mapping[str, str], job_dir: Path) -> int:
-    """Start the job as the leader of a new session, output to the job's files."""
-    exe: str | None = argv[0]
-    if "/" not in argv[0]:
-        exe = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+def _executable(argv0: str, env: Mapping[str, str]) -> str:
+    """The file ``argv0`` names, looked up in the job's ``PATH`` as a shell would."""
+    exe: str | None = argv0
+    if "/" not in argv0:
+        exe = shutil.which(argv0, path=env.get("PATH", os.defpath))
     if exe is None:
-        raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
+        raise FileNotFoundError(errno.ENOENT, "command not found", argv0)
+    return exe
+
+
+def _spawn(
+    argv: list[str], env: Mapping[str, str], stdout: Path | str, stderr: Path | str,
+    exe: str | None = None,
+) -> int:
+    """Start ``argv`` as the leader of a new session, output appended to ``stdout`` and
+    ``stderr``."""
+    exe = exe or _executable(argv[0], env)
     append = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(job_dir / STDOUT), append, 0o600),
-        (os.POSIX_SPAWN_OPEN, 2, str(job_dir / STDERR), append, 0o600),
+        (os.POSIX_SPAWN_OPEN, 1, str(stdout), append, 0o600),
+        (os.POSIX_SPAWN_OPEN, 2, str(stderr), append, 0o600),
     ]
     # Python ignores SIGPIPE and SIGXFSZ, and the runner blocks _WAKE; a job must see the
     # defaults and an empty signal mask, as from a shell.
@@ -289,16 +351,16 @@ def _reap_orphans(leader: int) -> int | None:
             os.waitpid(info.si_pid, 0)
 
 
-def _signal_all(sig: int, leader: int) -> list[Proc]:
+def _signal_all(sig: int, keep: Container[int]) -> list[Proc]:
     """Send ``sig`` to every live descendant of the runner, and reap the zombie children but
-    the leader's (see :func:`_reap_orphans`). Returns the descendants found, zombies too,
-    but the leader's zombie."""
+    those in ``keep`` (leaders whose end is still to be recorded, see
+    :func:`_reap_orphans`). Returns the descendants found, zombies too, but those kept."""
     me = os.getpid()
     found = []
     for proc in descendants(me):
         if proc.state != "Z":
             signal_process(proc, sig)
-        elif proc.pid == leader:
+        elif proc.pid in keep:
             continue
         elif proc.ppid == me:
             with contextlib.suppress(ChildProcessError):
@@ -321,9 +383,9 @@ def _supervise(job_dir: Path, leader: int, max_run_seconds: float) -> int:
                 write_atomic(job_dir / TIMED_OUT, now_iso())
             if now >= deadline or told_to_stop or (job_dir / CANCELLED).exists():
                 stop_since = now
-                _signal_all(signal.SIGTERM, leader)
+                _signal_all(signal.SIGTERM, (leader,))
         elif now >= stop_since + STOP_GRACE_SECONDS:
-            _signal_all(signal.SIGKILL, leader)
+            _signal_all(signal.SIGKILL, (leader,))
         if stop_since is None:
             until = deadline
         elif now < stop_since + STOP_GRACE_SECONDS:
@@ -336,12 +398,12 @@ def _supervise(job_dir: Path, leader: int, max_run_seconds: float) -> int:
     return code
 
 
-def _kill_all(leader: int, timeout: float = KILL_ALL_SECONDS) -> bool:
-    """SIGKILL every descendant but the leader's zombie and reap them, until none is left
-    (True) or ``timeout`` has passed (False). Repeated because a process may fork, or an
-    orphan be re-parented to us, while the others are being killed."""
+def _kill_all(keep: Container[int], timeout: float = KILL_ALL_SECONDS) -> bool:
+    """SIGKILL every descendant but the zombies in ``keep`` and reap them, until none is
+    left (True) or ``timeout`` has passed (False). Repeated because a process may fork, or
+    an orphan be re-parented to us, while the others are being killed."""
     deadline = time.monotonic() + timeout
-    while _signal_all(signal.SIGKILL, leader):
+    while _signal_all(signal.SIGKILL, keep):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
@@ -364,6 +426,251 @@ def _finish(job_dir: Path, code: int) -> None:
     write_atomic(job_dir / EXIT_CODE, str(code), fsync=True)
 
 
+def _cannot_start(stderr: Path | str, argv0: str, exc: OSError) -> int:
+    """Tell the job why ``argv0`` could not start; return the shell's exit code for it."""
+    # The job's stderr reaches its tenant: the reason only, never a host path.
+    with open(stderr, "a") as f:
+        why = os.strerror(exc.errno) if exc.errno else "error"
+        f.write(f"jennah local runner: cannot start {argv0!r}: {why}\n")
+    return 127 if isinstance(exc, FileNotFoundError) else 126
+
+
+# --- jobs of several tasks ----------------------------------------------------------------
+
+
+def task_output(job_dir: Path, index: int) -> tuple[Path, Path]:
+    """The stdout and stderr files of task ``index``."""
+    return job_dir / TASKS_DIR / f"{index}.stdout", job_dir / TASKS_DIR / f"{index}.stderr"
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
+
+
+@dataclass(eq=False)
+class _Task:
+    """One running attempt of a task; its leader's pid is its key in ``_TaskSet.running``."""
+
+    index: int
+    attempt: int
+    pid: int
+    started_ms: int
+    timed_out: bool = False
+
+
+class _TaskSet:
+    """Runs the tasks of one job (module docstring, "Jobs of several tasks"): starts them
+    up to the parallelism, records each start and end in ``tasks.log``, retries a task
+    that failed for a retryable reason, and stops them all when told to."""
+
+    def __init__(self, job_dir: Path, spec: Mapping[str, Any], env: Mapping[str, str]) -> None:
+        self.job_dir = job_dir
+        self.count = int(spec["task_count"])
+        self.limit = int(spec.get("parallelism") or 0) or self.count
+        self.max_retries = int(spec.get("max_retries") or 0)
+        self.max_run = float(spec.get("max_run_seconds") or 0)
+        self.argv = [str(a) for a in spec["argv"]]
+        name_at = spec.get("task_name_at")
+        self.name_at = int(name_at) if name_at is not None else None
+        self.env = {**env, "JENNAH_TASK_COUNT": str(self.count)}
+        self.pending = collections.deque((i, 0) for i in range(self.count))
+        self.running: dict[int, _Task] = {}
+        self.unrecorded: list[_Task] = []  # started, no ``S`` line yet
+        # Per-task signals due: (when, sequence, pid, task, signal).
+        self.due: list[tuple[float, int, int, _Task, int]] = []
+        self.sequence = 0
+        # Why every task is being stopped ("cancelled" or "stopped"), since when, and the
+        # last SIGKILL round.
+        self.stop: str | None = None
+        self.stop_since = self.last_kill = 0.0
+        self.failed = False
+        self.lines: list[str] = []
+        self.exe: str | OSError
+        try:
+            self.exe = _executable(self.argv[0], self.env)
+        except OSError as exc:
+            self.exe = exc
+        (job_dir / TASKS_DIR).mkdir(mode=0o700, exist_ok=True)
+        self.outputs = f"{job_dir / TASKS_DIR}/"  # strings: no Path work per task
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        self.log = os.open(job_dir / TASKS_LOG, flags, 0o600)
+
+    def run(self) -> int:
+        """Run every task to its end; 0 when all succeeded, else 1 (the outcomes are in
+        ``tasks.log``)."""
+        told_to_stop = False
+        try:
+            while True:
+                ended = self._reap()
+                self._record_starts()
+                now = time.monotonic()
+                if self.stop is None and (told_to_stop or (self.job_dir / CANCELLED).exists()):
+                    self._stop_all(now)
+                for task, code, signo in ended:
+                    self._ended(task, code, signo)
+                if self.stop is None:
+                    self._start_more()
+                self._signal_due(now)
+                self._flush()
+                if not (self.pending or self.running):
+                    return 1 if self.failed else 0
+                woken = signal.sigtimedwait(_WAKE, self._wait(now))
+                told_to_stop |= woken is not None and woken.si_signo == signal.SIGTERM
+        finally:
+            self._flush()
+            os.close(self.log)
+
+    def _start_more(self) -> None:
+        while self.pending and len(self.running) < self.limit:
+            index, attempt = self.pending.popleft()
+            if not self._start(index, attempt):
+                return  # out of processes or memory: try again after a wake
+
+    def _start(self, index: int, attempt: int) -> bool:
+        """Start one attempt of task ``index``; False if the host is out of processes or
+        memory (the attempt is then recorded as a retryable failure)."""
+        stdout, stderr = f"{self.outputs}{index}.stdout", f"{self.outputs}{index}.stderr"
+        argv = self.argv
+        if self.name_at is not None:  # a container per task: distinct names
+            argv = [*argv]
+            argv[self.name_at] = f"{argv[self.name_at]}-{index}"
+        env = {**self.env, "JENNAH_TASK_INDEX": str(index)}
+        at = time.time_ns() // 1_000_000
+        try:
+            if isinstance(self.exe, OSError):
+                raise self.exe
+            pid = _spawn(argv, env, stdout, stderr, self.exe)
+        except OSError as exc:
+            code = _cannot_start(stderr, argv[0], exc)
+            host = exc.errno in (errno.EAGAIN, errno.ENOMEM)
+            why = f"cannot start: {os.strerror(exc.errno) if exc.errno else 'error'}"
+            self._record(index, attempt, code, INFRASTRUCTURE if host else USER_ERROR, why)
+            return not host
+        task = _Task(index, attempt, pid, at)
+        self.running[pid] = task
+        self.unrecorded.append(task)
+        if self.max_run > 0:
+            self._due(time.monotonic() + self.max_run, pid, task, signal.SIGTERM)
+        return True
+
+    def _record_starts(self) -> None:
+        """The ``S`` lines of the tasks started since the last call. Written one wake
+        after the start, not at once: the leader's ``/proc`` start time is read once it
+        runs, rather than while it is still being exec'd, when reading it stalls (a fifth
+        of a trivial task's cost). One that has already ended is recorded without it."""
+        for task in self.unrecorded:
+            stat = proc_stat(task.pid) if self.running.get(task.pid) is task else None
+            self.lines.append(f"S {task.index} {task.attempt} {task.started_ms} {task.pid} "
+                              f"{stat.start if stat else 0}\n")
+        self.unrecorded.clear()
+
+    def _reap(self) -> list[tuple[_Task, int, int]]:
+        """Reap every exited child; return the tasks whose leader exited, with the exit
+        code and the signal that ended it (0 if none)."""
+        ended = []
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is None:
+                break
+            task = self.running.pop(info.si_pid, None)
+            if task is not None:
+                # While the leader is unreaped its pid, the task's group id, cannot be
+                # reused: what is left of the group goes with it.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(info.si_pid, signal.SIGKILL)
+                killed = 0 if info.si_code == os.CLD_EXITED else info.si_status
+                ended.append((task, _exit_code(info), killed))
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
+        return ended
+
+    def _ended(self, task: _Task, code: int, signo: int) -> None:
+        """Record how an attempt ended (module docstring: its failure class)."""
+        if self.stop == "cancelled":
+            self._record(task.index, task.attempt, code, "", "cancelled", TASK_CANCELLED)
+        elif self.stop is not None:
+            self._record(task.index, task.attempt, code, INFRASTRUCTURE,
+                         "stopped with the local runner")
+        elif task.timed_out:
+            self._record(task.index, task.attempt, code, TIMEOUT,
+                         "killed after its maximum run duration")
+        elif code == 0:
+            self._record(task.index, task.attempt, 0, "", "", TASK_SUCCEEDED)
+        elif signo in OUTSIDE_SIGNALS:
+            self._record(task.index, task.attempt, code, INFRASTRUCTURE,
+                         f"killed by {_signal_name(signo)} from outside the task")
+        elif signo:
+            self._record(task.index, task.attempt, code, USER_ERROR,
+                         f"killed by {_signal_name(signo)}")
+        else:
+            self._record(task.index, task.attempt, code, USER_ERROR, f"exited with code {code}")
+
+    def _record(
+        self, index: int, attempt: int, code: int, failure: str, why: str,
+        outcome: str = TASK_FAILED,
+    ) -> None:
+        if outcome == TASK_FAILED:
+            if failure in RETRYABLE and self.stop is None and attempt < self.max_retries:
+                outcome = TASK_RETRIED
+                self.pending.appendleft((index, attempt + 1))
+            else:
+                self.failed = True
+        at = time.time_ns() // 1_000_000
+        why = " ".join(why.split())
+        self.lines.append(f"E {index} {attempt} {at} {code} {outcome} {failure or '-'} {why}\n")
+
+    def _stop_all(self, now: float) -> None:
+        """Stop every task: none starts any more, all get SIGTERM (SIGKILL after the grace,
+        in :meth:`_signal_due`)."""
+        self.stop = "cancelled" if (self.job_dir / CANCELLED).exists() else "stopped"
+        self.stop_since = now
+        self.pending.clear()
+        _signal_all(signal.SIGTERM, self.running)
+
+    def _due(self, when: float, pid: int, task: _Task, sig: int) -> None:
+        self.sequence += 1
+        heapq.heappush(self.due, (when, self.sequence, pid, task, sig))
+
+    def _signal_due(self, now: float) -> None:
+        """Send the signals that are due: a task's maximum run duration (SIGTERM to its
+        group, SIGKILL after the grace), and the SIGKILL rounds of a stop."""
+        while self.due and self.due[0][0] <= now:
+            _, _, pid, task, sig = heapq.heappop(self.due)
+            if self.running.get(pid) is not task:
+                continue  # ended (and its pid perhaps reused) in between
+            task.timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, sig)
+            if sig == signal.SIGTERM:
+                self._due(now + STOP_GRACE_SECONDS, pid, task, signal.SIGKILL)
+        if self.stop is not None and now >= max(self.stop_since + STOP_GRACE_SECONDS,
+                                                self.last_kill + KILL_ROUND_SECONDS):
+            self.last_kill = now
+            _signal_all(signal.SIGKILL, self.running)
+
+    def _wait(self, now: float) -> float:
+        until = self.due[0][0] if self.due else math.inf
+        if self.stop is not None:
+            until = min(until, max(self.stop_since + STOP_GRACE_SECONDS,
+                                   self.last_kill + KILL_ROUND_SECONDS))
+        return min(POLL_SECONDS, max(until - now, 0.005))
+
+    def _flush(self) -> None:
+        """Append the lines gathered since the last flush, in one write where it can."""
+        if not self.lines:
+            return
+        data = memoryview("".join(self.lines).encode())
+        self.lines.clear()
+        while data:
+            data = data[os.write(self.log, data) :]
+
+
 def run(job_dir: Path) -> int:
     """Run the job of ``job_dir`` once; 0 when the runner did its part (whatever the
     job's own exit code), which includes leaving a job to another runner."""
@@ -383,21 +690,24 @@ def run(job_dir: Path) -> int:
     workdir = job_dir / WORKDIR
     workdir.mkdir(mode=0o700, exist_ok=True)
     os.chdir(workdir)
+    if int(spec.get("task_count") or 1) > 1:
+        code = _TaskSet(job_dir, spec, job_env(spec, os.environ)).run()
+        _kill_all(())  # what left its task's group ends with the job
+        _finish(job_dir, code)
+        _reap_rest(1.0)
+        return 0
     try:
-        pid = _spawn(list(spec["argv"]), job_env(spec, os.environ), job_dir)
+        pid = _spawn(list(spec["argv"]), job_env(spec, os.environ), job_dir / STDOUT,
+                     job_dir / STDERR)
     except OSError as exc:
-        # The job's stderr reaches its tenant: the reason only, never a host path.
-        with open(job_dir / STDERR, "a") as f:
-            why = os.strerror(exc.errno) if exc.errno else "error"
-            f.write(f"jennah local runner: cannot start {spec['argv'][0]!r}: {why}\n")
-        _finish(job_dir, 127 if isinstance(exc, FileNotFoundError) else 126)
+        _finish(job_dir, _cannot_start(job_dir / STDERR, spec["argv"][0], exc))
         return 0
     stat = proc_stat(pid)
     # Written before the first look for ``cancelled``: a cancel that finds no pid yet
     # (and so signals nothing) is seen by the runner's loop instead.
     write_atomic(job_dir / PID, f"{pid} {stat.start if stat else 0}")
     code = _supervise(job_dir, pid, float(spec.get("max_run_seconds") or 0))
-    _kill_all(pid)  # the job ends with all of its processes
+    _kill_all((pid,))  # the job ends with all of its processes
     _finish(job_dir, code)
     os.waitpid(pid, 0)
     _reap_rest(1.0)  # anything _kill_all could not end in time

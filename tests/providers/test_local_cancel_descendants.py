@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from jennah.models import JobStatus, ResourceOverride
+from jennah.models import FailureClass, JobStatus, ResourceOverride, TaskStatus
 from providers import local_runner as r
 from providers.base import ProviderStatus
 from providers.local import PREFIX, LocalProvider
@@ -198,3 +198,88 @@ def test_the_job_starts_with_no_blocked_signal(provider: LocalProvider) -> None:
     path = provider.submit(make_task(["grep", "^SigBlk", "/proc/self/status"]))
     wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
     assert provider.read_output(path, (0, 0)).stdout.split() == ["SigBlk:", "0" * 16]
+
+
+# --- jobs of several tasks ----------------------------------------------------------------
+
+# Task i runs ``sleep $Bi`` as its leader's child and ``sleep $Ai`` out of its group and
+# session; a task whose marks are unset (task 3) would only sleep briefly.
+TASK_SCRIPT = ('eval "a=\\$A$JENNAH_TASK_INDEX; b=\\$B$JENNAH_TASK_INDEX"; '
+               'setsid sleep "${a:-1}" & sleep "${b:-1}"')
+
+
+def submit_array(
+    p: LocalProvider, script: str, task_count: int, parallelism: int, env: dict[str, str]
+) -> str:
+    task = make_task(["sh", "-c", script], env=env)
+    spec = dataclasses.replace(task.spec, task_count=task_count, parallelism=parallelism)
+    return p.submit(dataclasses.replace(task, spec=spec))
+
+
+def runner_ended(p: LocalProvider, path: str) -> ProviderStatus:
+    """The status of a job of several tasks once its runner has recorded its end."""
+    wait_until(lambda: (job_dir(p, path) / r.EXIT_CODE).exists(), 3)
+    return p.status([path])[path]
+
+
+def test_cancel_stops_every_task_and_every_descendant_of_each(
+    provider: LocalProvider, marks: Callable[[], str]
+) -> None:
+    a, b = [marks() for _ in range(3)], [marks() for _ in range(3)]
+    env = {**{f"A{i}": m for i, m in enumerate(a)}, **{f"B{i}": m for i, m in enumerate(b)}}
+    path = submit_array(provider, TASK_SCRIPT, 4, 3, env)  # task 3 waits for a place
+    for mark in (*a, *b):
+        wait_until(lambda m=mark: sleeping(m), 10)  # type: ignore[misc]
+    escaped = [pid for m in a for pid in sleeping(m)]
+    assert all(os.getsid(pid) == pid for pid in escaped)  # really out of their task's session
+    provider.cancel(path)
+    assert_all_gone(*a, *b)
+    st = runner_ended(provider, path)
+    assert (st.state, st.raw_state) == (JobStatus.CANCELLED, "CANCELLED")
+    tasks = {t.index: t for t in st.tasks or ()}
+    assert [(tasks[i].status, tasks[i].exit_code) for i in range(3)] == [
+        (TaskStatus.CANCELLED, 128 + signal.SIGTERM)] * 3
+    assert (tasks[3].status, tasks[3].started_at) == (TaskStatus.CANCELLED, None)  # never ran
+    assert "S 3 " not in (job_dir(provider, path) / r.TASKS_LOG).read_text()
+
+
+def test_a_tasks_group_ends_with_it_and_what_left_the_group_with_the_job(
+    provider: LocalProvider, marks: Callable[[], str], tmp_path: Path
+) -> None:
+    a, c = marks(), marks()
+    # Task 0 starts both sleeps, and ends at its gate; task 1 waits for its own.
+    script = (f'[ "$JENNAH_TASK_INDEX" = 0 ] && {{ sleep {a} & setsid sleep {c} & }}; '
+              f'while [ ! -e {tmp_path}/gate$JENNAH_TASK_INDEX ]; do sleep 0.02; done')
+    path = submit_array(provider, script, 2, 0, {})
+    wait_until(lambda: sleeping(a) and sleeping(c), 10)
+    (tmp_path / "gate0").touch()
+
+    def task_0() -> TaskStatus:
+        known = {t.index: t.status for t in provider.status([path])[path].tasks or ()}
+        return known.get(0, TaskStatus.PENDING)
+
+    wait_until(lambda: task_0() is TaskStatus.SUCCEEDED, 5)
+    wait_until(lambda: not sleeping(a), 1)  # killed with its task's group, at its end
+    time.sleep(0.3)
+    assert sleeping(c)  # it left the group: the job's until the job ends
+    assert provider.status([path])[path].state is JobStatus.RUNNING
+    (tmp_path / "gate1").touch()
+    st = wait_for_state(LocalHarness(provider), path, {JobStatus.COMPLETED}, 5)
+    assert st.state is JobStatus.COMPLETED
+    assert sleeping(c) == []  # at once: the end is written after the kill
+
+
+def test_sigterm_to_the_runner_stops_every_task_as_an_infrastructure_failure(
+    provider: LocalProvider, marks: Callable[[], str]
+) -> None:
+    a, b = [marks() for _ in range(2)], [marks() for _ in range(2)]
+    env = {**{f"A{i}": m for i, m in enumerate(a)}, **{f"B{i}": m for i, m in enumerate(b)}}
+    path = submit_array(provider, TASK_SCRIPT, 2, 0, env)
+    for mark in (*a, *b):
+        wait_until(lambda m=mark: sleeping(m), 10)  # type: ignore[misc]
+    os.kill(int(r.read_text(job_dir(provider, path) / r.RUNNER_PID) or 0), signal.SIGTERM)
+    assert_all_gone(*a, *b)
+    st = runner_ended(provider, path)
+    assert (st.state, st.failure_class) == (JobStatus.FAILED, FailureClass.INFRASTRUCTURE)
+    assert {(t.status, t.failure_class, t.exit_code, t.attempt) for t in st.tasks or ()} == {
+        (TaskStatus.FAILED, FailureClass.INFRASTRUCTURE, 128 + signal.SIGTERM, 0)}

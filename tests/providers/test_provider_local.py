@@ -17,24 +17,36 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from database.memory import MemoryStore
 from jennah.errors import ProviderRejected, ProviderUnavailable, SettingsError
-from jennah.models import EventKind, FailureClass, JobSpec, JobStatus, ResourceOverride
+from jennah.models import (
+    EventKind,
+    FailureClass,
+    JobSpec,
+    JobStatus,
+    ResourceOverride,
+    TaskState,
+    TaskStatus,
+)
 from jennah.settings import ProviderSettings
+from jennah.tasks import count
 from providers import create_provider
 from providers import local_runner as r
-from providers.base import ProviderTask
+from providers.base import OutputChunk, ProviderStatus, ProviderTask
 from providers.local import (
+    DEFAULT_TASK_PARALLELISM,
     LAUNCHED,
     PREFIX,
     LocalProvider,
     Observation,
+    TaskLog,
     container_argv,
     detect_container_engine,
     map_state,
@@ -290,11 +302,14 @@ def test_a_fresh_launch_is_awaited_and_a_stale_one_retried(tmp_path: Path) -> No
     wait_for_state(LocalHarness(real), path, {JobStatus.COMPLETED}, 5)
 
 
-def test_a_poll_relaunches_a_runner_that_died_before_starting_the_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task_count", [1, 3])
+def test_a_poll_relaunches_a_runner_that_died_before_starting_the_job(
+    tmp_path: Path, task_count: int
+) -> None:
     """The worker that launched the runner died with it (a killed container): the new
     owner only polls, so its poll must launch the job again, once, and it runs once."""
     idle = LocalProvider(tmp_path / "local", python="/bin/true", container_engine=None)
-    task = make_task(EXIT_0)
+    task = with_spec(make_task(EXIT_0), task_count=task_count)
     path = idle.submit(task)  # "launched", but the runner exited without starting it
     owner = LocalProvider(tmp_path / "local", container_engine=None)
     time.sleep(0.3)
@@ -304,6 +319,8 @@ def test_a_poll_relaunches_a_runner_that_died_before_starting_the_job(tmp_path: 
     st = wait_for_state(LocalHarness(owner), path, {JobStatus.COMPLETED}, 5)
     assert st.exit_code == 0
     assert LocalHarness(owner).executions(task.provider_job_id) == 1
+    if task_count > 1:
+        assert st.tasks is not None and count(task_count, st.tasks).succeeded == task_count
 
 
 # --- environment and output ---------------------------------------------------------------
@@ -648,7 +665,8 @@ def test_container_argv() -> None:
         "docker", "run", "--rm", "--init", "--name", f"jennah-{task.provider_job_id}",
         "--cpus=2", "--memory=4096m",
         "-e", "A", "-e", "B", "-e", "JENNAH_ATTEMPT", "-e", "JENNAH_JOB_ID",
-        "-e", "JENNAH_PROVIDER_JOB_ID", "-e", "JENNAH_TENANT_ID",
+        "-e", "JENNAH_PROVIDER_JOB_ID", "-e", "JENNAH_TASK_COUNT", "-e", "JENNAH_TASK_INDEX",
+        "-e", "JENNAH_TENANT_ID",
         IMAGE, "sh", "-c", "exit 0",
     ]
     small = with_spec(make_task([]), resource_override=ResourceOverride(cpu_millis=500,
@@ -700,3 +718,286 @@ def test_an_unusable_batch_dir_is_a_settings_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(SettingsError, match="LOCAL_BATCH_DIR"):
         LocalProvider(blocker / "local")
+
+
+# --- jobs of several tasks ----------------------------------------------------------------
+
+ENDED = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+def array(
+    commands: Sequence[str], task_count: int, parallelism: int = 0, *,
+    env: dict[str, str] | None = None, **changes: object,
+) -> ProviderTask:
+    """A job of ``task_count`` tasks running ``commands``."""
+    return with_spec(make_task(commands, env=env), task_count=task_count,
+                     parallelism=parallelism, **changes)
+
+
+def by_index(st: ProviderStatus) -> dict[int, TaskState]:
+    assert st.tasks is not None, st
+    return {t.index: t for t in st.tasks}
+
+
+def most_at_once(log: Path) -> int:
+    """The most tasks that were between their ``+`` and ``-`` lines of ``log`` at once."""
+    now = most = 0
+    for line in log.read_text().splitlines():
+        now += 1 if line.startswith("+") else -1
+        most = max(most, now)
+    return most
+
+
+# Each task writes "+ i", waits for the gate, writes "- i".
+GATED = ["sh", "-c", 'echo "+ $JENNAH_TASK_INDEX" >> "$LOG"; '
+                     'while [ ! -e "$GATE" ]; do sleep 0.02; done; '
+                     'echo "- $JENNAH_TASK_INDEX" >> "$LOG"']
+
+
+@pytest.mark.parametrize(
+    ("task_count", "parallelism", "at_once"),
+    [(7, 3, 3), (DEFAULT_TASK_PARALLELISM + 3, 0, DEFAULT_TASK_PARALLELISM),
+     (DEFAULT_TASK_PARALLELISM + 2, DEFAULT_TASK_PARALLELISM + 2, DEFAULT_TASK_PARALLELISM + 2)],
+    ids=["parallelism 3", "no parallelism: the machine's default", "above the default"],
+)
+def test_tasks_run_at_most_parallelism_at_a_time(
+    harness: LocalHarness, tmp_path: Path, task_count: int, parallelism: int, at_once: int
+) -> None:
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    p = harness.provider
+    path = p.submit(array(GATED, task_count, parallelism,
+                          env={"LOG": str(log), "GATE": str(gate)}))
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= at_once, 10)
+    time.sleep(0.3)  # room for a task too many to start
+    assert len(log.read_text().splitlines()) == at_once
+    n = count(task_count, by_index(p.status([path])[path]).values())
+    assert (n.running, n.pending) == (at_once, task_count - at_once)
+    gate.touch()
+    st = wait_for_state(harness, path, ENDED, 10)
+    assert st.state is JobStatus.COMPLETED
+    assert most_at_once(log) == at_once
+    assert sorted(int(line.split()[1]) for line in log.read_text().splitlines()
+                  if line.startswith("+")) == list(range(task_count))
+
+
+def test_each_task_sees_its_index_and_count_and_has_its_own_output(
+    harness: LocalHarness,
+) -> None:
+    p = harness.provider
+    script = ('echo "$JENNAH_TASK_INDEX/$JENNAH_TASK_COUNT $JENNAH_JOB_ID"; '
+              'echo "e$JENNAH_TASK_INDEX" >&2')
+    # A job's own variables never override Jennah's.
+    forged = {"JENNAH_TASK_INDEX": "9", "JENNAH_TASK_COUNT": "9"}
+    task = array(["sh", "-c", script], 3, env=forged)
+    path = p.submit(task)
+    wait_for_state(harness, path, {JobStatus.COMPLETED}, 10)
+    for i in range(3):
+        chunk = p.read_output(path, (0, 0), task_index=i)
+        assert (chunk.stdout, chunk.stderr) == (f"{i}/3 {task.job_id}\n", f"e{i}\n")
+        assert chunk.offsets == (len(chunk.stdout), len(chunk.stderr))
+        assert p.read_output(path, chunk.offsets, task_index=i).stdout == ""
+    for missing in (3, -1):  # a task the job does not have
+        assert p.read_output(path, (0, 0), task_index=missing) == OutputChunk(offsets=(0, 0))
+    plain = p.submit(make_task(["sh", "-c", script]))  # a plain job is task 0 of 1
+    wait_for_state(harness, plain, {JobStatus.COMPLETED}, 5)
+    assert p.read_output(plain, (0, 0)).stdout.split()[0] == "0/1"
+    assert p.read_output(plain, (0, 0), task_index=1) == OutputChunk(offsets=(0, 0))
+    assert (jdir(p, path) / r.STDOUT).exists() is False  # each task writes its own files
+
+
+def test_a_finished_task_gives_all_of_its_output_while_others_run(
+    harness: LocalHarness, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    script = (f'printf "line\\npartial$JENNAH_TASK_INDEX"; [ "$JENNAH_TASK_INDEX" = 0 ] && exit 0; '
+              f'while [ ! -e {gate} ]; do sleep 0.02; done')
+    p = harness.provider
+    path = p.submit(array(["sh", "-c", script], 2))
+    wait_until(lambda: by_index(p.status([path])[path]).get(0, TaskState(0, TaskStatus.PENDING))
+               .status is TaskStatus.SUCCEEDED, 10)
+    assert p.read_output(path, (0, 0), task_index=0).stdout == "line\npartial0"  # it ended
+    running = p.read_output(path, (0, 0), task_index=1)
+    assert running.stdout == "line\n"  # still running: the partial line is held back
+    gate.touch()
+    wait_for_state(harness, path, {JobStatus.COMPLETED}, 10)
+    assert p.read_output(path, running.offsets, task_index=1).stdout == "partial1"
+
+
+def test_a_task_killed_from_outside_is_retried_and_a_user_error_is_not(
+    harness: LocalHarness, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    # Task 1 is killed by SIGKILL on its first run (as the OOM killer would); task 2 exits 3.
+    script = ('echo "$JENNAH_TASK_INDEX" >> "$RUNS"; case "$JENNAH_TASK_INDEX" in '
+              '1) [ -e "$RUNS.1" ] || { touch "$RUNS.1"; kill -KILL $$; } ;; 2) exit 3 ;; esac')
+    task = array(["sh", "-c", script], 3, env={"RUNS": str(runs)}, max_retries=2)
+    path = harness.provider.submit(task)
+    st = wait_for_state(harness, path, ENDED, 10)
+    tasks = by_index(st)
+    assert [(t.status, t.attempt, t.exit_code, t.failure_class) for t in tasks.values()] == [
+        (TaskStatus.SUCCEEDED, 0, 0, None),
+        (TaskStatus.SUCCEEDED, 1, 0, None),  # run again, as attempt 1
+        (TaskStatus.FAILED, 0, 3, FailureClass.USER_ERROR),  # not run again
+    ]
+    assert sorted(runs.read_text().split()) == ["0", "1", "1", "2"]
+    assert (st.state, st.exit_code, st.failure_class) == (
+        JobStatus.FAILED, 3, FailureClass.USER_ERROR)
+    assert st.message == "task 2 failed: exit code 3"
+    assert harness.executions(task.provider_job_id) == 1  # retries are inside the one run
+
+
+def test_a_task_keeps_failing_from_outside_until_its_retries_run_out(
+    harness: LocalHarness, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    task = array(["sh", "-c", 'echo "$JENNAH_TASK_INDEX" >> "$RUNS"; kill -KILL $$'], 2,
+                 env={"RUNS": str(runs)}, max_retries=1)
+    st = wait_for_state(harness, harness.provider.submit(task), ENDED, 10)
+    assert [(t.status, t.attempt, t.exit_code, t.failure_class) for t in by_index(st).values()] \
+        == [(TaskStatus.FAILED, 1, 137, FailureClass.INFRASTRUCTURE)] * 2
+    assert "killed by SIGKILL" in by_index(st)[0].error_message
+    assert sorted(runs.read_text().split()) == ["0", "0", "1", "1"]  # 1 + max_retries runs each
+    assert (st.state, st.failure_class) == (JobStatus.FAILED, FailureClass.INFRASTRUCTURE)
+
+
+def test_the_maximum_run_duration_is_per_task(harness: LocalHarness) -> None:
+    script = '[ "$JENNAH_TASK_INDEX" = 0 ] && sleep 60; exit 0'
+    task = array(["sh", "-c", script], 2, max_retries=3,
+                 resource_override=ResourceOverride(max_run_duration_seconds=1))
+    st = wait_for_state(harness, harness.provider.submit(task), ENDED, 6)
+    tasks = by_index(st)
+    assert (tasks[0].status, tasks[0].exit_code, tasks[0].failure_class, tasks[0].attempt) == (
+        TaskStatus.FAILED, 143, FailureClass.TIMEOUT, 0)  # a timeout is not retried
+    assert tasks[1].status is TaskStatus.SUCCEEDED
+    assert (st.state, st.failure_class) == (JobStatus.FAILED, FailureClass.TIMEOUT)
+    assert st.message == "task 0 failed: exit code 143"
+
+
+def test_a_command_that_cannot_start_fails_every_task_with_127(harness: LocalHarness) -> None:
+    path = harness.provider.submit(array(["no-such-command-jennah"], 3, max_retries=2))
+    st = wait_for_state(harness, path, ENDED, 10)
+    assert {(t.status, t.exit_code, t.failure_class, t.attempt)
+            for t in by_index(st).values()} == {
+        (TaskStatus.FAILED, 127, FailureClass.USER_ERROR, 0)}
+    assert all(t.started_at is not None and t.completed_at is not None
+               for t in by_index(st).values())
+    assert "no-such-command-jennah" in harness.provider.read_output(path, (0, 0), 2).stderr
+
+
+def test_a_thousand_trivial_tasks_complete_quickly(harness: LocalHarness) -> None:
+    task = array(["true"], 1000)
+    started = time.monotonic()
+    st = wait_for_state(harness, harness.provider.submit(task), ENDED, 60)
+    elapsed = time.monotonic() - started
+    assert st.state is JobStatus.COMPLETED, st
+    assert count(1000, by_index(st).values()).succeeded == 1000
+    assert harness.executions(task.provider_job_id) == 1
+    assert elapsed < 30, elapsed  # about 2 to 4 s on 2 busy cores: one process per task
+
+
+def test_runner_death_fails_the_job_and_stops_every_task(harness: LocalHarness) -> None:
+    p = harness.provider
+    path = p.submit(array(SLEEP_60, 3))
+    wait_until(lambda: count(3, by_index(p.status([path])[path]).values()).running == 3, 10)
+    groups = [int(line.split()[4]) for line in
+              (jdir(p, path) / r.TASKS_LOG).read_text().splitlines() if line.startswith("S")]
+    os.kill(int(r.read_text(jdir(p, path) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    st = wait_for_state(harness, path, ENDED, 5)
+    assert (st.state, st.raw_state, st.failure_class) == (
+        JobStatus.FAILED, "LOST", FailureClass.INFRASTRUCTURE)
+    assert {(t.status, t.failure_class) for t in by_index(st).values()} == {
+        (TaskStatus.FAILED, FailureClass.INFRASTRUCTURE)}
+    assert len(groups) == 3
+    wait_until(lambda: not any(group_members(g, live_only=True) for g in groups), 2)
+
+
+def test_container_tasks_each_get_their_own_container(tmp_path: Path) -> None:
+    engine = _script(tmp_path / "fake-engine", 'printf "%s\\n" "$@"; echo "I=$JENNAH_TASK_INDEX"\n')
+    p = LocalProvider(tmp_path / "local", container_engine=str(engine))
+    task = with_spec(make_task(["echo", "hi"], labels={"local-runtime": "container"}),
+                     task_count=2)
+    path = p.submit(task)
+    wait_for_state(LocalHarness(p), path, {JobStatus.COMPLETED}, 10)
+    for i in range(2):
+        lines = p.read_output(path, (0, 0), task_index=i).stdout.splitlines()
+        assert lines[lines.index("--name") + 1] == f"jennah-{task.provider_job_id}-{i}"
+        assert "JENNAH_TASK_INDEX" in lines and lines[-1] == f"I={i}"
+
+
+DONE = "S 0 0 1000 0 0\nE 0 0 2000 0 S -\nE 1 0 2000 0 S -\n"
+
+
+@pytest.mark.parametrize(
+    ("files", "log", "hold_lock", "expected"),
+    [
+        # Every task has ended, the runner is still ending the job: not over yet.
+        ({r.STARTED: "T"}, DONE, True,
+         (JobStatus.RUNNING, "ENDING", [TaskStatus.SUCCEEDED] * 2)),
+        ({r.STARTED: "T", r.COMPLETED: "T", r.EXIT_CODE: "0"}, DONE, False,
+         (JobStatus.COMPLETED, "COMPLETED", [TaskStatus.SUCCEEDED] * 2)),
+        # A task failed for good, the other never started (the job was stopped).
+        ({r.STARTED: "T", r.COMPLETED: "T", r.EXIT_CODE: "1"},
+         "E 0 0 2000 143 F infrastructure stopped with the local runner\n", False,
+         (JobStatus.FAILED, "FAILED", [TaskStatus.FAILED, TaskStatus.CANCELLED])),
+        # A retried task waits for its next attempt; a line being written is not read.
+        ({r.STARTED: "T"},
+         "S 0 0 1000 0 0\nE 0 0 2000 137 R infrastructure killed\nS 1 0 1000 0 0\nE 1 0 20",
+         True, (JobStatus.RUNNING, "RUNNING", [TaskStatus.PENDING, TaskStatus.RUNNING])),
+        ({r.STARTED: "T", r.CANCELLED: "T"}, "S 0 0 1000 0 0\nE 1 0 2000 0 S -\n", True,
+         (JobStatus.CANCELLED, "CANCELLING", [TaskStatus.CANCELLED, TaskStatus.SUCCEEDED])),
+        # Cancelled, as asked, even though a task had failed for good before.
+        ({r.STARTED: "T", r.CANCELLED: "T", r.COMPLETED: "T", r.EXIT_CODE: "1"},
+         "E 0 0 2000 3 F user_error exited with code 3\n", False,
+         (JobStatus.CANCELLED, "CANCELLED", [TaskStatus.FAILED, TaskStatus.CANCELLED])),
+        ({r.STARTED: "T"}, "S 0 0 1000 0 0\nE 1 0 2000 0 S -\n", False,
+         (JobStatus.FAILED, "LOST", [TaskStatus.FAILED, TaskStatus.SUCCEEDED])),
+        ({}, "", False, (JobStatus.SCHEDULED, "QUEUED", [])),
+    ],
+    ids=["ending", "completed", "stopped", "retrying", "cancelling", "cancelled after a failure",
+         "lost", "queued"],
+)
+def test_task_states_read_from_disk(
+    provider: LocalProvider, files: dict[str, str], log: str, hold_lock: bool,
+    expected: tuple[object, str, list[TaskStatus]],
+) -> None:
+    when = "2026-11-23T12:00:00+00:00"
+    job_dir = provider.base_dir / "j-handmade-0"
+    job_dir.mkdir()
+    (job_dir / r.SPEC).write_text(json.dumps({"argv": ["true"], "task_count": 2}))
+    r.write_atomic(job_dir / LAUNCHED, r.now_iso())  # no relaunch of the queued one
+    for name, text in files.items():
+        (job_dir / name).write_text(when if text == "T" else text)
+    if log:
+        (job_dir / r.TASKS_LOG).write_text(log)
+    lock = os.open(job_dir / r.LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        if hold_lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        st = provider.status(["local:j-handmade-0"])["local:j-handmade-0"]
+    finally:
+        os.close(lock)
+    state, raw, statuses = expected
+    assert (st.state, st.raw_state) == (state, raw)
+    assert [t.status for t in st.tasks or ()] == statuses
+    if st.state is not None and st.state.terminal and raw != "LOST":
+        assert st.completed_at is not None
+
+
+def test_the_task_log_is_read_on_from_where_it_was(tmp_path: Path) -> None:
+    f = tmp_path / r.TASKS_LOG
+    f.write_text("S 0 0 1000 11 5\nS 1 0 1000 12 6\nE 0 0 2500 0 S")  # the last line unfinished
+    log = TaskLog().read(f)
+    assert [t.status for t in log.snapshot()] == [TaskStatus.RUNNING] * 2
+    assert log.groups == {0: (11, 5), 1: (12, 6)}
+    with f.open("a") as out:
+        out.write(" -\ngarbage line\nE 1 0 3000 2 F user_error exited with code 2\n")
+    again = log.read(f)
+    assert again is log and again.groups == {}
+    first, second = again.snapshot()
+    assert (first.status, first.completed_at) == (
+        TaskStatus.SUCCEEDED, datetime.fromtimestamp(2.5, UTC))
+    assert (second.status, second.exit_code, second.error_message, second.failure_class) == (
+        TaskStatus.FAILED, 2, "exited with code 2", FailureClass.USER_ERROR)
+    assert first.started_at == datetime.fromtimestamp(1, UTC)
+    f.write_text("S 0 1 4000 13 7\n")  # shorter: another file, read from its start
+    assert [(t.attempt, t.status) for t in log.read(f).snapshot()] == [(1, TaskStatus.RUNNING)]

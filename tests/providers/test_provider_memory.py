@@ -3,21 +3,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from jennah.errors import ProviderRejected, ProviderUnavailable
-from jennah.models import FailureClass, JobStatus
+from jennah.models import FailureClass, JobStatus, TaskStatus
 from jennah.settings import ProviderSettings
+from jennah.tasks import count
 from providers import create_provider
+from providers.base import ProviderTask
 from providers.memory import FAKE_STATES, DryProvider, FakeProvider, planned_exit
+from providers.tasks import status_from_tasks
 from tests.providers.provider_contract import (
     EXIT_0,
     EXIT_3,
     SLEEP_60,
+    TASK_1_FAILS,
     ProviderContract,
     make_task,
     wait_for_state,
@@ -251,3 +255,82 @@ class DryHarness:
 
     def unknown_path(self) -> str:
         return "not-a-dry-path"
+
+
+# --- jobs of several tasks ----------------------------------------------------------------
+
+
+def array_task(commands: Sequence[str], task_count: int, parallelism: int = 0) -> ProviderTask:
+    task = make_task(commands)
+    return replace(task, spec=replace(task.spec, task_count=task_count, parallelism=parallelism))
+
+
+def test_fake_tasks_move_with_advance_within_the_parallelism() -> None:
+    fake = FakeProvider(StepClock())
+    path = fake.submit(array_task(EXIT_0, 5, parallelism=2))
+    seen = []
+    for _ in range(6):
+        st = fake.status([path])[path]
+        n = count(5, st.tasks or ())
+        seen.append((st.state, n.pending, n.running, n.succeeded))
+        fake.advance()
+    assert seen == [
+        (JobStatus.SCHEDULED, 5, 0, 0),  # QUEUED
+        (JobStatus.SCHEDULED, 5, 0, 0),
+        (JobStatus.RUNNING, 3, 2, 0),  # the job runs: the first two tasks start
+        (JobStatus.RUNNING, 1, 2, 2),  # they end, the next two take their places
+        (JobStatus.RUNNING, 0, 1, 4),
+        (JobStatus.COMPLETED, 0, 0, 5),
+    ]
+    st = fake.status([path])[path]
+    assert st == status_from_tasks(5, st.tasks or ())  # the common rule, nothing else
+    assert st.started_at is not None and st.completed_at is not None
+    assert [t.started_at for t in st.tasks or ()] == sorted(t.started_at  # type: ignore[type-var]
+                                                            for t in st.tasks or ())
+
+
+def test_fake_cancel_and_set_state_end_every_unfinished_task() -> None:
+    fake = FakeProvider(StepClock())
+    cancelled = fake.submit(array_task(TASK_1_FAILS, 4, parallelism=2))
+    fake.advance(3)  # tasks 0 and 1 ended (1 failed), 2 and 3 running
+    fake.cancel(cancelled)
+    st = fake.status([cancelled])[cancelled]
+    assert (st.state, st.raw_state) == (JobStatus.CANCELLED, "CANCELLED")
+    assert [t.status for t in st.tasks or ()] == [
+        TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.CANCELLED]
+    fake.advance(3)
+    assert fake.status([cancelled])[cancelled] == st  # nothing moves a cancelled job
+    preempted = fake.submit(array_task(SLEEP_60, 3, parallelism=1))
+    fake.advance(2)
+    fake.set_state(preempted, JobStatus.FAILED, exit_code=50001,
+                   failure_class=FailureClass.PREEMPTED, message="spot VM reclaimed")
+    st = fake.status([preempted])[preempted]
+    assert (st.state, st.failure_class) == (JobStatus.FAILED, FailureClass.PREEMPTED)
+    assert {(t.status, t.failure_class) for t in st.tasks or ()} == {
+        (TaskStatus.FAILED, FailureClass.PREEMPTED)}
+    finished = fake.submit(array_task(EXIT_0, 2))
+    fake.advance(4)
+    before = fake.status([finished])[finished]
+    fake.cancel(finished)
+    assert fake.status([finished])[finished] == before
+    assert before.state is JobStatus.COMPLETED
+
+
+def test_dry_completes_a_job_of_tasks_at_once_from_its_path_alone() -> None:
+    dry = DryProvider(lambda: T0 + timedelta(microseconds=123_456))  # stored to the ms
+    task = array_task(SLEEP_60, 10_000)
+    path = dry.submit(task)
+    assert path == f"dry://{task.provider_job_id}?tasks=10000"
+    st = dry.status([path])[path]
+    # The common rule, tasks in their stored form; dry's own words for the job.
+    common = status_from_tasks(10_000, st.tasks or ())
+    assert st == replace(common, raw_state="SUCCEEDED", message="completed (dry run)")
+    assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
+    assert st.tasks is not None and len(st.tasks) == 10_000
+    assert {(t.status, t.exit_code) for t in st.tasks} == {(TaskStatus.SUCCEEDED, 0)}
+    assert dry.status([path])[path].tasks is st.tasks  # kept, not made again per poll
+    other = DryProvider(StepClock())  # another worker's: knows the tasks from the path
+    assert count(10_000, other.status([path])[path].tasks or ()).succeeded == 10_000
+    assert dry.status([dry.submit(make_task(EXIT_0))]).popitem()[1].tasks is None
+    bad = [f"dry://{task.provider_job_id}?tasks={n}" for n in ("1", "10001", "x", "")]
+    assert {s.state for s in dry.status(bad).values()} == {None}
