@@ -2,37 +2,46 @@
 
 **Where it is.** With ``logsPolicy.destination = CLOUD_LOGGING`` (``build_job`` always sets
 it), Batch writes each line a task prints as one ``LogEntry`` of the log
-``projects/P/logs/batch_task_logs``, labelled ``job_uid`` (and ``task_id``) — Google Cloud
-Batch, "Analyze a job using logs" and the ``batch_job_logs`` sample. Stream: an entry of
+``projects/P/logs/batch_task_logs``, labelled ``job_uid`` and ``task_id`` — Google Cloud
+Batch, "Analyze a job using logs" and the ``batch_job_logs`` sample; ``task_id`` is
+``<job uid>-<task group>-<task index>``, for example ``…-group0-2``. Stream: an entry of
 severity ``ERROR`` (or above) is stderr, any other is stdout (Batch writes unstructured
 stderr lines as ``ERROR`` and stdout lines as ``INFO``; a structured JSON line sets its own
 severity and lands where that severity says).
 
-**Offsets** are, per stream, the number of that stream's entries already returned, counted
-in the order Cloud Logging lists them: by timestamp, then ``insertId`` (the ``LogEntry``
-reference: ``insertId`` orders entries with the same timestamp). The same log content
-gives the same offsets on every worker, which the WAL's dedup needs. Each entry is one
-whole line; its text is returned with one trailing newline.
+**One listing per job, shared by its tasks.** The reader lists the *job's* entries
+(``labels.job_uid``) from a cursor, and hands each entry to its task by ``task_id``: a
+task's lines wait in memory until that task is read. So a job of 10,000 tasks costs as
+many ``entries.list`` pages as its output fills, not one call (and one quota token) per
+task; a plain job is the same with one task.
+
+**Offsets** are, per task and stream, the number of that task's entries of that stream
+already returned, counted in the order Cloud Logging lists them: by timestamp, then
+``insertId`` (the ``LogEntry`` reference: ``insertId`` orders entries with the same
+timestamp). The same log content gives the same offsets on every worker, which the WAL's
+dedup needs. Each entry is one whole line; its text is returned with one trailing
+newline. A read from offsets before what this reader already returned (another worker's
+stored offsets, or a retry after a failed append) lists the job again from its start.
 
 **Ingestion delay.** Cloud Logging may make an entry visible some seconds after its
 timestamp, and not in timestamp order. An entry that became visible *after* entries later
-than it were counted would shift the counts. So a running job is only read up to
-``now - settle`` (entries older than the safety margin); a finished job is read to the end
-only once ``settle`` seconds have passed since it ended (``GcpBatchProvider.status`` holds
-the terminal state back until then). **Residual risk**: an entry ingested more than
+than it were counted would shift the counts. So a running task is only read up to
+``now - settle`` (entries older than the safety margin); a task (or job) that ended is read
+to its end only once ``settle`` seconds have passed since it ended (``GcpBatchProvider.status``
+holds its terminal state back until then). **Residual risk**: an entry ingested more than
 ``settle`` seconds late, or a VM clock ahead of the worker's by more than that, can still be
 missed (or, for a worker starting from stored offsets, shift one line); a job cancelled by
 Jennah is read up to the cancel minus ``settle``.
 
-**Cost**, bounded per call: one ``entries.list`` page (``page_size`` entries, at most
-``max_bytes`` of text returned) from a remembered position (``timestamp >=`` the last
-entry returned). A worker that starts from stored offsets (a takeover) first counts its
-way to them from the job's first entry: one extra page per ``page_size`` entries, once.
-Cloud Logging allows 60 ``entries.list`` calls per minute per project (Cloud Logging,
-"Quotas and limits"), so reads are rationed (``reads_per_minute``): a running job is read
-when its turn comes (each job about once per ``jobs x 60 / reads_per_minute`` seconds) and
-otherwise returns nothing new this cycle; a finished job's last reads wait for their
-token.
+**Cost.** A read of a running task answers from what is waiting in memory, and otherwise
+lists one ``entries.list`` page (``page_size`` entries) when its job's turn comes (below);
+a final read lists pages until every entry up to the task's end has been met. At most
+``max_bytes`` of text is returned per call. Cloud Logging allows 60 ``entries.list``
+calls per minute per project (Cloud Logging, "Quotas and limits"), so calls are rationed
+(``reads_per_minute``): a running job is listed when its turn comes (each job about once
+per ``jobs x 60 / reads_per_minute`` seconds); a final read waits for its token. Memory:
+at most ``max_buffered`` characters wait per job; past that, the other tasks' waiting
+lines are dropped and listed again when those tasks are read.
 """
 
 from __future__ import annotations
@@ -40,9 +49,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -52,6 +61,7 @@ LOGGING_ENDPOINT = "https://logging.googleapis.com"
 LOG_ID = "batch_task_logs"
 READ_SCOPE = "https://www.googleapis.com/auth/logging.read"
 MAX_PAGE_SIZE = 1000  # entries.list's own maximum
+ALL = 1 << 62  # a timestamp (ns) after every entry: "the whole log"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -97,17 +107,6 @@ def format_timestamp(nanos: int) -> str:
 def to_nanos(at: datetime) -> int:
     delta = at - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-@dataclass(frozen=True)
-class Position:
-    """Just after the entry ``(nanos, insert_id)``, with the per-stream entry counts up to
-    and including it (``nanos=-1``: before the first entry)."""
-
-    out: int = 0
-    err: int = 0
-    nanos: int = -1
-    insert_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,70 +215,140 @@ def is_stderr(entry: Mapping[str, Any]) -> bool:
 
 
 class OutputReader:
-    """Reads one job's entries after given offsets (see the module docstring)."""
+    """Reads the tasks of jobs from one listing per job (see the module docstring)."""
 
     def __init__(self, logs: RestLogReader, *, page_size: int = MAX_PAGE_SIZE,
-                 max_bytes: int = 1 << 20) -> None:
+                 max_bytes: int = 1 << 20, max_buffered: int = 16 << 20) -> None:
         self.logs = logs
         self.page_size = min(page_size, MAX_PAGE_SIZE)
         self.max_bytes = max_bytes
+        self.max_buffered = max_buffered
         self.log_name = f"projects/{logs.project}/logs/{LOG_ID}"
-        # Per job uid: where the last read stopped. A hint only: the offsets decide.
-        self._positions: OrderedDict[str, Position] = OrderedDict()
+        self._jobs: OrderedDict[str, _JobLog] = OrderedDict()  # by job uid
         self._lock = threading.Lock()
 
-    def forget(self, uid: str) -> None:
-        with self._lock:
-            self._positions.pop(uid, None)
+    def read(self, uid: str, task_id: str, offsets: tuple[int, int], *, cutoff: int | None,
+             need: int | None, turn: Callable[[], bool], wait: Callable[[], None]) -> Page:
+        """Task ``task_id``'s entries of job ``uid`` after ``offsets``, at most ``max_bytes``.
 
-    def read(self, uid: str, offsets: tuple[int, int], cutoff: int | None,
-             next_page: Callable[[], None]) -> Page:
-        """Entries of job ``uid`` after ``offsets`` with a timestamp up to ``cutoff`` (ns;
-        None: all), at most one page and ``max_bytes`` returned. ``next_page`` is called
-        before each list call after the first (it may wait for quota)."""
-        want_out, want_err = offsets
+        ``cutoff``: list entries up to this timestamp (ns; None: all). ``need`` (a final
+        read): every entry up to this timestamp (``ALL``: the whole log) must have been met
+        before answering, listing page after page, each after ``wait()`` (quota). None (a
+        running read): answer from memory, else list one page if ``turn()`` allows."""
         with self._lock:
-            pos = self._positions.get(uid, Position())
-        if pos.out > want_out or pos.err > want_err:
-            pos = Position()  # the hint is past these offsets: count from the start
-        out: list[str] = []
-        err: list[str] = []
-        size = 0
-        token = ""
-        filter_ = self._filter(uid, pos, cutoff)
-        first = True
-        while True:
-            if not first:
-                next_page()
-            first = False
-            entries, token = self.logs.list_entries(filter_, self.page_size, token)
-            for entry in entries:
-                key = (parse_timestamp(str(entry["timestamp"])), str(entry.get("insertId", "")))
-                if key <= (pos.nanos, pos.insert_id):
-                    continue  # at or before the position (the filter's >= bound)
-                stderr = is_stderr(entry)
-                index = pos.err if stderr else pos.out
-                if index >= (want_err if stderr else want_out):  # not returned yet
-                    text = entry_text(entry)
-                    if (out or err) and size + len(text.encode()) > self.max_bytes:
-                        return self._done(uid, pos, out, err, offsets)
-                    (err if stderr else out).append(text)
-                    size += len(text.encode())
-                pos = Position(pos.out + (not stderr), pos.err + stderr, *key)
-            if not token or out or err:  # one page returned; more pages only to skip
-                return self._done(uid, pos, out, err, offsets)
+            log = self._jobs.get(uid) or _JobLog()
+            remember(self._jobs, uid, log)
+        with log.lock:
+            task = log.task(task_id)
+            if task.evicted or any(o < n for o, n in zip(offsets, task.next, strict=True)):
+                log.restart()  # returned (or dropped) already: list the job again
+                task.next = list(offsets)
+            task.skip_to(offsets)
+            bound = ALL if cutoff is None else cutoff
+            filter_, token = self._filter(uid, log.cursor[0], cutoff), ""
+            if need is None:
+                if not task.pending and log.reached < bound and turn():
+                    self._page(log, task, filter_, token, bound)
+            else:
+                while not task.pending and log.reached < min(need, bound):
+                    wait()
+                    token = self._page(log, task, filter_, token, bound)
+            return log.take(task, offsets, self.max_bytes)
 
-    def _done(self, uid: str, pos: Position, out: list[str], err: list[str],
-              offsets: tuple[int, int]) -> Page:
-        with self._lock:
-            remember(self._positions, uid, pos)
-        return Page("".join(out), "".join(err),
-                    (max(offsets[0], pos.out), max(offsets[1], pos.err)))
+    def _page(self, log: _JobLog, asking: _Task, filter_: str, token: str, bound: int) -> str:
+        """List one page and meet its entries; return the next page's token ("": the
+        listing reached its end, so every entry up to ``bound`` has been met)."""
+        entries, token = self.logs.list_entries(filter_, self.page_size, token)
+        for entry in entries:
+            log.meet(entry)
+        if not token:
+            log.reached = max(log.reached, bound)
+        if log.size > self.max_buffered:
+            log.evict(keep=asking)
+        return token
 
-    def _filter(self, uid: str, pos: Position, cutoff: int | None) -> str:
+    def _filter(self, uid: str, after: int, cutoff: int | None) -> str:
         parts = [f'logName="{self.log_name}"', f'labels.job_uid="{uid}"']
-        if pos.nanos >= 0:
-            parts.append(f'timestamp>="{format_timestamp(pos.nanos)}"')
+        if after >= 0:
+            parts.append(f'timestamp>="{format_timestamp(after)}"')
         if cutoff is not None:
             parts.append(f'timestamp<="{format_timestamp(cutoff)}"')
         return " AND ".join(parts)
+
+
+@dataclass
+class _Task:
+    """One task's two streams within its job's listing (index 0: stdout, 1: stderr)."""
+
+    seen: list[int] = field(default_factory=lambda: [0, 0])  # entries met, per stream
+    next: list[int] = field(default_factory=lambda: [0, 0])  # first not yet returned
+    pending: deque[tuple[int, int, str]] = field(default_factory=deque)  # (stream, i, text)
+    evicted: bool = False  # waiting lines were dropped (memory): list again when read
+
+    def skip_to(self, offsets: tuple[int, int]) -> None:
+        """Forget what lies before ``offsets`` (returned before, perhaps by another worker)."""
+        self.next = [max(o, n) for o, n in zip(offsets, self.next, strict=True)]
+        while self.pending and self.pending[0][1] < self.next[self.pending[0][0]]:
+            self.pending.popleft()
+
+
+@dataclass
+class _JobLog:
+    """A job's listing so far: the cursor, and what each task met and has waiting."""
+
+    cursor: tuple[int, str] = (-1, "")  # the last entry met: (timestamp ns, insertId)
+    reached: int = -1  # every entry up to this timestamp (ns) has been met
+    size: int = 0  # characters waiting
+    tasks: dict[str, _Task] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def task(self, task_id: str) -> _Task:
+        return self.tasks.setdefault(task_id, _Task())
+
+    def restart(self) -> None:
+        """Back to before the first entry; each task keeps what it returned (``next``)."""
+        self.cursor, self.reached, self.size = (-1, ""), -1, 0
+        for t in self.tasks.values():
+            t.seen, t.evicted = [0, 0], False
+            t.pending.clear()
+
+    def meet(self, entry: Mapping[str, Any]) -> None:
+        """Count ``entry`` in its task's stream, and keep its text if not returned yet."""
+        key = (parse_timestamp(str(entry["timestamp"])), str(entry.get("insertId", "")))
+        if key <= self.cursor:
+            return  # at or before the cursor (the filter's >= bound)
+        self.cursor = key
+        labels = entry.get("labels") or {}
+        task = self.task(str(labels.get("task_id", "")))
+        stream = int(is_stderr(entry))
+        index = task.seen[stream]
+        task.seen[stream] += 1
+        if index >= task.next[stream] and not task.evicted:
+            text = entry_text(entry)
+            task.pending.append((stream, index, text))
+            self.size += len(text)
+
+    def evict(self, keep: _Task) -> None:
+        """Drop every other task's waiting lines (each lists again when it is read)."""
+        for t in self.tasks.values():
+            if t is not keep and t.pending:
+                self.size -= sum(len(text) for _, _, text in t.pending)
+                t.pending.clear()
+                t.evicted = True
+
+    def take(self, task: _Task, offsets: tuple[int, int], max_bytes: int) -> Page:
+        """Return ``task``'s waiting lines, in order, at most ``max_bytes`` (at least one)."""
+        texts: tuple[list[str], list[str]] = ([], [])
+        size = 0
+        while task.pending:
+            stream, index, text = task.pending[0]
+            n = len(text.encode())
+            if size and size + n > max_bytes:
+                break
+            task.pending.popleft()
+            self.size -= len(text)
+            texts[stream].append(text)
+            size += n
+            task.next[stream] = index + 1
+        return Page("".join(texts[0]), "".join(texts[1]),
+                    (max(offsets[0], task.next[0]), max(offsets[1], task.next[1])))

@@ -11,15 +11,36 @@ What it models:
   request is refused with INVALID_ARGUMENT, as the real service would. A second create of
   the same job id is ALREADY_EXISTS; a repeated ``request_id`` returns the job it made.
 * Jobs move QUEUED → SCHEDULED → RUNNING → SUCCEEDED/FAILED, one step per ``advance()``;
-  the outcome comes from the commands (``providers.memory.planned_exit``: ``exit N``,
-  ``sleep`` runs until cancelled). ``set_state`` forces any state, such as a preemption
-  with exit code 50001.
+  ``set_state`` forces any job state, such as a preemption with exit code 50001.
+* **Tasks.** Every job is a task group (``group0``) of tasks: ``task_count``, or one per
+  entry of ``task_environments`` (whose count then wins, as the reference says). Each
+  task sees the task spec's environment, its own ``task_environments`` entry, and
+  ``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``. When the job starts running, and at each step
+  after, pending tasks start (PENDING → ASSIGNED → RUNNING) while fewer than
+  ``parallelism`` (default ``min(task_count, 5000)``) run; a running task ends at the next
+  step as its commands say *with the variables it sees*
+  (``providers.memory.planned_exit(commands, $JENNAH_TASK_INDEX)``: ``exit N``, task I's
+  conditional exit, ``sleep`` until cancelled), so a task not told its index behaves as
+  the shell would. A task that prints (``echo "…$VAR…"``) writes that line to the Cloud
+  Logging fake when it starts, labelled ``job_uid`` and ``task_id``
+  (``<uid>-group0-<index>``). A failed task is retried per ``max_retry_count`` and the
+  lifecycle policy (RETRY_TASK: on a listed exit code only; FAIL_TASK: on any other; no
+  policy: on any non-zero code); ``end_task`` ends a running task with any exit code
+  (a preemption). The job ends when every task has: SUCCEEDED, or FAILED naming the first
+  task that failed. Each change updates ``status.task_groups["group0"].counts``.
+  ``ListTasks`` pages (at most 1,000) and takes the filter ``State=<STATE>``.
+* The job limits of "Quotas and limits": at most 100,000 tasks per group and a job
+  definition of at most 1 MB (its JSON); a ``parallelism`` over 5,000 running tasks is
+  refused here (the reference only says the default is bounded by it), as are a
+  ``max_retry_count`` outside 0 to 10 and more than one lifecycle policy ("Currently we
+  only support one lifecycle policy").
 * ``CancelJob`` is a real long-running operation: the job goes CANCELLATION_IN_PROGRESS
-  and the operation is done (and the job CANCELLED) at the client's ``cancel_polls``-th
-  ``GetOperation`` poll. ``fail_cancels(n)`` makes the next ``n`` cancel operations end in
-  an error, the job back in the state it had; ``advance()`` moves pending operations on as
-  a poll would. Cancelling a finished job, or one already being cancelled, is
-  FAILED_PRECONDITION.
+  and the operation is done (and the job CANCELLED, every unfinished task UNEXECUTED:
+  Batch only documents that "the task executions were stopped") at the client's
+  ``cancel_polls``-th ``GetOperation`` poll. ``fail_cancels(n)`` makes the next ``n``
+  cancel operations end in an error, the job back in the state it had; ``advance()``
+  moves pending operations on as a poll would. Cancelling a finished job, or one already
+  being cancelled, is FAILED_PRECONDITION.
 * Labels as Batch documents them ("Organize resources using labels", and the ``Job.labels``
   reference): at most 63 custom labels, keys starting ``goog-`` or ``google-`` reserved,
   and Batch's predefined keys (``batch-job-id``, ``batch-job-uid``, ``batch-node``) cannot
@@ -45,12 +66,15 @@ from typing import Any
 import grpc  # type: ignore[import-untyped]
 from google.cloud import batch_v1
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from providers.memory import planned_exit
+from tests.fakes.gcp_logging import FakeCloudLogging
 
 State = batch_v1.JobStatus.State
+TaskState = batch_v1.TaskStatus.State
+Action = batch_v1.LifecyclePolicy.Action
 SERVICE = "google.cloud.batch.v1.BatchService"
 OPERATIONS = "google.longrunning.Operations"
 JOB_ID = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -66,6 +90,14 @@ NETWORK = re.compile(_COMPUTE + r"global/networks/[a-z]([-a-z0-9]*[a-z0-9])?$")
 SUBNETWORK = re.compile(_COMPUTE + r"regions/[a-z0-9-]+/subnetworks/[a-z]([-a-z0-9]*[a-z0-9])?$")
 _NEXT = {State.QUEUED: State.SCHEDULED, State.SCHEDULED: State.RUNNING}
 _FILTER = re.compile(r'^status\.state="([A-Z_]+)"$')
+_TASK_FILTER = re.compile(r"^State=([A-Z_]+)$")
+_ECHO = re.compile(r'\becho\s+"([^"]*)"')
+_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+GROUP = "group0"
+MAX_TASKS_PER_GROUP = 100_000
+MAX_PARALLEL_TASKS = 5_000
+MAX_JOB_DEFINITION = 1_000_000  # bytes of the job's JSON
+FINAL_TASK_STATES = {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.UNEXECUTED}
 
 
 class _Abort(Exception):
@@ -89,7 +121,9 @@ def problems_with(req: batch_v1.CreateJobRequest, parent: str) -> list[str]:
     if len(job.task_groups) != 1:
         out.append("exactly one task group is supported")
         return out
-    spec = job.task_groups[0].task_spec
+    group = job.task_groups[0]
+    out.extend(_group_problems(group))
+    spec = group.task_spec
     if len(spec.runnables) != 1 or not spec.runnables[0].container.image_uri:
         out.append("one container runnable with an image_uri is required")
     if spec.compute_resource.cpu_milli <= 0 or spec.compute_resource.memory_mib <= 0:
@@ -123,7 +157,46 @@ def problems_with(req: batch_v1.CreateJobRequest, parent: str) -> list[str]:
             out.append(f"network {nic.network!r} is not a network URL")
         if nic.subnetwork and not SUBNETWORK.match(nic.subnetwork):
             out.append(f"subnetwork {nic.subnetwork!r} is not a subnetwork URL")
+    size = len(json_format.MessageToJson(batch_v1.Job.pb(job), indent=None))
+    if size > MAX_JOB_DEFINITION:
+        out.append(f"the job definition is {size} bytes, over 1 MB")
     return out
+
+
+def _group_problems(group: batch_v1.TaskGroup) -> list[str]:
+    out = []
+    count = len(group.task_environments) or group.task_count or 1
+    if not 1 <= count <= MAX_TASKS_PER_GROUP:
+        out.append(f"task_count {count}: at most {MAX_TASKS_PER_GROUP} tasks per task group")
+    if not 0 <= group.parallelism <= MAX_PARALLEL_TASKS:
+        out.append(f"parallelism {group.parallelism}: at most {MAX_PARALLEL_TASKS}")
+    for env in group.task_environments:
+        out.extend(f"environment variable name {name!r} is invalid"
+                   for name in env.variables if not ENV_NAME.match(name))
+    spec = group.task_spec
+    if not 0 <= spec.max_retry_count <= 10:
+        out.append(f"max_retry_count {spec.max_retry_count} is not in [0, 10]")
+    if len(spec.lifecycle_policies) > 1:
+        out.append("only one lifecycle policy is supported")
+    for policy in spec.lifecycle_policies:
+        if policy.action == Action.ACTION_UNSPECIFIED or not policy.action_condition.exit_codes:
+            out.append("a lifecycle policy needs an action and exit codes")
+    return out
+
+
+@dataclass
+class _Task:
+    """One task of a job, as the service keeps it."""
+
+    index: int
+    env: dict[str, str]  # what its container sees
+    state: int = TaskState.PENDING
+    events: list[batch_v1.StatusEvent] = field(default_factory=list)
+    retries: int = 0
+
+    def proto(self, group: str) -> batch_v1.Task:
+        return batch_v1.Task(name=f"{group}/tasks/{self.index}", status=batch_v1.TaskStatus(
+            state=TaskState(self.state), status_events=self.events))
 
 
 @dataclass
@@ -141,7 +214,13 @@ class FakeGcpBatch:
     project: str = "proj-test"
     region: str = "us-central1"
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # Where the tasks' printed lines go (Batch's Cloud Logging), if anywhere.
+    logs: FakeCloudLogging | None = None
     jobs: dict[str, batch_v1.Job] = field(default_factory=dict)
+    tasks: dict[str, list[_Task]] = field(default_factory=dict)  # by job name
+    list_task_requests: list[batch_v1.ListTasksRequest] = field(default_factory=list)
+    # False: refuse every ListTasks filter.
+    accept_task_filters: bool = True
     create_requests: list[batch_v1.CreateJobRequest] = field(default_factory=list)
     # Creates that made a job, per job id: the "executions" of the contract.
     created: Counter[str] = field(default_factory=Counter)
@@ -189,14 +268,24 @@ class FakeGcpBatch:
                 for job in self.jobs.values():
                     self._step(job)
                 for name, op in list(self._ops.items()):
-                    job = self.jobs.get(op.job_name)
-                    if job is not None and job.status.state == State.CANCELLATION_IN_PROGRESS:
+                    target = self.jobs.get(op.job_name)
+                    if target is not None and (
+                            target.status.state == State.CANCELLATION_IN_PROGRESS):
                         self._finish_op(name, op)
 
     def set_state(self, name: str, state: int, *, exit_code: int | None = None,
                   description: str = "") -> None:
         with self._lock:
             self._move(self.jobs[name], state, exit_code, description)
+
+    def end_task(self, name: str, index: int, exit_code: int, description: str = "") -> None:
+        """End running task ``index`` of job ``name`` with ``exit_code`` (50001: its Spot
+        VM was preempted), retried or not as the job's task spec says."""
+        with self._lock:
+            job, task = self.jobs[name], self.tasks[name][index]
+            assert task.state == TaskState.RUNNING, TaskState(task.state).name
+            self._end_task(job, task, exit_code, description)
+            self._schedule(job)
 
     def add_job(self, job_id: str, state: int) -> str:
         """Put a job straight into the store (for benchmarks of large fleets)."""
@@ -225,13 +314,80 @@ class FakeGcpBatch:
         state = job.status.state
         if state in _NEXT:
             self._move(job, _NEXT[state])
-        elif state == State.RUNNING:
-            code = planned_exit(list(job.task_groups[0].task_spec.runnables[0].container.commands))
-            if code == 0:
+            if job.status.state == State.RUNNING:
+                self._schedule(job)
+        elif state == State.RUNNING and job.name in self.tasks:
+            commands = list(job.task_groups[0].task_spec.runnables[0].container.commands)
+            for task in self.tasks[job.name]:
+                if task.state == TaskState.RUNNING:
+                    seen = task.env.get("JENNAH_TASK_INDEX", "")
+                    code = planned_exit(commands, int(seen) if seen.isdigit() else -1)
+                    if code is not None:
+                        self._end_task(job, task, code)
+            self._schedule(job)
+
+    def _task_move(self, job: batch_v1.Job, task: _Task, state: int,
+                   exit_code: int | None = None, description: str = "") -> None:
+        old, task.state = TaskState(task.state).name, state
+        text = (description or f"Task state is updated from {old} to {TaskState(state).name} "
+                f"on zones/{self.region}-a/instances/{task.index}"
+                + (f" with exit code {exit_code}." if exit_code else "."))
+        event = batch_v1.StatusEvent(type_="STATUS_CHANGED", event_time=_ts(self.clock()),
+                                     description=text, task_state=TaskState(state))
+        if exit_code:
+            event.task_execution = batch_v1.TaskExecution(exit_code=exit_code)
+        task.events.append(event)
+        self._count(job)
+
+    def _count(self, job: batch_v1.Job) -> None:
+        counts = Counter(TaskState(t.state).name for t in self.tasks[job.name])
+        job.status.task_groups[GROUP] = batch_v1.JobStatus.TaskGroupStatus(counts=counts)
+
+    def _end_task(self, job: batch_v1.Job, task: _Task, code: int, description: str = "") -> None:
+        if code == 0:
+            self._task_move(job, task, TaskState.SUCCEEDED)
+            return
+        self._task_move(job, task, TaskState.FAILED, code, description)
+        spec = job.task_groups[0].task_spec
+        if task.retries < spec.max_retry_count and _retried(spec, code):
+            task.retries += 1
+            self._task_move(job, task, TaskState.PENDING)
+
+    def _schedule(self, job: batch_v1.Job) -> None:
+        """Start pending tasks while fewer than ``parallelism`` run; end the job when
+        every task has ended."""
+        tasks = self.tasks.get(job.name, []) if job.status.state == State.RUNNING else []
+        group = job.task_groups[0]
+        limit = group.parallelism or min(len(tasks), MAX_PARALLEL_TASKS)
+        busy = sum(t.state in (TaskState.ASSIGNED, TaskState.RUNNING) for t in tasks)
+        for task in tasks:
+            if busy >= limit:
+                break
+            if task.state == TaskState.PENDING:
+                self._task_move(job, task, TaskState.ASSIGNED)
+                self._task_move(job, task, TaskState.RUNNING)
+                self._print(job, task)
+                busy += 1
+        if tasks and all(t.state in FINAL_TASK_STATES for t in tasks):
+            failed = [t for t in tasks if t.state == TaskState.FAILED]
+            if not failed:
                 self._move(job, State.SUCCEEDED, 0)
-            elif code is not None:
-                self._move(job, State.FAILED, code, f"Job state is set from RUNNING to FAILED "
-                           f"for job {job.name}. Task failed with exit code {code}.")
+                return
+            first = min(failed, key=lambda t: (t.events[-1].event_time, t.index))
+            last = first.events[-1]
+            self._move(job, State.FAILED, last.task_execution.exit_code,
+                       f"Job state is set from RUNNING to FAILED for job {job.name}. Job "
+                       f"failed due to task failure. Specifically, task with index "
+                       f"{first.index} failed due to the following task event: "
+                       f'"{last.description}"')
+
+    def _print(self, job: batch_v1.Job, task: _Task) -> None:
+        """What the task's ``echo "…"`` prints, to Cloud Logging as Batch's agent would."""
+        commands = " ".join(job.task_groups[0].task_spec.runnables[0].container.commands)
+        if self.logs is None or (m := _ECHO.search(commands)) is None:
+            return
+        text = _VAR.sub(lambda v: task.env.get(v.group(1), ""), m.group(1))
+        self.logs.write(job.uid, text, task_id=f"{job.uid}-{GROUP}-{task.index}")
 
     # --- RPCs -----------------------------------------------------------------------------
 
@@ -256,9 +412,19 @@ class FakeGcpBatch:
             if name in self.jobs:
                 raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"job {name} already exists")
             job = batch_v1.Job(req.job)
-            job.name, job.uid = name, uuid.uuid4().hex
+            job.name, job.uid = name, f"{req.job_id}-{uuid.uuid4().hex[:12]}"
             job.create_time = _ts(self.clock())
             job.status.state = State(State.QUEUED)
+            group = job.task_groups[0]
+            group.name = f"{name}/taskGroups/{GROUP}"
+            group.task_count = len(group.task_environments) or group.task_count or 1
+            shared = dict(group.task_spec.environment.variables)
+            self.tasks[name] = [
+                _Task(i, {**shared, **(dict(group.task_environments[i].variables)
+                                       if group.task_environments else {}),
+                          "BATCH_TASK_INDEX": str(i), "BATCH_TASK_COUNT": str(group.task_count)})
+                for i in range(group.task_count)]
+            self._count(job)
             self.jobs[name] = job
             self.created[req.job_id] += 1
             self._request_ids[req.request_id] = name
@@ -285,6 +451,26 @@ class FakeGcpBatch:
             token = str(start + size) if start + size < len(names) else ""
             return batch_v1.ListJobsResponse(jobs=[self.jobs[n] for n in page],
                                              next_page_token=token)
+
+    def list_tasks(self, req: batch_v1.ListTasksRequest) -> batch_v1.ListTasksResponse:
+        with self._lock:
+            self._enter("ListTasks")
+            self.list_task_requests.append(req)
+            job_name, _, group = req.parent.rpartition("/taskGroups/")
+            if group != GROUP or job_name not in self.tasks:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"TaskGroup {req.parent} not found")
+            match = _TASK_FILTER.match(req.filter)
+            if req.filter and (match is None or not self.accept_task_filters
+                               or match.group(1) not in TaskState.__members__):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad filter {req.filter!r}")
+            wanted = getattr(TaskState, match.group(1)) if match else None
+            tasks = [t for t in self.tasks[job_name] if wanted is None or t.state == wanted]
+            start = int(req.page_token or 0)
+            size = min(req.page_size or 100, 1000)
+            token = str(start + size) if start + size < len(tasks) else ""
+            return batch_v1.ListTasksResponse(
+                tasks=[t.proto(req.parent) for t in tasks[start:start + size]],
+                next_page_token=token)
 
     def cancel_job(self, req: batch_v1.CancelJobRequest) -> operations_pb2.Operation:
         with self._lock:
@@ -327,6 +513,9 @@ class FakeGcpBatch:
                     code=self._cancel_error.value[0], message="cancellation failed"))
             if job is not None and in_progress:
                 self._move(job, State.CANCELLED)
+                for task in self.tasks.get(job.name, []):
+                    if task.state not in FINAL_TASK_STATES:
+                        self._task_move(job, task, TaskState.UNEXECUTED)
             return operations_pb2.Operation(name=req.name, done=True,
                                             response=_pack(batch_v1.CancelJobResponse()))
 
@@ -357,6 +546,8 @@ class FakeGcpBatch:
             "ListJobs": unary(self.list_jobs, batch_v1.ListJobsRequest.deserialize,
                               batch_v1.ListJobsResponse.serialize),
             "CancelJob": unary(self.cancel_job, batch_v1.CancelJobRequest.deserialize, op_ser),
+            "ListTasks": unary(self.list_tasks, batch_v1.ListTasksRequest.deserialize,
+                               batch_v1.ListTasksResponse.serialize),
         })
         ops = grpc.method_handlers_generic_handler(OPERATIONS, {
             "GetOperation": unary(self.get_operation,
@@ -379,14 +570,25 @@ def serve(fake: FakeGcpBatch, workers: int = 8) -> Iterator[str]:
 
 
 def client_for(address: str) -> tuple[batch_v1.BatchServiceClient, grpc.Channel]:
-    """The official client on a plain channel to ``address`` (no credentials needed)."""
+    """The official client on a plain channel to ``address`` (no credentials needed), with
+    the message size limits the client's own channel has (none)."""
     from google.cloud.batch_v1.services.batch_service.transports import (
         BatchServiceGrpcTransport,
     )
 
-    channel = grpc.insecure_channel(address)
+    channel = grpc.insecure_channel(address, options=[
+        ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
     client = batch_v1.BatchServiceClient(transport=BatchServiceGrpcTransport(channel=channel))
     return client, channel
+
+
+def _retried(spec: batch_v1.TaskSpec, code: int) -> bool:
+    """Whether a task that failed with ``code`` is retried (retries left aside)."""
+    if not spec.lifecycle_policies:
+        return True  # the default policy: retry any non-zero exit code
+    policy = spec.lifecycle_policies[0]
+    listed = code in policy.action_condition.exit_codes
+    return listed if policy.action == Action.RETRY_TASK else not listed
 
 
 def _ts(at: datetime) -> timestamp_pb2.Timestamp:

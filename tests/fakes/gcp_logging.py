@@ -62,18 +62,20 @@ class FakeCloudLogging:
         return f"projects/{self.project}/logs/{LOG_ID}"
 
     def write(self, job_uid: str, text: str, *, stream: str = "stdout",
-              at: datetime | None = None, delay: float = 0.0, task_id: str = "task/0") -> None:
-        """What Batch's agent writes for one printed line of a task."""
+              at: datetime | None = None, delay: float = 0.0, task_id: str = "") -> None:
+        """What Batch's agent writes for one printed line of a task: labelled with the
+        job's uid and the task's id, ``<uid>-group0-<index>`` (task 0 by default)."""
         when = at or self.clock()
         with self._lock:
             self._ids += 1
-            body = {"logName": self.log_name, "insertId": f"{self._ids:08x}",
+            insert_id = f"{self._ids:08x}"
+            body = {"logName": self.log_name, "insertId": insert_id,
                     "timestamp": format_timestamp(to_nanos(when)),
                     "severity": "ERROR" if stream == "stderr" else "INFO",
                     "textPayload": text,
-                    "labels": {"job_uid": job_uid, "task_id": task_id},
-                    "resource": {"type": "generic_task"}}
-            self._entries.append(_Entry(to_nanos(when), body["insertId"],
+                    "labels": {"job_uid": job_uid, "task_id": task_id or f"{job_uid}-group0-0"},
+                    "resource": {"type": "batch.googleapis.com/Job"}}
+            self._entries.append(_Entry(to_nanos(when), insert_id,
                                         when + timedelta(seconds=delay), body))
 
     def handle(self, req: Request) -> Response:

@@ -3,14 +3,17 @@ the REST fake of Cloud Logging (``tests/fakes/gcp_logging.py``): the provider co
 every row of the state table and of the exit-code table, every request field we promise,
 the documented limits (labels, accelerators, networks) refused at SubmitJob, adoption,
 throttling, cancel through the long-running operation (in progress, failed), list-based
-polling, and the jobs' output read back from Cloud Logging."""
+polling, the jobs' output read back from Cloud Logging, and jobs of several tasks (the
+task group and its environments, per-task retries by exit code, the task listing's cost,
+each task's output, through the worker's own poller too)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,25 +27,46 @@ from google.cloud import batch_v1
 
 from database.memory import MemoryStore
 from jennah.errors import InvalidArgument, ProviderRejected, ProviderUnavailable, SettingsError
-from jennah.models import FailureClass, JobFilter, JobSpec, JobStatus, ResourceOverride
+from jennah.models import (
+    EventKind,
+    FailureClass,
+    JobFilter,
+    JobSpec,
+    JobStatus,
+    ResourceOverride,
+    TaskState,
+    TaskStatus,
+)
 from jennah.settings import ProviderSettings
-from providers.base import OutputChunk, ProviderTask, check_spec
+from jennah.tasks import count
+from providers.base import OutputChunk, ProviderStatus, ProviderTask, check_spec
 from providers.base import provider_job_id as make_pid
 from providers.gcp import (
     GCP_EXIT_CODES,
     GCP_STATES,
+    GCP_TASK_STATES,
     IN_PROGRESS_STATES,
     GcpBatchProvider,
     Network,
     build_job,
     request_uuid,
+    task_state,
 )
 from providers.gcp_output import RestLogReader
 from providers.retry import RetryPolicy
 from tests.fakes import serve_http
 from tests.fakes.gcp_batch import FakeGcpBatch, client_for, serve
 from tests.fakes.gcp_logging import FakeCloudLogging
-from tests.providers.provider_contract import EXIT_0, EXIT_3, SLEEP_60, ProviderContract, make_task
+from tests.helpers import owner
+from tests.providers.provider_contract import (
+    ECHO_TASK,
+    EXIT_0,
+    EXIT_3,
+    SLEEP_60,
+    TASK_1_FAILS,
+    ProviderContract,
+    make_task,
+)
 from worker.jobs import JobService
 
 State = batch_v1.JobStatus.State
@@ -121,8 +145,8 @@ SETTLE = 30.0  # seconds: the tests' Cloud Logging safety margin
 @pytest.fixture
 def gcp() -> Iterator[GcpHarness]:
     clock = Clock()
-    fake = FakeGcpBatch(clock=clock)
-    logs = FakeCloudLogging(project=fake.project, clock=clock)
+    logs = FakeCloudLogging(clock=clock)
+    fake = FakeGcpBatch(project=logs.project, clock=clock, logs=logs)
     with serve(fake) as address, serve_http(logs.handle) as logs_url:
         client, channel = client_for(address)
         sleeps = Sleeps()
@@ -241,11 +265,14 @@ def test_create_request_carries_every_promised_field(gcp: GcpHarness) -> None:
     assert list(container.commands) == ["python", "-m", "app", "--x=1"]
     assert dict(spec.environment.variables) == {
         "MODE": "fast", "TOKEN": "s3cret", "JENNAH_JOB_ID": task.job_id, "JENNAH_ATTEMPT": "1",
-        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id}
+        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id,
+        "JENNAH_TASK_INDEX": "0", "JENNAH_TASK_COUNT": "1"}
+    group = req.job.task_groups[0]
+    assert (group.task_count, len(group.task_environments), group.parallelism) == (1, 0, 0)
     # large is 4000m/8192MiB; the override's CPU wins, the profile's memory stays.
     assert (spec.compute_resource.cpu_milli, spec.compute_resource.memory_mib) == (6000, 8192)
     assert spec.max_run_duration == timedelta(hours=1)
-    assert spec.max_retry_count == 0
+    assert (spec.max_retry_count, len(spec.lifecycle_policies)) == (0, 0)  # Jennah retries
     policy = req.job.allocation_policy.instances[0].policy
     assert policy.machine_type == "n2-standard-8"
     assert policy.boot_disk.size_gb == 100
@@ -642,8 +669,10 @@ def test_a_finished_job_ends_only_after_its_last_output(gcp: GcpHarness) -> None
         assert (st.state, st.exit_code) == (JobStatus.COMPLETED, 0)
         chunks, end = drain(p, path, (0, 0))  # the poller's final read
         assert "".join(c.stdout for c in chunks) == "last words\n" and end == (1, 0)
-        gcp.logs.write(uid, "after the end?")  # nothing after the end is new text …
-        assert p.read_output(path, end).offsets == (2, 0)  # … unless Batch wrote it
+        calls = gcp.logs.calls["POST /v2/entries:list"]
+        gcp.logs.write(uid, "after the end?")  # the end was read: never listed again
+        assert p.read_output(path, end).offsets == end
+        assert gcp.logs.calls["POST /v2/entries:list"] == calls
 
 
 def test_reads_are_capped_per_call_and_resume(gcp: GcpHarness) -> None:
@@ -662,8 +691,9 @@ def test_reads_are_capped_per_call_and_resume(gcp: GcpHarness) -> None:
         assert [len(c.stdout.splitlines()) for c in chunks] == [10, 9, 6]
         assert "".join(c.stdout for c in chunks) == "".join(f"line {i:02d}\n" for i in range(25))
         assert end == (25, 0)
-        # one page per call, each from where the last stopped (timestamp >= …)
-        assert gcp.logs.calls["POST /v2/entries:list"] - before == 4
+        # one page per call, each from where the last stopped (timestamp >= …); the third
+        # reached the end of the listing, so the last read costs no call
+        assert gcp.logs.calls["POST /v2/entries:list"] - before == 3
         assert 'timestamp>="' in gcp.logs.requests[-1]["filter"]
 
 
@@ -683,3 +713,339 @@ def test_reads_stay_within_the_logging_read_quota(gcp: GcpHarness) -> None:
             gcp.clock.tick(10)
         assert sorted(got.values()) == ["hello\n"] * len(jobs)  # every job had turns
         assert gcp.logs.throttled == 0  # and Cloud Logging never said 429
+
+
+# --- jobs of several tasks (docs/design.md §16) -----------------------------------------
+
+
+def array_task(commands: Sequence[str], task_count: int, **spec: Any) -> ProviderTask:
+    task = make_task(commands)
+    return dataclasses.replace(task, spec=dataclasses.replace(task.spec, task_count=task_count,
+                                                              **spec))
+
+
+def statuses(st: ProviderStatus) -> dict[int, TaskStatus]:
+    assert st.tasks is not None
+    return {t.index: t.status for t in st.tasks}
+
+
+def test_task_state_table_covers_every_batch_task_state() -> None:
+    assert dict(GCP_TASK_STATES) == {
+        "STATE_UNSPECIFIED": TaskStatus.PENDING, "PENDING": TaskStatus.PENDING,
+        "ASSIGNED": TaskStatus.PENDING, "RUNNING": TaskStatus.RUNNING,
+        "SUCCEEDED": TaskStatus.SUCCEEDED, "FAILED": TaskStatus.FAILED,
+        "UNEXECUTED": TaskStatus.CANCELLED,
+    }
+    assert set(batch_v1.TaskStatus.State.__members__) == set(GCP_TASK_STATES)
+
+
+def test_a_task_is_read_from_its_status_events() -> None:
+    t = [datetime(2026, 11, 23, 12, i, tzinfo=UTC) for i in range(6)]
+    S = batch_v1.TaskStatus.State
+
+    def event(at: datetime, state: int | None, text: str = "", code: int = 0
+              ) -> batch_v1.StatusEvent:
+        ev = batch_v1.StatusEvent(event_time=at, description=text)
+        if state is not None:
+            ev.task_state = state
+        if code:
+            ev.task_execution = batch_v1.TaskExecution(exit_code=code)
+        return ev
+
+    last = "Task state is updated from RUNNING to FAILED on zones/z/instances/1 with exit code 137."
+    task = batch_v1.Task(name="projects/p/locations/r/jobs/j/taskGroups/group0/tasks/7",
+                         status=batch_v1.TaskStatus(state=S.FAILED, status_events=[
+                             event(t[0], S.ASSIGNED), event(t[1], S.RUNNING),
+                             event(t[2], S.FAILED, "preempted", 50001), event(t[2], S.PENDING),
+                             event(t[3], S.RUNNING), event(t[5], None, last)]))
+    # retried once after the preemption, then failed for good: the event text says how
+    assert task_state(task) == TaskState(7, TaskStatus.FAILED, 137, 1, t[1], t[5], last,
+                                         FailureClass.USER_ERROR)
+    task.status.status_events = task.status.status_events[:5]
+    task.status.state = S.RUNNING
+    assert task_state(task) == TaskState(7, TaskStatus.RUNNING, None, 1, t[1])
+
+
+def test_an_array_is_one_task_group_with_an_environment_per_task(gcp: GcpHarness) -> None:
+    task = array_task(ECHO_TASK, 4, parallelism=2, max_retries=3, env_vars={"MODE": "x"})
+    path = gcp.provider.submit(task)
+    [req] = gcp.fake.create_requests
+    [group] = req.job.task_groups
+    assert group.task_count == 0  # unset: Batch counts the task environments
+    assert [dict(e.variables) for e in group.task_environments] == [
+        {"JENNAH_TASK_INDEX": str(i)} for i in range(4)]
+    env = dict(group.task_spec.environment.variables)
+    assert (env["JENNAH_TASK_COUNT"], env["MODE"], "JENNAH_TASK_INDEX" in env) == ("4", "x", False)
+    assert group.parallelism == 2
+    assert group.task_spec.max_retry_count == 3
+    [policy] = group.task_spec.lifecycle_policies
+    assert policy.action == batch_v1.LifecyclePolicy.Action.RETRY_TASK
+    # preempted and infrastructure codes; not 50005 (a timeout), nor the task's own codes
+    assert list(policy.action_condition.exit_codes) == [50000, 50001, 50002, 50003, 50004, 50006]
+    # what each task's container sees, in the service
+    assert [(t.env["JENNAH_TASK_INDEX"], t.env["JENNAH_TASK_COUNT"], t.env["BATCH_TASK_INDEX"])
+            for t in gcp.fake.tasks[path]] == [(str(i), "4", str(i)) for i in range(4)]
+
+
+def test_a_10000_task_job_is_one_request_within_batchs_limits(gcp: GcpHarness) -> None:
+    task = array_task(EXIT_0, 10_000, parallelism=8_000, max_retries=15)
+    check_spec("gcp", gcp.provider.capabilities, task.spec)
+    started = time.perf_counter()
+    build_job(task)
+    assert time.perf_counter() - started < 0.5
+    gcp.provider.submit(task)  # the fake refuses a definition over 1 MB, or 5,001 in parallel
+    [req] = gcp.fake.create_requests
+    group = req.job.task_groups[0]
+    assert len(group.task_environments) == 10_000
+    assert group.parallelism == 5_000  # Batch's most; "at most 8,000 at a time" still holds
+    assert group.task_spec.max_retry_count == 10  # Batch's most
+    assert gcp.fake.created[task.provider_job_id] == 1
+
+
+def test_more_tasks_than_declared_are_refused_at_submitjob(gcp: GcpHarness) -> None:
+    caps = gcp.provider.capabilities
+    assert (caps.max_task_count, caps.parallelism, caps.tasks_per_call) == (10_000, True, None)
+    check_spec("gcp", caps, dataclasses.replace(SPEC, task_count=10_000, parallelism=9_000))
+    with pytest.raises(InvalidArgument, match="10001 given; the gcp provider takes at most 10000"):
+        check_spec("gcp", caps, dataclasses.replace(SPEC, task_count=10_001))
+
+
+@pytest.mark.parametrize(("field_", "value", "complaint"), [
+    ("task_count", 100_001, "at most 100000 tasks per task group"),
+    ("parallelism", 5_001, "parallelism 5001: at most 5000"),
+    ("max_retry_count", 11, r"max_retry_count 11 is not in \[0, 10\]"),
+])
+def test_the_fake_refuses_what_batch_limits(gcp: GcpHarness, field_: str, value: int,
+                                            complaint: str) -> None:
+    req = batch_v1.CreateJobRequest(parent=gcp.fake.parent, job_id="j-x-0",
+                                    request_id=str(uuid.uuid4()), job=build_job(make_task(EXIT_0)))
+    group = req.job.task_groups[0]
+    setattr(group.task_spec if field_ == "max_retry_count" else group, field_, value)
+    with pytest.raises(gexc.InvalidArgument, match=complaint):
+        gcp.provider.client.create_job(request=req, retry=None)
+
+
+def test_tasks_are_retried_on_infrastructure_codes_only(gcp: GcpHarness) -> None:
+    path = gcp.provider.submit(array_task(SLEEP_60, 3, max_retries=2))
+    gcp.fake.advance(2)  # the job runs, its three tasks started
+    gcp.fake.end_task(path, 0, 50001)  # preempted: retried, and running again
+    gcp.fake.end_task(path, 1, 3)  # the task's own failure: not retried
+    gcp.fake.end_task(path, 2, 50005)  # its max run duration: a timeout, not retried
+    gcp.clock.tick(60)
+    st = gcp.provider.status([path])[path]
+    assert st.tasks is not None
+    by = {t.index: t for t in st.tasks}
+    assert (by[0].status, by[0].attempt, by[0].exit_code) == (TaskStatus.RUNNING, 1, None)
+    assert (by[1].status, by[1].exit_code, by[1].attempt, by[1].failure_class) == (
+        TaskStatus.FAILED, 3, 0, FailureClass.USER_ERROR)
+    assert (by[2].status, by[2].exit_code, by[2].failure_class) == (
+        TaskStatus.FAILED, 50005, FailureClass.TIMEOUT)
+    assert st.state is JobStatus.RUNNING  # a task still runs
+    gcp.fake.end_task(path, 0, 50002)  # retried a second time
+    gcp.fake.end_task(path, 0, 50001)  # no retry left: failed for good
+    gcp.clock.tick(60)
+    st = gcp.provider.status([path])[path]
+    assert st.tasks is not None
+    zero = st.tasks[0]
+    assert (zero.status, zero.exit_code, zero.attempt, zero.failure_class) == (
+        TaskStatus.FAILED, 50001, 2, FailureClass.PREEMPTED)
+    assert (st.state, st.exit_code, st.failure_class) == (
+        JobStatus.FAILED, 3, FailureClass.USER_ERROR)
+    assert st.message.startswith("task 1 failed: exit code 3"), st.message
+
+
+def test_a_cancelled_array_is_cancelled_even_with_a_failed_task(gcp: GcpHarness) -> None:
+    path = gcp.provider.submit(array_task(SLEEP_60, 3))
+    gcp.fake.advance(2)
+    gcp.fake.end_task(path, 1, 3)
+    gcp.provider.cancel(path)
+    st = gcp.provider.status([path])[path]
+    assert (st.state, st.exit_code, st.failure_class) == (JobStatus.CANCELLED, None, None)
+    assert statuses(st) == {0: TaskStatus.CANCELLED, 1: TaskStatus.FAILED,
+                            2: TaskStatus.CANCELLED}
+
+
+def test_an_array_that_fails_before_any_task_has_the_jobs_reason(gcp: GcpHarness) -> None:
+    path = gcp.provider.submit(array_task(EXIT_0, 3))
+    gcp.fake.advance()  # scheduled: no task started
+    gcp.fake.set_state(path, State.FAILED, description="Job failed: quota 'CPUS' exceeded")
+    st = gcp.provider.status([path])[path]
+    assert (st.state, st.failure_class, st.exit_code) == (JobStatus.FAILED, FailureClass.QUOTA,
+                                                          None)
+    assert "quota" in st.message
+    assert statuses(st) == dict.fromkeys(range(3), TaskStatus.CANCELLED)
+
+
+def test_tasks_are_listed_only_when_counts_change_and_at_a_bounded_pace(gcp: GcpHarness
+                                                                        ) -> None:
+    with gcp.another_provider(task_page_size=100, task_page_seconds=2.0,
+                              log_settle_seconds=0) as p:
+        path = p.submit(array_task(EXIT_0, 300, parallelism=100))
+        gcp.fake.advance(2)  # running: tasks 0-99 started
+
+        def poll() -> tuple[ProviderStatus, list[str]]:
+            before = len(gcp.fake.list_task_requests)
+            st = p.status([path])[path]
+            assert st.tasks is not None
+            return st, [r.filter for r in gcp.fake.list_task_requests[before:]]
+
+        st, listed = poll()
+        assert listed == ["State=RUNNING"] and count(300, st.tasks or ()).running == 100
+        assert poll()[1] == []  # nothing changed: nothing listed
+        gcp.fake.advance()  # 0-99 succeed, 100-199 start
+        gcp.clock.tick(10)
+        st, listed = poll()
+        assert listed == ["State=RUNNING", "State=SUCCEEDED"]
+        n = count(300, st.tasks or ())
+        assert (n.succeeded, n.running, n.pending) == (100, 100, 100)
+        gcp.fake.advance()  # 100-199 succeed, 200-299 start
+        assert poll()[1] == []  # changed, but the last refresh took 2 pages: not for 4 s
+        gcp.clock.tick(5)
+        assert poll()[1] == ["State=RUNNING", "State=SUCCEEDED", "State=SUCCEEDED"]
+        gcp.fake.advance()  # every task done: the job ended, listed at once whatever the pace
+        st, listed = poll()
+        assert listed == ["State=RUNNING"] + ["State=SUCCEEDED"] * 3
+        assert (st.state, count(300, st.tasks or ()).succeeded) == (JobStatus.COMPLETED, 300)
+        assert poll()[1] == []
+
+
+def test_a_refused_task_filter_falls_back_to_listing_every_task(gcp: GcpHarness) -> None:
+    gcp.fake.accept_task_filters = False
+    path = gcp.provider.submit(array_task(TASK_1_FAILS, 3))
+    for _ in range(4):
+        gcp.fake.advance()
+        gcp.clock.tick(60)
+        st = gcp.provider.status([path])[path]
+    assert st.state is JobStatus.FAILED
+    assert statuses(st) == {0: TaskStatus.SUCCEEDED, 1: TaskStatus.FAILED,
+                            2: TaskStatus.SUCCEEDED}
+    filters = [r.filter for r in gcp.fake.list_task_requests]
+    assert filters[0] == "State=RUNNING" and set(filters[1:]) == {""}
+
+
+def test_a_failed_task_listing_costs_that_job_only(gcp: GcpHarness) -> None:
+    array = gcp.provider.submit(array_task(SLEEP_60, 2))
+    plain = gcp.provider.submit(make_task(SLEEP_60))
+    gcp.fake.advance(2)
+    with gcp.another_provider(retry=RetryPolicy(attempts=1)) as p:
+        gcp.fake.throttle(1, methods={"ListTasks"})
+        result = p.status([array, plain])
+        assert result[array].state is None and "ResourceExhausted" in result[array].message
+        assert result[plain].state is JobStatus.RUNNING
+        assert p.status([array])[array].state is JobStatus.RUNNING  # listed next time
+    with gcp.another_provider(retry=RetryPolicy(attempts=1), list_threshold=1) as p:
+        gcp.fake.throttle(1, methods={"ListTasks"})
+        gets = gcp.fake.calls["GetJob"]
+        result = p.status([array, plain])  # from the job listing: the array fetched again
+        assert {result[array].state, result[plain].state} == {JobStatus.RUNNING}
+        assert gcp.fake.calls["GetJob"] - gets == 1
+
+
+def drain_task(p: GcpBatchProvider, path: str, index: int, offsets: tuple[int, int] = (0, 0)
+               ) -> tuple[str, tuple[int, int]]:
+    text = ""
+    while (chunk := p.read_output(path, offsets, task_index=index)).offsets != offsets:
+        text, offsets = text + chunk.stdout, chunk.offsets
+    return text, offsets
+
+
+def test_a_task_that_ended_is_held_back_then_read_to_its_end(gcp: GcpHarness) -> None:
+    with output_provider(gcp) as p:
+        path = p.submit(array_task(SLEEP_60, 3))
+        gcp.fake.advance(2)
+        uid = gcp.fake.jobs[path].uid
+        for i in range(3):
+            gcp.logs.write(uid, f"hello from {i}", task_id=f"{uid}-group0-{i}", delay=10)
+        gcp.fake.end_task(path, 1, 0)
+        # task 1 ended, but its last lines may not be in Cloud Logging yet
+        assert statuses(p.status([path])[path]) == dict.fromkeys(range(3), TaskStatus.RUNNING)
+        gcp.clock.tick(SETTLE + 1)
+        st = p.status([path])[path]
+        assert statuses(st) == {0: TaskStatus.RUNNING, 1: TaskStatus.SUCCEEDED,
+                                2: TaskStatus.RUNNING}
+        assert st.state is JobStatus.RUNNING
+        calls = gcp.logs.calls["POST /v2/entries:list"]
+        # its final read lists the job up to the task's end, whatever the job's turn …
+        assert drain_task(p, path, 1) == ("hello from 1\n", (1, 0))
+        # … and that listing met the other tasks' lines: they are read from memory
+        assert p.read_output(path, (0, 0), task_index=0).stdout == "hello from 0\n"
+        assert p.read_output(path, (0, 0), task_index=2).stdout == "hello from 2\n"
+        assert gcp.logs.calls["POST /v2/entries:list"] - calls == 1
+        filter_ = gcp.logs.requests[-1]["filter"]
+        assert f'labels.job_uid="{uid}"' in filter_ and "task_id" not in filter_
+
+
+def test_an_ended_tasks_last_lines_wait_for_quota_not_for_the_jobs_turn(gcp: GcpHarness
+                                                                        ) -> None:
+    with output_provider(gcp, log_reads_per_minute=1) as p:  # one listing a minute
+        path = p.submit(array_task(SLEEP_60, 2))
+        gcp.fake.advance(2)
+        uid = gcp.fake.jobs[path].uid
+        gcp.logs.write(uid, "early", task_id=f"{uid}-group0-0")
+        gcp.clock.tick(SETTLE + 1)
+        assert p.read_output(path, (0, 0), task_index=0).stdout == "early\n"  # the turn, spent
+        gcp.logs.write(uid, "last words", task_id=f"{uid}-group0-1")
+        gcp.fake.end_task(path, 1, 0)
+        gcp.clock.tick(SETTLE + 1)
+        assert statuses(p.status([path])[path])[1] is TaskStatus.SUCCEEDED
+        before = gcp.clock()
+        # the worker reads an ended task once: this read must not miss its last lines
+        assert p.read_output(path, (0, 0), task_index=1).stdout == "last words\n"
+        assert gcp.clock() > before  # it waited for the quota (the injected sleep)
+
+
+def test_each_task_reads_exactly_once_when_memory_drops_lines(gcp: GcpHarness) -> None:
+    path = gcp.provider.submit(array_task(SLEEP_60, 2))
+    gcp.fake.advance(2)
+    uid = gcp.fake.jobs[path].uid
+    for i in range(6):
+        for task in (0, 1):
+            gcp.logs.write(uid, f"task {task} line {i}", task_id=f"{uid}-group0-{task}")
+            gcp.clock.tick(0.1)
+    gcp.fake.set_state(path, State.SUCCEEDED, exit_code=0)
+    gcp.clock.tick(SETTLE + 1)
+    with output_provider(gcp) as p:
+        p._output.page_size, p._output.max_buffered = 4, 1  # type: ignore[union-attr]
+        first, at = drain_task(p, path, 0, (0, 0))
+        assert first == "".join(f"task 0 line {i}\n" for i in range(6)) and at == (6, 0)
+        # task 1's lines were dropped to stay within memory: listed again, once each
+        calls = gcp.logs.calls["POST /v2/entries:list"]
+        assert drain_task(p, path, 1) == ("".join(f"task 1 line {i}\n" for i in range(6)),
+                                          (6, 0))
+        assert gcp.logs.calls["POST /v2/entries:list"] > calls
+        # a worker asking again from earlier offsets gets the same lines
+        assert drain_task(p, path, 0, (4, 0)) == ("task 0 line 4\ntask 0 line 5\n", (6, 0))
+
+
+def test_the_poller_records_each_tasks_output_once(gcp: GcpHarness) -> None:
+    """The worker's own loop: tasks ending at different times, each one's lines read after
+    the margin, once, with its ``task_index``; the job ends after the last of them."""
+    store = MemoryStore()
+    with output_provider(gcp) as p:
+        worker = owner(store, p, "w1", clock=gcp.clock)
+
+        async def go() -> None:
+            spec = JobSpec(image_uri="busybox", commands=SLEEP_60, task_count=3)
+            job = await worker.jobs.submit("acme", spec, "r")
+            path = job.cloud_resource_path
+            gcp.fake.advance(2)
+            uid = gcp.fake.jobs[path].uid
+            for i in range(3):
+                gcp.logs.write(uid, f"hello from {i}", task_id=f"{uid}-group0-{i}")
+            gcp.fake.end_task(path, 2, 0)
+            for _ in range(3):
+                gcp.clock.tick(20)
+                await worker.poller.cycle()
+            gcp.fake.end_task(path, 0, 0)
+            gcp.fake.end_task(path, 1, 0)
+            for _ in range(4):
+                gcp.clock.tick(20)
+                await worker.poller.cycle()
+            done = store.get_job("acme", job.job_id)
+            assert done.status is JobStatus.COMPLETED
+            output = [(e.task_index, e.output) for e in store.list_events("acme", job.job_id, 0,
+                                                                          1000)
+                      if e.kind is EventKind.OUTPUT]
+            assert sorted(output) == [(i, f"hello from {i}\n") for i in range(3)]
+
+        asyncio.run(go())
