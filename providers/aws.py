@@ -50,6 +50,20 @@ encoding and the cost per call).
 **Status**: ``DescribeJobs`` in batches of 100. **Cancel**: ``TerminateJob`` with a reason
 of our own; a job that AWS reports FAILED with that reason is CANCELLED to us.
 
+**Jobs of several tasks** (docs/design.md §16; docs/providers.md, "Jobs of several tasks
+on AWS"): a job of N > 1 tasks is one array job, ``arrayProperties.size`` N (AWS takes 2
+to 10,000), whose child ``<job id>:<i>`` is task i. AWS sets ``AWS_BATCH_JOB_ARRAY_INDEX``
+in each child; the command is wrapped (``task_command``) so that a POSIX shell exports it
+as ``JENNAH_TASK_INDEX`` before running the job's own command; ``JENNAH_TASK_COUNT`` is in
+the environment (a plain job gets ``JENNAH_TASK_INDEX=0`` and ``JENNAH_TASK_COUNT=1``
+there, unwrapped). AWS runs an array's children as capacity allows, with no limit of
+their own, so ``spec.parallelism`` below the task count is refused (``capabilities``).
+Each child is retried by AWS (``task_retry_strategy``) for the retryable failure classes.
+``status`` of an array job reads its children (``_array_status``: only when the parent's
+``statusSummary`` changed, listing by status and describing only the children that
+changed); ``cancel`` terminates the parent, which terminates every child; ``read_output``
+reads the child's own log streams.
+
 Vendor errors never leave this module: botocore ``ClientError`` and connection errors
 become ``ProviderUnavailable`` (429, ``Throttling*``, 5xx, connection: retried here first,
 see ``providers/retry.py``; botocore's own retries are off), ``ProviderQuotaExceeded`` or
@@ -64,7 +78,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,7 +95,7 @@ from jennah.errors import (
     ProviderRejected,
     ProviderUnavailable,
 )
-from jennah.models import FailureClass, JobSpec, JobStatus
+from jennah.models import FailureClass, JobSpec, JobStatus, TaskState, TaskStatus
 from jennah.settings import Env, ProviderSettings
 from providers.base import (
     Capabilities,
@@ -92,6 +106,7 @@ from providers.base import (
 )
 from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
 from providers.retry import RetryPolicy
+from providers.tasks import status_from_tasks
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -150,6 +165,47 @@ DEFAULT_LOG_GROUP = "/aws/batch/job"
 LOG_PAGES_PER_READ = 3
 LOG_EVENTS_PER_PAGE = 10_000
 _NON_ALNUM = re.compile(r"[^A-Za-z0-9]")
+# (log group, log stream)
+LogStream = tuple[str, str]
+
+# --- jobs of several tasks (array jobs) ---
+# "Array jobs", AWS Batch User Guide: an array size is 2 to 10,000.
+MAX_ARRAY_SIZE = 10_000
+# The child's index, as JENNAH_TASK_INDEX, for the job's own command ("$@"). A POSIX shell
+# (/bin/sh) in the image is required, and an image ENTRYPOINT gets this as its arguments.
+TASK_INDEX_SCRIPT = 'export JENNAH_TASK_INDEX="${AWS_BATCH_JOB_ARRAY_INDEX:-0}"; exec "$@"'
+TASK_SCRIPT_NAME = "jennah-task"  # $0 of that script
+# "RetryStrategy", AWS Batch API Reference: attempts is 1 to 10.
+MAX_ATTEMPTS = 10
+# evaluateOnExit for an array's children, first match wins; no match retries (AWS's
+# rule). The same split as AWS_FAILED_RULES and job_status: a reclaimed host is retried
+# (preempted); a container that exited (user_error, or timeout's kill), the timeout, an
+# image that cannot be pulled and our cancel are not; anything else, a failure without an
+# exit code (infrastructure), is. Patterns may hold letters, digits, ".", ":", spaces and
+# a final "*" ("EvaluateOnExit", AWS Batch API Reference); at most 5 entries.
+TASK_RETRY_RULES: Sequence[Mapping[str, str]] = (
+    {"onStatusReason": "Host EC2*", "action": "RETRY"},
+    {"onExitCode": "*", "action": "EXIT"},
+    {"onStatusReason": "Job attempt duration exceeded timeout*", "action": "EXIT"},
+    {"onStatusReason": "CannotPullContainerError*", "action": "EXIT"},
+    {"onStatusReason": f"{CANCEL_REASON}*", "action": "EXIT"},
+)
+# ListJobs page size for an array's children (AWS's maximum for maxResults).
+LIST_PAGE = 1_000
+# Children's AWS states listed by status(): those that are tasks running, then finished.
+ACTIVE_CHILD_STATES = ("STARTING", "RUNNING")
+FINAL_CHILD_STATES = ("SUCCEEDED", "FAILED")
+# An array whose statusSummary has not changed is still looked at this often (seconds),
+# in case children swapped states without changing the counts.
+ARRAY_REFRESH_SECONDS = 60.0
+# Array jobs whose children a worker keeps in memory (least recently polled forgotten).
+ARRAY_VIEWS = 1_000
+# A task's state from its child's Jennah state (None: unmapped, pending to us).
+_TASK_STATUS: Mapping[JobStatus | None, TaskStatus] = {
+    JobStatus.SCHEDULED: TaskStatus.PENDING, JobStatus.RUNNING: TaskStatus.RUNNING,
+    JobStatus.COMPLETED: TaskStatus.SUCCEEDED, JobStatus.FAILED: TaskStatus.FAILED,
+    JobStatus.CANCELLED: TaskStatus.CANCELLED, None: TaskStatus.PENDING,
+}
 
 
 def translate(exc: Exception, what: str) -> ProviderError:
@@ -198,29 +254,60 @@ def share_identifier(tenant_id: str, configured: Mapping[str, str]) -> str:
 
 
 def submit_request(task: ProviderTask, queue: str, definition: str,
-                   fair_share: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The SubmitJob parameters for one execution: every field Jennah promises."""
+                   fair_share: Mapping[str, Any] | None = None,
+                   definition_command: Sequence[str] = ()) -> dict[str, Any]:
+    """The SubmitJob parameters for one execution: every field Jennah promises.
+    ``definition_command``: the job definition's own command, which a job of several
+    tasks without commands runs (wrapped, ``task_command``)."""
     spec, res = task.spec, resolve(task.spec)
     requirements = [{"type": "VCPU", "value": res.vcpus},
                     {"type": "MEMORY", "value": str(res.memory_mib)}]
     if spec.accelerator_count:
         requirements.append({"type": "GPU", "value": str(spec.accelerator_count)})
+    environment = {**job_environment(task), "JENNAH_TASK_COUNT": str(spec.task_count)}
+    if not spec.is_array:
+        environment["JENNAH_TASK_INDEX"] = "0"
     overrides: dict[str, Any] = {
-        "environment": [{"name": k, "value": v} for k, v in job_environment(task).items()],
+        "environment": [{"name": k, "value": v} for k, v in environment.items()],
         "resourceRequirements": requirements,
     }
-    if spec.commands:
+    if spec.is_array:
+        overrides["command"] = task_command(spec.commands or definition_command)
+    elif spec.commands:
         overrides["command"] = list(spec.commands)
     request: dict[str, Any] = {
         "jobName": task.provider_job_id, "jobQueue": queue, "jobDefinition": definition,
         "containerOverrides": overrides, "tags": job_labels(task), "propagateTags": True,
-        "retryStrategy": {"attempts": 1},  # Jennah retries, with a new execution id
-        **(fair_share or {}),
+        "retryStrategy": task_retry_strategy(spec), **(fair_share or {}),
     }
-    if res.max_run_duration_seconds:
+    if spec.is_array:
+        request["arrayProperties"] = {"size": spec.task_count}
+    if res.max_run_duration_seconds:  # for an array, each child's (AWS's rule)
         request["timeout"] = {
             "attemptDurationSeconds": max(MIN_TIMEOUT_SECONDS, res.max_run_duration_seconds)}
     return request
+
+
+def task_command(commands: Sequence[str]) -> list[str]:
+    """The command of an array's children: ``commands`` run by a shell that has exported
+    ``JENNAH_TASK_INDEX`` from AWS's ``AWS_BATCH_JOB_ARRAY_INDEX`` (``exec``, so the exit
+    code and signals are the command's own)."""
+    if not commands:
+        raise ProviderRejected(
+            "commands: a job of several tasks on AWS needs a command (or one in the job "
+            "definition), which is run so that each task sees JENNAH_TASK_INDEX")
+    return ["/bin/sh", "-c", TASK_INDEX_SCRIPT, TASK_SCRIPT_NAME, *commands]
+
+
+def task_retry_strategy(spec: JobSpec) -> dict[str, Any]:
+    """``retryStrategy`` of a job. A plain job gets one attempt: Jennah retries it as a new
+    execution. An array's children are retried by AWS, each on its own, for the
+    retryable failure classes, up to ``max_retries`` (AWS allows 10 attempts, so at most
+    9 retries a task)."""
+    if not spec.is_array or not spec.max_retries:
+        return {"attempts": 1}
+    return {"attempts": min(MAX_ATTEMPTS, 1 + spec.max_retries),
+            "evaluateOnExit": [dict(rule) for rule in TASK_RETRY_RULES]}
 
 
 def image_definition_name(base_name: str, image: str) -> str:
@@ -360,17 +447,65 @@ def job_status(job: Mapping[str, Any]) -> ProviderStatus:
                           completed_at=_ms(job.get("stoppedAt")))
 
 
-def log_location(job: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(log group, log stream) of a ``DescribeJobs`` entry; None while it has no stream
-    (before RUNNING) or when its container does not log to CloudWatch (another driver)."""
+def log_streams(job: Mapping[str, Any]) -> tuple[LogStream, ...]:
+    """(log group, log stream) of each attempt of a ``DescribeJobs`` entry, oldest first,
+    then the current attempt's ("each container attempt receives a log stream name when
+    they reach the RUNNING status", ContainerDetail); empty while it has none (before
+    RUNNING) or when its container does not log to CloudWatch (another driver)."""
     container = job.get("container") or {}
-    attempts = job.get("attempts") or []
-    stream = container.get("logStreamName") or (
-        (attempts[-1].get("container") or {}).get("logStreamName") if attempts else None)
     config = container.get("logConfiguration") or {}
-    if not stream or config.get("logDriver", "awslogs") != "awslogs":
+    if config.get("logDriver", "awslogs") != "awslogs":
+        return ()
+    group = str((config.get("options") or {}).get("awslogs-group") or DEFAULT_LOG_GROUP)
+    names = [(a.get("container") or {}).get("logStreamName") for a in job.get("attempts") or []]
+    names.append(container.get("logStreamName"))
+    return tuple((group, str(name)) for name in dict.fromkeys(names) if name)
+
+
+def task_state(index: int, child: Mapping[str, Any]) -> TaskState:
+    """Task ``index`` from its child job's ``DescribeJobs`` entry, read as a plain job is
+    (``job_status``). ``attempts`` lists the attempts that ended, so a finished task's
+    attempt is one less than their number, and a running or waiting one's is their
+    number."""
+    st = job_status(child)
+    status = _TASK_STATUS[st.state]
+    ended = len(child.get("attempts") or [])
+    failed = status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
+    return TaskState(
+        index=index, status=status,
+        exit_code=st.exit_code if status.terminal else None,
+        attempt=max(0, ended - 1) if status.terminal else ended,
+        started_at=st.started_at if status is not TaskStatus.PENDING else None,
+        completed_at=st.completed_at if status.terminal else None,
+        error_message=st.message if failed else "",
+        failure_class=st.failure_class if status is TaskStatus.FAILED else None,
+    )
+
+
+def _child_index(job: Mapping[str, Any]) -> int | None:
+    """The array index of a child job (``<parent id>:<index>``; None for another job)."""
+    index = (job.get("arrayProperties") or {}).get("index")
+    job_id = str(job.get("jobId", ""))
+    if index is None and ":" in job_id:  # moto's listings carry no arrayProperties
+        index = job_id.rsplit(":", 1)[1]
+    try:
+        return None if index is None else int(index)
+    except ValueError:
         return None
-    return str((config.get("options") or {}).get("awslogs-group") or DEFAULT_LOG_GROUP), stream
+
+
+@dataclass
+class ArrayView:
+    """What a worker knows of an array job's children (``AwsBatchProvider.status``)."""
+
+    summary: dict[str, int]  # the parent's statusSummary when this was read
+    parent_status: str
+    raw: dict[int, str]  # child index → its AWS state when last seen
+    tasks: dict[int, TaskState]  # child index → its task, for those seen started
+    at: float  # when it was read (the provider's clock)
+
+    def running(self) -> bool:
+        return any(s in ACTIVE_CHILD_STATES for s in self.raw.values())
 
 
 def _ms(value: Any) -> datetime | None:
@@ -453,7 +588,10 @@ class AwsBatchProvider:
             # The job definition's role and the compute environment's launch template
             # decide these; a job cannot choose them.
             machine_type=False, spot=bool(spot_job_queue), accelerator_type=False,
-            accelerator_count=True, boot_disk=False, service_account=False)
+            accelerator_count=True, boot_disk=False, service_account=False,
+            # One array job of up to 10,000 children, made by one SubmitJob; AWS has no
+            # limit on how many of them run at a time.
+            max_task_count=MAX_ARRAY_SIZE, parallelism=False, tasks_per_call=None)
         self.definitions = JobDefinitions(client, job_definition, definition_ttl, clock, now)
         self._fair_share_queues: TtlCache[str, bool] = TtlCache(definition_ttl, clock)
         self.retry = retry or RetryPolicy()
@@ -463,11 +601,18 @@ class AwsBatchProvider:
         self._recent: OrderedDict[str, str] = OrderedDict()
         self._remember = remember
         self._recent_lock = threading.Lock()
-        # Output: where each job logs, once known; and the forward token at the offset
-        # the last read ended (a miss re-seeks from the head, see read_output). Bounded.
-        self._log_streams: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._log_tokens: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # Output, by (job id, task index): the log streams of its attempts, once known;
+        # and where the last read ended: (offset, stream, forward token) (a miss re-seeks
+        # from the head, see read_output). The event counts of finished attempts' streams.
+        # All bounded.
+        self._log_streams: OrderedDict[tuple[str, int], tuple[LogStream, ...]] = OrderedDict()
+        self._log_tokens: OrderedDict[tuple[str, int], tuple[int, int, str]] = OrderedDict()
+        self._log_lengths: OrderedDict[LogStream, int] = OrderedDict()
         self._log_lock = threading.Lock()
+        # Array jobs: what this worker knows of their children (status), by job id.
+        self._clock = clock
+        self._arrays: OrderedDict[str, ArrayView] = OrderedDict()
+        self._arrays_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: ProviderSettings) -> AwsBatchProvider:
@@ -518,7 +663,11 @@ class AwsBatchProvider:
     def _submit_new(self, task: ProviderTask, queue: str) -> str:
         image = task.spec.image_uri
         definition = self.definitions.for_image(image)
-        request = submit_request(task, queue, definition, self._fair_share(queue, task))
+        command: Sequence[str] = ()
+        if task.spec.is_array and not task.spec.commands:  # the copies share its command
+            command = self.definitions.base_definition().get(
+                "containerProperties", {}).get("command") or ()
+        request = submit_request(task, queue, definition, self._fair_share(queue, task), command)
         try:
             return str(self.client.submit_job(**request)["jobArn"])
         except bexc.ClientError as exc:
@@ -595,7 +744,7 @@ class AwsBatchProvider:
         for i in range(0, len(id_list), DESCRIBE_BATCH):
             for job in self._describe(id_list[i:i + DESCRIBE_BATCH]):
                 if job.get("jobId") in ids:
-                    result[ids[job["jobId"]]] = job_status(job)
+                    result[ids[job["jobId"]]] = self._job_status(job)
         for path in paths:
             result.setdefault(path, ProviderStatus(None, "UNKNOWN", message="no such job"))
         return result
@@ -604,6 +753,103 @@ class AwsBatchProvider:
         jobs: list[dict[str, Any]] = self._call(
             "Batch describe_jobs", lambda: self.client.describe_jobs(jobs=job_ids)["jobs"])
         return jobs
+
+    def _job_status(self, job: Mapping[str, Any]) -> ProviderStatus:
+        """A plain job's status as AWS gives it; an array job's from its children. An
+        array whose children cannot be read now is UNKNOWN (the others still report)."""
+        size = (job.get("arrayProperties") or {}).get("size")
+        if not size:
+            return job_status(job)
+        try:
+            return self._array_status(job, int(size))
+        except ProviderError as exc:
+            return ProviderStatus(None, str(job.get("status", "")), message=str(exc))
+
+    # --- array jobs ------------------------------------------------------------------------
+
+    def _array_status(self, parent: Mapping[str, Any], size: int) -> ProviderStatus:
+        """The status of an array job from its children (``providers.tasks``).
+
+        **Cost**: the parent comes with ``status``'s ``DescribeJobs``. Its children are
+        read only when its ``statusSummary`` or status changed since this worker last
+        looked (or ``ARRAY_REFRESH_SECONDS`` passed while children run), by
+        ``_refresh_array``; otherwise the tasks known are reported again, at no cost."""
+        job_id = str(parent["jobId"])
+        raw = str(parent.get("status", ""))
+        summary = {str(k): int(v) for k, v in
+                   ((parent.get("arrayProperties") or {}).get("statusSummary") or {}).items()}
+        with self._arrays_lock:
+            view = self._arrays.get(job_id)
+        if view is None or view.summary != summary or view.parent_status != raw or (
+                view.running() and self._clock() - view.at >= ARRAY_REFRESH_SECONDS):
+            view = self._refresh_array(job_id, summary, raw, view)
+            with self._arrays_lock:
+                _remember(self._arrays, job_id, view, ARRAY_VIEWS)
+        return status_from_tasks(size, list(view.tasks.values()), raw_state=raw)
+
+    def _refresh_array(self, job_id: str, summary: Mapping[str, int], parent_status: str,
+                       old: ArrayView | None) -> ArrayView:
+        """Read the children that changed since ``old`` (None: all that have started).
+
+        1. List the children that are STARTING or RUNNING (``ListJobs`` by ``arrayJobId``
+           and status, 1,000 a page); those that were not before, and those no longer
+           there, changed.
+        2. For SUCCEEDED and FAILED (final), list only when the summary counts more
+           children there than are known to be (finished without being seen running).
+        3. ``DescribeJobs`` the children that changed, 100 a call, for their attempts,
+           exit code, reason and times (a listing has no attempts).
+
+        So a refresh costs about ceil(running / 1,000) lists, plus ceil(n / 1,000) for a
+        final state only when children finished unseen, plus ceil(changed / 100)
+        describes; over a job's life each child is described about once per state it is
+        seen in (STARTING, RUNNING, finished; again for a retry). A worker that has not
+        seen the job before (a new owner) lists and describes every child that has started:
+        for 10,000 finished children, 10 lists and 100 describes, once."""
+        view = ArrayView(dict(summary), parent_status, dict(old.raw) if old else {},
+                         dict(old.tasks) if old else {}, self._clock())
+        active: dict[int, str] = {}
+        for state in ACTIVE_CHILD_STATES:
+            if summary.get(state):
+                active.update(self._list_children(job_id, state))
+        changed = {i for i, s in active.items() if view.raw.get(i) != s}
+        changed |= {i for i, s in view.raw.items() if s in ACTIVE_CHILD_STATES and i not in active}
+        self._describe_children(job_id, changed, view)
+        for state in FINAL_CHILD_STATES:
+            if sum(1 for s in view.raw.values() if s == state) < summary.get(state, 0):
+                listed = self._list_children(job_id, state)
+                self._describe_children(
+                    job_id, {i for i, s in listed.items() if view.raw.get(i) != s}, view)
+        return view
+
+    def _list_children(self, job_id: str, state: str) -> dict[int, str]:
+        """The children of array job ``job_id`` in AWS state ``state``: index → state."""
+        found: dict[int, str] = {}
+        query: dict[str, Any] = {"arrayJobId": job_id, "jobStatus": state,
+                                 "maxResults": LIST_PAGE}
+        while True:
+            page = self._call("Batch list_jobs", lambda: self.client.list_jobs(**query))
+            for child in page.get("jobSummaryList", []):
+                index = _child_index(child)
+                if index is not None:
+                    found[index] = str(child.get("status", state))
+            if not page.get("nextToken"):
+                return found
+            query["nextToken"] = page["nextToken"]
+
+    def _describe_children(self, job_id: str, indexes: set[int], view: ArrayView) -> None:
+        """Describe the children ``indexes`` of ``job_id`` into ``view`` (and note their
+        log streams for ``read_output``)."""
+        wanted = sorted(indexes)
+        for i in range(0, len(wanted), DESCRIBE_BATCH):
+            for child in self._describe([f"{job_id}:{n}" for n in wanted[i:i + DESCRIBE_BATCH]]):
+                index = _child_index(child)
+                if index is None:
+                    continue
+                view.raw[index] = str(child.get("status", ""))
+                view.tasks[index] = task_state(index, child)
+                if streams := log_streams(child):
+                    with self._log_lock:
+                        _remember(self._log_streams, (job_id, index), streams, self._remember)
 
     def cancel(self, resource_path: str) -> None:
         match = ARN_RULE.match(resource_path)
@@ -618,68 +864,89 @@ class AwsBatchProvider:
 
     # --- output ------------------------------------------------------------------------
 
-    def read_output(self, resource_path: str, offsets: tuple[int, int]) -> OutputChunk:
-        """New output of the job's CloudWatch Logs stream after ``offsets``.
+    def read_output(self, resource_path: str, offsets: tuple[int, int],
+                    task_index: int = 0) -> OutputChunk:
+        """New output of the job's (or of task ``task_index``'s child job's) CloudWatch
+        Logs streams after ``offsets``.
 
-        **Offsets**: the stdout offset is the number of log events of the stream already
-        returned; the same stream gives the same offsets on every worker. The awslogs
-        driver sends stdout and stderr to one stream, so everything is stdout and the
-        stderr offset stays where it is (0). Each event is one line (the driver splits on
-        newlines and strips them); the text is the events' messages, each with a newline.
+        **Offsets**: the stdout offset is the number of log events already returned; the
+        same streams give the same offsets on every worker. The awslogs driver sends
+        stdout and stderr to one stream, so everything is stdout and the stderr offset
+        stays where it is (0). Each event is one line (the driver splits on newlines and
+        strips them); the text is the events' messages, each with a newline.
 
-        **Where**: the stream is ``logStreamName`` of the job's container (or of its last
-        attempt: Jennah submits one attempt per execution), in the awslogs group of its
-        log configuration, ``/aws/batch/job`` by default. No stream yet (before RUNNING,
-        or not created yet), or a container logging elsewhere: nothing, offsets unchanged.
+        **Where**: each attempt of a container logs to its own stream (``log_streams``:
+        the attempts' ``logStreamName``, oldest first, then the current one), in the
+        awslogs group of its log configuration, ``/aws/batch/job`` by default. A plain
+        job has one attempt (Jennah submits one attempt per execution); a task AWS
+        retried has one stream per attempt, read one after the other as one output (an
+        earlier attempt's stream is over, so its events are counted once, when a worker
+        seeks past it, and the count kept). No stream yet (before RUNNING, or not created
+        yet), or a container logging elsewhere: nothing, offsets unchanged.
 
-        **Cost per call**: one ``DescribeJobs`` until the stream is known (then cached),
-        then at most ``LOG_PAGES_PER_READ`` ``GetLogEvents`` calls, returning after the
-        first page with events (at most ``LOG_EVENTS_PER_PAGE`` events and 1 MB). The
-        forward token where a read ended is kept in memory; a worker without it (a new
-        owner, a restart) seeks once from the head of the stream, skipping ``offset``
-        events at up to 10,000 per call.
+        **Cost per call**: one ``DescribeJobs`` until the streams are known (then cached;
+        ``status`` renews a child's when it describes it), then at most
+        ``LOG_PAGES_PER_READ`` ``GetLogEvents`` calls per stream (more than one stream
+        only when an earlier attempt's is over), returning after the first page with
+        events (at most ``LOG_EVENTS_PER_PAGE`` events and 1 MB). Where a read ended
+        is kept in memory; a worker without it (a new owner, a restart) seeks once from
+        the head of the streams, skipping ``offset`` events at up to 10,000 per call.
 
-        Order relies on the stream's events keeping their order once ingested, which
-        holds for the awslogs driver (one writer, timestamps in order).
+        Order relies on a stream's events keeping their order once ingested, which holds
+        for the awslogs driver (one writer, timestamps in order).
         """
         start = offsets[0]
-        where = self._log_location(resource_path)
-        if where is None:
+        match = ARN_RULE.match(resource_path)
+        if match is None:
+            return OutputChunk(offsets=offsets)
+        key = (match.group(1), task_index)
+        streams = self._log_location(key)
+        if not streams:
             return OutputChunk(offsets=offsets)
         with self._log_lock:
-            cached = self._log_tokens.get(resource_path)
-        token: str | None = cached[1] if cached and cached[0] == start else None
+            cached = self._log_tokens.get(key)
         try:
-            if token is None:
-                token = self._seek(where, start)
-                if token is None:
-                    return OutputChunk(offsets=offsets)
-            events, token = self._next_events(where, token)
+            if cached and cached[0] == start and cached[1] < len(streams):
+                at: tuple[int, str] | None = (cached[1], cached[2])
+            else:
+                at = self._seek_streams(streams, start)
+            if at is None:
+                return OutputChunk(offsets=offsets)
+            pos, token = at
+            events, token = self._next_events(streams[pos], token)
+            while not events and pos + 1 < len(streams):  # that attempt is over: the next
+                pos, token = pos + 1, ""
+                events, token = self._next_events(streams[pos], token)
         except ProviderRejected as exc:
             if error_code(exc) == "ResourceNotFoundException":
                 return OutputChunk(offsets=offsets)  # the stream is not created yet
             raise
         end = start + len(events)
         with self._log_lock:
-            _remember(self._log_tokens, resource_path, (end, token), self._remember)
+            _remember(self._log_tokens, key, (end, pos, token), self._remember)
         text = "".join(f"{e.get('message', '')}\n" for e in events)
         return OutputChunk(stdout=text, offsets=(end, offsets[1]))
 
-    def _log_location(self, resource_path: str) -> tuple[str, str] | None:
+    def _log_location(self, key: tuple[str, int]) -> tuple[LogStream, ...]:
+        """The log streams of job ``key[0]`` (task ``key[1]``: its child ``<id>:<i>`` if
+        it is an array job), from the cache or one ``DescribeJobs`` of both ids."""
         with self._log_lock:
-            if resource_path in self._log_streams:
-                return self._log_streams[resource_path]
-        match = ARN_RULE.match(resource_path)
-        if match is None:
-            return None
-        jobs = self._describe([match.group(1)])
-        where = log_location(jobs[0]) if jobs else None
-        if where is not None:  # a job's stream never changes once it has one
+            if key in self._log_streams:
+                return self._log_streams[key]
+        job_id, index = key
+        found = {str(j.get("jobId")): j for j in self._describe([job_id, f"{job_id}:{index}"])}
+        job = found.get(f"{job_id}:{index}")
+        parent = found.get(job_id)
+        if job is None and index == 0 and parent is not None and not (
+                parent.get("arrayProperties") or {}).get("size"):
+            job = parent  # a plain job is its own task 0
+        streams = log_streams(job) if job is not None else ()
+        if streams:  # a stream never changes; a retried child gains one (status renews it)
             with self._log_lock:
-                _remember(self._log_streams, resource_path, where, self._remember)
-        return where
+                _remember(self._log_streams, key, streams, self._remember)
+        return streams
 
-    def _page(self, where: tuple[str, str], token: str, limit: int) -> tuple[list[Any], str]:
+    def _page(self, where: LogStream, token: str, limit: int) -> tuple[list[Any], str]:
         """One GetLogEvents page from ``token`` ("" is the head): (events, next token)."""
         group, stream = where
         page = self._call("CloudWatch Logs get_log_events", lambda: self.logs.get_log_events(
@@ -687,7 +954,39 @@ class AwsBatchProvider:
             **({"nextToken": token} if token else {})))
         return list(page.get("events", [])), str(page.get("nextForwardToken") or token)
 
-    def _seek(self, where: tuple[str, str], offset: int) -> str | None:
+    def _seek_streams(self, streams: Sequence[LogStream], offset: int) -> tuple[int, str] | None:
+        """(which stream, forward token) after the first ``offset`` events of ``streams``
+        read one after the other (None: they have fewer events than that, for now)."""
+        for pos, where in enumerate(streams[:-1]):
+            length = self._stream_length(where)
+            if offset < length:
+                token = self._seek(where, offset)
+                return None if token is None else (pos, token)
+            offset -= length
+        token = self._seek(streams[-1], offset)
+        return None if token is None else (len(streams) - 1, token)
+
+    def _stream_length(self, where: LogStream) -> int:
+        """How many events a finished attempt's stream has (counted once, then kept)."""
+        with self._log_lock:
+            if where in self._log_lengths:
+                return self._log_lengths[where]
+        token, length = "", 0
+        try:
+            while True:
+                events, after = self._page(where, token, LOG_EVENTS_PER_PAGE)
+                length += len(events)
+                if not events and after == token:
+                    break
+                token = after
+        except ProviderRejected as exc:
+            if error_code(exc) != "ResourceNotFoundException":
+                raise  # an attempt that never logged has no stream: no events
+        with self._log_lock:
+            _remember(self._log_lengths, where, length, self._remember)
+        return length
+
+    def _seek(self, where: LogStream, offset: int) -> str | None:
         """The forward token after the first ``offset`` events (None: the stream has
         fewer events than that, for now)."""
         token, left = "", offset
@@ -698,7 +997,7 @@ class AwsBatchProvider:
             token, left = after, left - len(events)
         return token
 
-    def _next_events(self, where: tuple[str, str], token: str) -> tuple[list[Any], str]:
+    def _next_events(self, where: LogStream, token: str) -> tuple[list[Any], str]:
         """The events after ``token``: the first non-empty page within the call cap."""
         for _ in range(LOG_PAGES_PER_READ):
             events, after = self._page(where, token, LOG_EVENTS_PER_PAGE)
@@ -713,7 +1012,7 @@ class AwsBatchProvider:
             self.logs.close()
 
 
-def _remember(items: OrderedDict[str, Any], key: str, value: Any, limit: int) -> None:
+def _remember(items: OrderedDict[Any, Any], key: Hashable, value: Any, limit: int) -> None:
     """Put ``key`` last in a bounded least-recently-set map."""
     items[key] = value
     items.move_to_end(key)

@@ -4,7 +4,7 @@ Jennah makes, enforcing what their documentation says (docs/providers.md cites i
 moto's Batch (docs/design.md §9) checks request shapes and idempotency well, but its jobs jump
 straight to SUCCEEDED. This fake walks them through every state instead, one step per
 ``advance()``: SUBMITTED → PENDING → RUNNABLE → STARTING → RUNNING → SUCCEEDED/FAILED,
-the outcome read from the commands (``providers.memory.planned_exit``).
+the outcome read from the commands (``providers.memory.planned_exit``, below).
 
 * ``POST /v1/submitjob`` refuses (400 ``ClientException``) what AWS would: a bad job
   name, an unknown queue, an unknown or INACTIVE definition, malformed overrides (a GPU
@@ -16,9 +16,10 @@ the outcome read from the commands (``providers.memory.planned_exit``).
   1-255 letters and digits, a priority outside 0-9999. Every accepted request is kept in
   ``submits``. Like the real service it does **not** dedupe names: that is the provider's
   job.
-* ``POST /v1/describejobs`` takes at most 100 ids (more is a 400, as on AWS). A job gets
-  its ``logStreamName`` (``<definition>/default/<id>``) when it reaches RUNNING, and its
-  container carries the definition's ``logConfiguration``.
+* ``POST /v1/describejobs`` takes at most 100 ids (more is a 400, as on AWS). Each
+  attempt of a job gets its own ``logStreamName`` (``<definition>/default/<task id>``)
+  when it reaches RUNNING, and its container carries the definition's
+  ``logConfiguration``.
 * ``POST /v1/describejobqueues``: the three queues, with ``schedulingPolicyArn`` on the
   fair-share one.
 * ``POST /v1/describejobdefinitions``, ``/v1/registerjobdefinition`` and
@@ -29,6 +30,35 @@ the outcome read from the commands (``providers.memory.planned_exit``).
 * ``POST /v1/listjobs`` pages, and understands the ``JOB_NAME`` filter.
 * ``POST /v1/terminatejob`` fails a queued job at once; a starting or running one fails
   at the next step with exit code 137. Either way ``statusReason`` is the given reason.
+  Terminating an array job terminates each of its children the same way.
+* **Array jobs** ("Array jobs", AWS Batch User Guide): ``arrayProperties.size`` must be 2
+  to 10,000. The parent ``<id>`` gets children ``<id>:0`` … ``<id>:N-1`` (in ``jobs``,
+  described and terminated by those ids, not in a queue's listing, not counted by
+  ``executions``), which step like plain jobs; the parent has no container of its own: it
+  is SUBMITTED, PENDING once a child is RUNNABLE or further, then SUCCEEDED when every
+  child succeeded, else FAILED once every child has ended. ``DescribeJobs`` gives the
+  parent ``arrayProperties {size, statusSummary}`` (a count for each of the seven
+  states) and a child ``arrayProperties {index}``; ``ListJobs`` takes exactly one of
+  ``jobQueue`` and ``arrayJobId``, lists only RUNNING jobs without a ``jobStatus``, and
+  pages by ``maxResults`` (1-1,000, 100 by default).
+* **Containers**: a job's container sees the request's environment plus what AWS adds
+  (``AWS_BATCH_JOB_ID``, ``AWS_BATCH_JOB_ATTEMPT``, and ``AWS_BATCH_JOB_ARRAY_INDEX`` in
+  a child). No process runs: ``container_view`` works out the program and environment a
+  command gives (a ``sh -c`` script that only exports ``NAME="${OTHER:-default}"``
+  values and then ``exec "$@"`` passes them on, as a POSIX shell would), the outcome is
+  ``planned_exit`` of that program as task ``$JENNAH_TASK_INDEX`` (no such task when it
+  is not set), and an ``echo "…"`` in it prints its text, ``$NAME``/``${NAME}``
+  expanded, to the attempt's log stream when the attempt starts RUNNING.
+* **Attempts and retries** ("Automated job retries", "RetryStrategy", "EvaluateOnExit"):
+  ``retryStrategy`` must have 1-10 ``attempts`` and at most 5 ``evaluateOnExit`` entries,
+  each an ``action`` RETRY or EXIT (any case) and patterns of the allowed characters (an
+  exit code: digits; a reason: letters, digits, ``.``, ``:``, white space), each
+  optionally ending in ``*``. Every attempt that ends is added to ``attempts`` (its
+  exit code, log stream, reason and times); a failed one is retried (back to RUNNABLE,
+  a new log stream when it runs again) while attempts are left and the first entry
+  whose patterns all match says RETRY, or none matches. ``preempt(arn)`` ends a running
+  attempt as a reclaimed Spot host does (``Host EC2 (instance …) terminated.``, no exit
+  code).
 * CloudWatch Logs ``GetLogEvents`` (JSON 1.1, ``X-Amz-Target``): events of a stream in
   order; without ``nextToken`` and ``startFromHead`` it starts at the tail, as AWS does;
   at most ``limit`` (1-10,000) events and 1 MB (message bytes + 26 per event) per page;
@@ -46,7 +76,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +99,19 @@ MAX_LOG_PAGE_BYTES, LOG_EVENT_OVERHEAD = 1_048_576, 26
 _NEXT = {"SUBMITTED": "PENDING", "PENDING": "RUNNABLE", "RUNNABLE": "STARTING",
          "STARTING": "RUNNING"}
 TERMINAL = {"SUCCEEDED", "FAILED"}
+STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING", "SUCCEEDED", "FAILED")
+MIN_ARRAY, MAX_ARRAY = 2, 10_000
+MAX_ATTEMPTS, MAX_RULES, MAX_PATTERN = 10, 5, 512
+EXIT_CODE_PATTERN = re.compile(r"[0-9]*\*?")
+REASON_PATTERN = re.compile(r"[A-Za-z0-9.: \t]*\*?")
+SPOT_RECLAIM = "Host EC2 (instance i-0fa4e1d2c3b4a5968) terminated."
+CONTAINER_EXITED = "Essential container in task exited"
+# `sh -c SCRIPT NAME ARGS…` whose SCRIPT exports `NAME="${OTHER:-default}"` values, then
+# runs its arguments (`exec "$@"`).
+_EXPORT = re.compile(r'export (\w+)="\$\{(\w+)(?::-([^}"]*))?\}"')
+_PASS_ON = re.compile(r'(?:export \w+="\$\{\w+(?::-[^}"]*)?\}"; )*exec "\$@"')
+_ECHO = re.compile(r'\becho "([^"]*)"')
+_VARIABLE = re.compile(r"\$\{?(\w+)\}?")
 
 
 def queue_arn(name: str) -> str:
@@ -93,6 +136,89 @@ def base_definition() -> dict[str, Any]:
             "platformCapabilities": ["EC2"]}
 
 
+def container_view(command: Sequence[str], env: Mapping[str, str]) -> tuple[
+        list[str], dict[str, str]]:
+    """The program a container's ``command`` runs and the environment that program sees:
+    a ``sh -c SCRIPT NAME ARGS…`` whose script only exports ``NAME="${OTHER:-default}"``
+    values and then runs ``exec "$@"`` runs ARGS with those values (POSIX sh: the default
+    when OTHER is unset or empty); any other command is the program itself."""
+    env = dict(env)
+    if (len(command) >= 4 and command[0] in ("sh", "/bin/sh") and command[1] == "-c"
+            and _PASS_ON.fullmatch(command[2])):
+        for name, other, default in _EXPORT.findall(command[2]):
+            env[name] = env.get(other) or default
+        return list(command[4:]), env
+    return list(command), env
+
+
+def printed(program: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The lines the ``echo "…"`` commands of ``program`` print in ``env``."""
+    return [_VARIABLE.sub(lambda m: env.get(m.group(1), ""), text)
+            for text in _ECHO.findall(" ".join(program))]
+
+
+def task_index_of(env: Mapping[str, str]) -> int:
+    """The task a program is, for ``planned_exit``: ``$JENNAH_TASK_INDEX`` (-1, no task,
+    when it is unset or not a number)."""
+    value = env.get("JENNAH_TASK_INDEX", "")
+    return int(value) if value.isdigit() else -1
+
+
+def _matches(pattern: str, value: str | None) -> bool:
+    """AWS's evaluateOnExit glob: exact, or a prefix with a final ``*``."""
+    if value is None:
+        return False
+    return value.startswith(pattern[:-1]) if pattern.endswith("*") else value == pattern
+
+
+def retry_action(strategy: Mapping[str, Any], exit_code: int | None, reason: str) -> str:
+    """RETRY or EXIT for a failed attempt: the first ``evaluateOnExit`` entry whose
+    patterns all match decides, and RETRY when none does ("Automated job retries")."""
+    values = {"onExitCode": None if exit_code is None else str(exit_code),
+              "onStatusReason": reason, "onReason": ""}
+    for rule in strategy.get("evaluateOnExit") or []:
+        if all(_matches(str(rule[k]), v) for k, v in values.items() if k in rule):
+            return str(rule["action"]).upper()
+    return "RETRY"
+
+
+def retry_problems(strategy: Any) -> list[str]:
+    """What AWS refuses in a ``retryStrategy``."""
+    if not isinstance(strategy, dict):
+        return ["retryStrategy must be an object"]
+    out = []
+    attempts, rules = strategy.get("attempts"), strategy.get("evaluateOnExit")
+    if attempts is not None and not (isinstance(attempts, int)
+                                     and 1 <= attempts <= MAX_ATTEMPTS):
+        out.append("retryStrategy.attempts must be 1-10")
+    if rules is None:
+        return out
+    if attempts is None:
+        out.append("retryStrategy.evaluateOnExit needs attempts")
+    if not isinstance(rules, list) or len(rules) > MAX_RULES:
+        return [*out, "retryStrategy.evaluateOnExit: at most 5 entries"]
+    for rule in rules:
+        keys = set(rule) - {"action"}
+        if str(rule.get("action", "")).upper() not in ("RETRY", "EXIT") or not keys <= {
+                "onExitCode", "onReason", "onStatusReason"}:
+            out.append(f"evaluateOnExit entry {rule}: action RETRY or EXIT, on* patterns")
+        for key in keys & {"onExitCode", "onReason", "onStatusReason"}:
+            rule_of = EXIT_CODE_PATTERN if key == "onExitCode" else REASON_PATTERN
+            value = str(rule[key])
+            if len(value) > MAX_PATTERN or not rule_of.fullmatch(value):
+                out.append(f"evaluateOnExit {key} {value!r} is not a valid pattern")
+    return out
+
+
+def array_problems(properties: Any) -> list[str]:
+    """What AWS refuses in ``arrayProperties``."""
+    size = properties.get("size") if isinstance(properties, dict) else None
+    if set(properties or {}) - {"size"} or not (
+            isinstance(size, int) and MIN_ARRAY <= size <= MAX_ARRAY):
+        return [f"arrayProperties.size must be between {MIN_ARRAY} and {MAX_ARRAY}"]
+    return []
+
+
 @dataclass
 class FakeJob:
     request: dict[str, Any]
@@ -106,6 +232,36 @@ class FakeJob:
     stopped_at: int | None = None
     terminating: bool = False
     log_stream: str = ""
+    # attempts that ended, as DescribeJobs reports them
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    # an array job's children; a child's index
+    children: list[FakeJob] = field(default_factory=list)
+    index: int | None = None
+
+    @property
+    def is_child(self) -> bool:
+        return self.index is not None
+
+    @property
+    def retry_strategy(self) -> dict[str, Any]:
+        return dict(self.request.get("retryStrategy")
+                    or self.definition.get("retryStrategy") or {"attempts": 1})
+
+    def container(self) -> tuple[list[str], dict[str, str]]:
+        """The program this job's container runs, and its environment."""
+        overrides = self.request.get("containerOverrides") or {}
+        env = {e["name"]: e["value"] for e in overrides.get("environment", [])}
+        env.update({"AWS_BATCH_JOB_ID": self.job_id,
+                    "AWS_BATCH_JOB_ATTEMPT": str(len(self.attempts) + 1)})
+        if self.index is not None:
+            env["AWS_BATCH_JOB_ARRAY_INDEX"] = str(self.index)
+        command = overrides.get("command") or (
+            self.definition.get("containerProperties") or {}).get("command") or []
+        return container_view(command, env)
+
+    def planned(self) -> int | None:
+        program, env = self.container()
+        return planned_exit(program, task_index_of(env))
 
     @property
     def arn(self) -> str:
@@ -129,6 +285,10 @@ class FakeJob:
         out: dict[str, Any] = {"jobArn": self.arn, "jobId": self.job_id, "jobName": self.name,
                                "createdAt": self.created_at, "status": self.status,
                                "jobDefinition": self.definition["jobDefinitionArn"]}
+        if self.children:
+            out["arrayProperties"] = {"size": len(self.children)}
+        elif self.index is not None:
+            out["arrayProperties"] = {"index": self.index}
         if self.status_reason:
             out["statusReason"] = self.status_reason
         for key, value in (("startedAt", self.started_at), ("stoppedAt", self.stopped_at)):
@@ -154,8 +314,12 @@ class FakeJob:
         out = {**self.summary(), "jobQueue": queue_arn(str(self.request.get("jobQueue", ""))
                                                         .rsplit("/", 1)[-1]),
                "container": container, "tags": self.request.get("tags", {}),
-               "timeout": self.request.get("timeout"), "attempts": [], "dependsOn": [],
-               "parameters": {}}
+               "timeout": self.request.get("timeout"), "attempts": list(self.attempts),
+               "dependsOn": [], "parameters": {}, "retryStrategy": self.retry_strategy}
+        if self.children:
+            counts = Counter(c.status for c in self.children)
+            out["arrayProperties"] = {"size": len(self.children),
+                                      "statusSummary": {k: counts[k] for k in STATES}}
         for key in ("shareIdentifier", "schedulingPriorityOverride"):
             if key in self.request:
                 out[key if key == "shareIdentifier" else "schedulingPriority"] = self.request[key]
@@ -206,6 +370,10 @@ def problems_with(body: dict[str, Any], fair_share: bool | None) -> list[str]:
         if not re.fullmatch(r"[0-9]+" if kind == "GPU" else r"[0-9]+(\.[0-9]+)?", value):
             out.append(f"resource value {value!r} is not valid for {kind}")
     out += tag_problems(body.get("tags") or {})
+    if "retryStrategy" in body:
+        out += retry_problems(body["retryStrategy"])
+    if "arrayProperties" in body:
+        out += array_problems(body["arrayProperties"])
     timeout = (body.get("timeout") or {}).get("attemptDurationSeconds")
     if timeout is not None and timeout < 60:
         out.append("timeout.attemptDurationSeconds must be at least 60")
@@ -239,19 +407,36 @@ class FakeAwsBatch:
             self._throttle.extend([methods] * n)
 
     def executions(self, job_name: str) -> int:
+        """Jobs submitted with that name (an array job once, not its children)."""
         with self._lock:
-            return sum(1 for j in self.jobs.values() if j.name == job_name)
+            return sum(1 for j in self.jobs.values() if j.name == job_name and not j.is_child)
 
     def advance(self, steps: int = 1) -> None:
         with self._lock:
             for _ in range(steps):
                 for job in self.jobs.values():
                     self._step(job)
+                for job in self.jobs.values():
+                    if job.children:
+                        self._settle_parent(job)
+
+    def job(self, ref: str) -> FakeJob:
+        """A job by ARN or id (a child: ``<parent id>:<index>``)."""
+        with self._lock:
+            return self.jobs[ref.rsplit("/", 1)[-1]]
+
+    def preempt(self, ref: str) -> None:
+        """The Spot host under a running job (or child) is reclaimed: its attempt ends
+        without an exit code, and the retry strategy decides what follows."""
+        with self._lock:
+            job = self.job(ref)
+            assert job.status == "RUNNING", job.status
+            self._end_attempt(job, None, SPOT_RECLAIM)
 
     def set_state(self, arn: str, status: str, *, reason: str = "",
                   exit_code: int | None = None) -> None:
         with self._lock:
-            job = self.jobs[arn.rsplit("/", 1)[1]]
+            job = self.job(arn)
             job.status, job.status_reason, job.exit_code = status, reason, exit_code
             if status in ("STARTING", "RUNNING", *TERMINAL) and job.started_at is None:
                 job.started_at = now_ms()
@@ -275,37 +460,66 @@ class FakeAwsBatch:
         """The job's container prints ``lines`` (one event each, as the awslogs driver
         sends them); its stream must exist (the job has reached RUNNING)."""
         with self._lock:
-            job = self.jobs[arn.rsplit("/", 1)[1]]
+            job = self.job(arn)
             events = self.streams[(job.log_group, job.log_stream)]
             for line in lines:
                 t = now_ms()
                 events.append({"timestamp": t, "message": line, "ingestionTime": t})
 
     def log_events(self, arn: str) -> list[str]:
+        """What the job's current attempt has printed."""
         with self._lock:
-            job = self.jobs[arn.rsplit("/", 1)[1]]
+            job = self.job(arn)
             return [e["message"] for e in self.streams.get((job.log_group, job.log_stream), [])]
 
     def _open_stream(self, job: FakeJob) -> None:
+        """The attempt's stream, named like the ECS task's (``:`` is not allowed in one)."""
         if not job.log_stream:
-            job.log_stream = f"{job.definition['jobDefinitionName']}/default/{job.job_id}"
+            job.log_stream = f"{job.definition['jobDefinitionName']}/default/{uuid.uuid4().hex}"
             self.streams[(job.log_group, job.log_stream)] = []
 
     def _step(self, job: FakeJob) -> None:
+        if job.children:
+            return  # the parent runs nothing; _settle_parent follows its children
         if job.status in _NEXT:
             job.status = _NEXT[job.status]
             if job.status == "STARTING":
                 job.started_at = now_ms()
             if job.status == "RUNNING":
                 self._open_stream(job)
+                program, env = job.container()
+                self.log(job.arn, *printed(program, env))
         elif job.status == "RUNNING":
-            code = 137 if job.terminating else planned_exit(
-                (job.request.get("containerOverrides") or {}).get("command", []))
+            code = 137 if job.terminating else job.planned()
             if code is not None:
-                job.status = "SUCCEEDED" if code == 0 else "FAILED"
-                job.exit_code, job.stopped_at = code, now_ms()
-                if code and not job.terminating:
-                    job.status_reason = "Essential container in task exited"
+                self._end_attempt(job, code, job.status_reason if job.terminating
+                                  else CONTAINER_EXITED if code else "")
+
+    def _end_attempt(self, job: FakeJob, code: int | None, reason: str) -> None:
+        """The running attempt ended: kept in ``attempts``; the job succeeds, fails, or
+        (a failure its retry strategy retries, while attempts are left) waits again."""
+        stopped = now_ms()
+        job.attempts.append({"container": {"exitCode": code, "logStreamName": job.log_stream},
+                             "startedAt": job.started_at, "stoppedAt": stopped,
+                             "statusReason": reason})
+        strategy = job.retry_strategy
+        if code != 0 and len(job.attempts) < int(strategy.get("attempts", 1)) and (
+                retry_action(strategy, code, reason) == "RETRY"):
+            job.status, job.started_at, job.log_stream = "RUNNABLE", None, ""
+            job.terminating = False
+            return
+        job.status = "SUCCEEDED" if code == 0 else "FAILED"
+        job.exit_code, job.stopped_at, job.status_reason = code, stopped, reason
+
+    def _settle_parent(self, parent: FakeJob) -> None:
+        """An array job's state from its children's."""
+        states = Counter(c.status for c in parent.children)
+        if states["SUCCEEDED"] + states["FAILED"] == len(parent.children):
+            if parent.status not in TERMINAL:
+                parent.status = "SUCCEEDED" if not states["FAILED"] else "FAILED"
+                parent.stopped_at = max(c.stopped_at or 0 for c in parent.children)
+        elif states["SUBMITTED"] + states["PENDING"] < len(parent.children):
+            parent.status = "PENDING"
 
     # --- the API ------------------------------------------------------------------------
 
@@ -349,6 +563,11 @@ class FakeAwsBatch:
         self.submits.append(body)
         job = FakeJob(body, definition)
         self.jobs[job.job_id] = job
+        for index in range((body.get("arrayProperties") or {}).get("size", 0)):
+            child = FakeJob(body, definition, f"{job.job_id}:{index}", index=index,
+                            created_at=job.created_at)
+            job.children.append(child)
+            self.jobs[child.job_id] = child
         return {"jobArn": job.arn, "jobName": job.name, "jobId": job.job_id}
 
     def _definition(self, ref: str) -> dict[str, Any] | None:
@@ -420,22 +639,39 @@ class FakeAwsBatch:
         return {"jobs": [j.detail() for j in found if j is not None]}
 
     def _listjobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        if ("jobQueue" in body) == ("arrayJobId" in body):
+            raise _ClientError("specify exactly one of jobQueue and arrayJobId")
+        size = int(body.get("maxResults") or 100)
+        if not 1 <= size <= 1000:
+            raise _ClientError("maxResults must be 1-1000")
+        status = None if body.get("filters") else body.get("jobStatus", "RUNNING")
+        if status is not None and status not in STATES:
+            raise _ClientError(f"jobStatus {status} is not one of {', '.join(STATES)}")
+        if "arrayJobId" in body:
+            parent = self.jobs.get(str(body["arrayJobId"]))
+            if parent is None or not parent.children:
+                raise _ClientError(f"{body['arrayJobId']} is not an array job")
+            matched = [c for c in parent.children if status is None or c.status == status]
+        else:
+            matched = self._queue_jobs(body, status)
+        start = int(body.get("nextToken") or 0)
+        out: dict[str, Any] = {"jobSummaryList": [j.summary() for j in matched[start:start + size]]}
+        if start + size < len(matched):
+            out["nextToken"] = str(start + size)
+        return out
+
+    def _queue_jobs(self, body: dict[str, Any], status: str | None) -> list[FakeJob]:
+        """A queue's jobs (not array children), newest first, by name and status."""
         if self._queue_policy(body.get("jobQueue")) is None:
             raise _ClientError(f"job queue {body.get('jobQueue')} does not exist")
         queue = str(body["jobQueue"]).rsplit("/", 1)[-1]
         names = {v.lower() for f in body.get("filters") or [] if f.get("name") == "JOB_NAME"
                  for v in f.get("values", [])}
-        status = None if body.get("filters") else body.get("jobStatus", "RUNNING")
-        matched = [j for j in sorted(self.jobs.values(), key=lambda j: -j.created_at)
-                   if str(j.request.get("jobQueue", "")).rsplit("/", 1)[-1] == queue
-                   and (not names or j.name.lower() in names)
-                   and (status is None or j.status == status)]
-        start = int(body.get("nextToken") or 0)
-        size = int(body.get("maxResults") or 100)
-        out: dict[str, Any] = {"jobSummaryList": [j.summary() for j in matched[start:start + size]]}
-        if start + size < len(matched):
-            out["nextToken"] = str(start + size)
-        return out
+        return [j for j in sorted(self.jobs.values(), key=lambda j: -j.created_at)
+                if not j.is_child
+                and str(j.request.get("jobQueue", "")).rsplit("/", 1)[-1] == queue
+                and (not names or j.name.lower() in names)
+                and (status is None or j.status == status)]
 
     def _terminatejob(self, body: dict[str, Any]) -> dict[str, Any]:
         job = self.jobs.get(str(body.get("jobId")))
@@ -443,14 +679,22 @@ class FakeAwsBatch:
             raise _ClientError(f"Job {body.get('jobId')} not found")
         if not body.get("reason"):
             raise _ClientError("'reason' is a required field")
+        for each in job.children or [job]:
+            self._terminate(each, str(body["reason"]))
+        if job.children:
+            if job.status not in TERMINAL:
+                job.status_reason = str(body["reason"])
+            self._settle_parent(job)
+        return {}
+
+    def _terminate(self, job: FakeJob, reason: str) -> None:
         if job.status in TERMINAL:
-            return {}
-        job.status_reason = str(body["reason"])
+            return
+        job.status_reason = reason
         if job.status in ("STARTING", "RUNNING"):
             job.terminating = True
         else:
             job.status, job.stopped_at = "FAILED", now_ms()
-        return {}
 
     # --- CloudWatch Logs ----------------------------------------------------------------
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,26 +34,32 @@ from jennah.models import (
     JobSpec,
     JobStatus,
     ResourceOverride,
+    TaskStatus,
 )
 from jennah.settings import ProviderSettings, load_worker_settings
 from providers import PROVIDERS
 from providers.aws import (
+    ARRAY_REFRESH_SECONDS,
     AWS_FAILED_RULES,
     AWS_STATES,
     BASE_TAG,
     CANCEL_REASON,
     LOG_EVENTS_PER_PAGE,
     LOG_PAGES_PER_READ,
+    TASK_INDEX_SCRIPT,
     AwsBatchProvider,
     AwsSettings,
     image_definition_name,
     make_client,
     share_identifier,
     submit_request,
+    task_command,
+    task_retry_strategy,
     translate,
 )
 from providers.base import ProviderTask, check_spec
 from providers.base import provider_job_id as make_pid
+from providers.memory import planned_exit
 from providers.resources import job_labels
 from providers.retry import RetryPolicy
 from tests.fakes import serve_http
@@ -64,16 +72,24 @@ from tests.fakes.aws_batch import (
     SPOT_QUEUE,
     FakeAwsBatch,
     base_definition,
+    container_view,
+    printed,
+    retry_action,
+    retry_problems,
+    task_index_of,
 )
 from tests.fixtures.moto import MOTO_CREDENTIALS, moto_post
 from tests.helpers import free_port, owner
 from tests.providers.provider_contract import (
+    ECHO_TASK,
     EXIT_0,
     EXIT_3,
     IMAGE,
     SLEEP_60,
+    TASK_1_FAILS,
     ProviderContract,
     make_task,
+    wait_for_state,
 )
 from worker.jobs import JobService
 
@@ -222,7 +238,8 @@ def test_submit_request_carries_every_promised_field(aws: AwsHarness) -> None:
     assert overrides["command"] == ["python", "app.py"]
     assert {e["name"]: e["value"] for e in overrides["environment"]} == {
         "MODE": "fast", "JENNAH_JOB_ID": task.job_id, "JENNAH_ATTEMPT": "2",
-        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id}
+        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id,
+        "JENNAH_TASK_INDEX": "0", "JENNAH_TASK_COUNT": "1"}  # a plain job: task 0 of 1
     # medium is 2000m/4096MiB; the override's 1500m wins.
     assert overrides["resourceRequirements"] == [{"type": "VCPU", "value": "1.5"},
                                                  {"type": "MEMORY", "value": "4096"},
@@ -307,6 +324,15 @@ def _raw_submit(aws: AwsHarness, **change: Any) -> dict[str, Any]:
     ({"containerOverrides": {"resourceRequirements": [{"type": "GPU", "value": "1.5"}]}},
      "not valid for GPU"),
     ({"jobDefinition": f"{DEFINITION}:7"}, "does not exist"),
+    ({"arrayProperties": {"size": 1}}, "between 2 and 10000"),
+    ({"arrayProperties": {"size": 10_001}}, "between 2 and 10000"),
+    ({"retryStrategy": {"attempts": 11}}, "attempts must be 1-10"),
+    ({"retryStrategy": {"attempts": 2, "evaluateOnExit": [
+        {"onExitCode": "1", "action": "EXIT"}] * 6}}, "at most 5"),
+    ({"retryStrategy": {"attempts": 2, "evaluateOnExit": [
+        {"onStatusReason": "Host EC2 (instance*", "action": "RETRY"}]}}, "not a valid pattern"),
+    ({"retryStrategy": {"evaluateOnExit": [{"onExitCode": "1", "action": "EXIT"}]}},
+     "needs attempts"),
 ])
 def test_the_fake_refuses_what_aws_refuses(aws: AwsHarness, change: dict[str, Any],
                                            message: str) -> None:
@@ -664,6 +690,282 @@ def test_error_translation(code: str, status: int, expected: type[Exception]) ->
     assert type(translate(exc, "submit")) is expected
 
 
+# --- jobs of several tasks: one array job ------------------------------------------------------
+
+
+def array_task(commands: Sequence[str], task_count: int, **spec: Any) -> ProviderTask:
+    task = make_task(commands)
+    return dataclasses.replace(task, spec=dataclasses.replace(
+        task.spec, task_count=task_count, **spec))
+
+
+def child(path: str, index: int) -> str:
+    return f"{path}:{index}"
+
+
+def test_an_array_job_is_one_submit_with_the_index_wired_in(aws: AwsHarness) -> None:
+    task = array_task(TASK_1_FAILS, 3, max_retries=2, env_vars={"MODE": "x"},
+                      resource_override=ResourceOverride(max_run_duration_seconds=600))
+    path = aws.provider.submit(task)
+    [body] = aws.fake.submits
+    assert body["arrayProperties"] == {"size": 3}
+    overrides = body["containerOverrides"]
+    assert overrides["command"] == [
+        "/bin/sh", "-c", TASK_INDEX_SCRIPT, "jennah-task", *TASK_1_FAILS]
+    env = {e["name"]: e["value"] for e in overrides["environment"]}
+    assert env["JENNAH_TASK_COUNT"] == "3" and env["MODE"] == "x"
+    assert "JENNAH_TASK_INDEX" not in env  # the wrapper sets it, per child
+    assert body["retryStrategy"] == {"attempts": 3, "evaluateOnExit": [
+        {"onStatusReason": "Host EC2*", "action": "RETRY"},
+        {"onExitCode": "*", "action": "EXIT"},
+        {"onStatusReason": "Job attempt duration exceeded timeout*", "action": "EXIT"},
+        {"onStatusReason": "CannotPullContainerError*", "action": "EXIT"},
+        {"onStatusReason": f"{CANCEL_REASON}*", "action": "EXIT"}]}
+    assert body["timeout"] == {"attemptDurationSeconds": 600}  # each child's
+    assert [c.job_id for c in aws.fake.job(path).children] == [
+        child(path.rsplit("/", 1)[1], i) for i in range(3)]
+    assert aws.provider.submit(task) == path and aws.fake.executions(task.provider_job_id) == 1
+    plain = make_task(EXIT_0)
+    aws.provider.submit(plain)
+    body = aws.fake.submits[-1]
+    assert "arrayProperties" not in body and body["retryStrategy"] == {"attempts": 1}
+    assert body["containerOverrides"]["command"] == list(EXIT_0)  # not wrapped
+    assert {"JENNAH_TASK_INDEX": "0", "JENNAH_TASK_COUNT": "1"}.items() <= {
+        e["name"]: e["value"] for e in body["containerOverrides"]["environment"]}.items()
+
+
+@pytest.mark.parametrize(("max_retries", "attempts"), [(0, 1), (1, 2), (9, 10), (10, 10)])
+def test_task_retries_are_aws_attempts_within_its_limit(max_retries: int, attempts: int) -> None:
+    spec = JobSpec(image_uri=IMAGE, commands=EXIT_0, task_count=2, max_retries=max_retries)
+    assert task_retry_strategy(spec)["attempts"] == attempts
+    assert ("evaluateOnExit" in task_retry_strategy(spec)) == (max_retries > 0)
+    plain = dataclasses.replace(spec, task_count=1)
+    assert task_retry_strategy(plain) == {"attempts": 1}  # Jennah retries a plain job
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_the_wrapper_gives_each_task_its_index_in_a_real_shell(index: int) -> None:
+    """The wrapped command in /bin/sh, as a child's container runs it: the index, the
+    count, and the job's own exit code; the fake's reading of it agrees."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JENNAH_TASK_COUNT": "3",
+           "AWS_BATCH_JOB_ARRAY_INDEX": str(index)}
+    echo = subprocess.run(task_command(ECHO_TASK), env=env, capture_output=True, text=True,
+                          timeout=10, check=True)
+    assert echo.stdout == f"task {index} of 3\n"
+    program, seen = container_view(task_command(ECHO_TASK), env)
+    assert printed(program, seen) == [echo.stdout.strip()]
+    failing = subprocess.run(task_command(TASK_1_FAILS), env=env, timeout=10, check=False)
+    assert failing.returncode == (4 if index == 1 else 0)
+    program, seen = container_view(task_command(TASK_1_FAILS), env)
+    assert planned_exit(program, task_index_of(seen)) == failing.returncode
+    alone = subprocess.run(task_command(ECHO_TASK), env={"PATH": env["PATH"]},
+                           capture_output=True, text=True, timeout=10, check=True)
+    assert alone.stdout == "task 0 of \n"  # no AWS index (never in an array): task 0
+
+
+def test_an_array_without_commands_runs_the_definitions_command(aws: AwsHarness) -> None:
+    with pytest.raises(ProviderRejected, match="needs a command"):
+        aws.provider.submit(array_task((), 2))
+    assert aws.fake.submits == []
+    aws.fake.definitions[0]["containerProperties"]["command"] = list(ECHO_TASK)
+    fresh = aws.another_provider()  # the definition is cached: a worker that reads it now
+    try:
+        task = array_task((), 2)
+        task = dataclasses.replace(task, spec=dataclasses.replace(task.spec, image_uri="busybox"))
+        fresh.submit(task)
+    finally:
+        fresh.close()
+    assert aws.fake.submits[0]["containerOverrides"]["command"] == task_command(ECHO_TASK)
+
+
+def test_parallelism_and_the_array_size_limits(aws: AwsHarness) -> None:
+    caps = aws.provider.capabilities
+    assert (caps.parallelism, caps.max_task_count, caps.tasks_per_call) == (False, 10_000, None)
+    check_spec("aws", caps, array_task(EXIT_0, 4, parallelism=4).spec)  # no limit asked
+    with pytest.raises(InvalidArgument, match="cannot limit how many tasks run"):
+        check_spec("aws", caps, array_task(EXIT_0, 4, parallelism=2).spec)
+    with pytest.raises(InvalidArgument, match="takes at most 10000"):
+        check_spec("aws", caps, array_task(EXIT_0, 10_001).spec)
+    with pytest.raises(ProviderRejected, match="takes at most 10000"):
+        aws.provider.submit(array_task(EXIT_0, 10_001))  # stored before: refused unsent
+    assert aws.fake.submits == []
+    big = array_task(EXIT_0, 10_000)
+    path = aws.provider.submit(big)
+    assert aws.fake.submits[0]["arrayProperties"] == {"size": 10_000}
+    assert len(aws.fake.job(path).children) == 10_000
+    st = aws.provider.status([path])[path]
+    assert (st.state, st.tasks) == (JobStatus.SCHEDULED, ())
+
+
+@pytest.mark.parametrize("change", [
+    {"task_count": 4, "parallelism": 2}, {"task_count": 10_001}])
+def test_job_service_refuses_what_an_array_cannot_do(aws: AwsHarness,
+                                                     change: dict[str, Any]) -> None:
+    store = MemoryStore()
+    jobs = JobService(store, aws.provider, worker_id="w1", lease_ttl=30)
+    spec = dataclasses.replace(JobSpec(image_uri=IMAGE, commands=tuple(EXIT_0)), **change)
+    with pytest.raises(InvalidArgument, match="aws provider"):
+        asyncio.run(jobs.submit("acme", spec, "r1"))
+    assert store.list_jobs("acme", JobFilter(), 10, "").jobs == []
+    assert aws.fake.calls == Counter()
+
+
+@pytest.mark.parametrize(("reason", "exit_code", "state", "failure_class"), FAILED_ROWS)
+def test_task_retry_rules_retry_exactly_the_retryable_classes(
+    reason: str, exit_code: int | None, state: JobStatus, failure_class: FailureClass | None,
+) -> None:
+    """AWS's evaluateOnExit (as the fake applies it) decides each failed attempt as the
+    failure mapping reads it: retried only when its class is retryable."""
+    strategy = task_retry_strategy(JobSpec(image_uri=IMAGE, task_count=2, max_retries=3))
+    retried = retry_action(strategy, exit_code, reason) == "RETRY"
+    assert retried == bool(failure_class and failure_class.retryable), (reason, exit_code)
+    assert not retry_problems(strategy)  # a strategy AWS takes
+
+
+def test_a_preempted_task_is_retried_by_aws_and_reports_its_attempts(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(TASK_1_FAILS, 3, max_retries=1))
+    aws.fake.advance(4)  # every child RUNNING
+    assert aws.provider.status([path])[path].state is JobStatus.RUNNING
+    aws.fake.preempt(child(path, 0))
+    st = aws.provider.status([path])[path]
+    assert st.state is JobStatus.RUNNING and st.tasks is not None
+    by_index = {t.index: t for t in st.tasks}
+    assert (by_index[0].status, by_index[0].attempt) == (TaskStatus.PENDING, 1)
+    assert by_index[1].status is TaskStatus.RUNNING
+    st = wait_for_state(aws, path, {JobStatus.COMPLETED, JobStatus.FAILED}, 5)
+    assert st.tasks is not None
+    assert [(t.status, t.exit_code, t.attempt, t.failure_class) for t in st.tasks] == [
+        (TaskStatus.SUCCEEDED, 0, 1, None),  # ran again after the reclaim
+        (TaskStatus.FAILED, 4, 0, FailureClass.USER_ERROR),  # a user error: not retried
+        (TaskStatus.SUCCEEDED, 0, 0, None)]
+    assert (st.state, st.exit_code, st.message) == (
+        JobStatus.FAILED, 4, "task 1 failed: exit code 4")
+    assert [len(aws.fake.job(child(path, i)).attempts) for i in range(3)] == [2, 1, 1]
+
+
+def test_a_task_reclaimed_past_its_retries_fails_as_preempted(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(SLEEP_60, 2, max_retries=1))
+    aws.fake.advance(4)
+    for _ in range(2):  # the first attempt, then the retry
+        aws.fake.preempt(child(path, 1))
+        aws.fake.advance(4)
+    aws.provider.cancel(path)
+    aws.fake.advance()
+    st = aws.provider.status([path])[path]
+    assert st.tasks is not None
+    first, second = st.tasks
+    assert (first.status, first.attempt) == (TaskStatus.CANCELLED, 0)  # not retried
+    assert (second.status, second.attempt, second.failure_class) == (
+        TaskStatus.FAILED, 1, FailureClass.PREEMPTED)
+    assert second.exit_code is None and second.error_message.startswith("Host EC2")
+    assert [len(aws.fake.job(child(path, i)).attempts) for i in range(2)] == [1, 2]
+
+
+def test_cancel_terminates_the_parent_and_every_child(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(SLEEP_60, 3, max_retries=2))
+    aws.fake.advance(4)
+    aws.fake.job(child(path, 2)).status = "RUNNABLE"  # one child not started yet
+    aws.provider.cancel(path)
+    assert aws.fake.calls["terminatejob"] == 1
+    aws.fake.advance()
+    children = aws.fake.job(path).children
+    assert {(c.status, c.status_reason, len(c.attempts)) for c in children[:2]} == {
+        ("FAILED", CANCEL_REASON, 1)}  # killed, and the retry strategy does not retry it
+    assert (children[2].status, children[2].attempts) == ("FAILED", [])
+    assert aws.fake.job(path).status == "FAILED"
+    st = aws.provider.status([path])[path]
+    assert st.state is JobStatus.CANCELLED and st.tasks is not None
+    assert {t.status for t in st.tasks} == {TaskStatus.CANCELLED} and len(st.tasks) == 3
+
+
+def calls(aws: AwsHarness, *actions: str) -> dict[str, int]:
+    return {a: aws.fake.calls[a] for a in actions}
+
+
+def test_status_reads_the_children_only_when_the_summary_changed(aws: AwsHarness) -> None:
+    clock = Clock()
+    p = aws.another_provider(clock=clock)
+    try:
+        path = p.submit(array_task(EXIT_0, 2_500))
+        aws.fake.calls.clear()
+        assert p.status([path])[path].state is JobStatus.SCHEDULED
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 1, "listjobs": 0}
+        aws.fake.advance(4)  # all 2,500 RUNNING
+        aws.fake.calls.clear()
+        aws.fake.describe_sizes.clear()
+        st = p.status([path])[path]
+        assert st.state is JobStatus.RUNNING and st.tasks is not None and len(st.tasks) == 2_500
+        # the parent; 3 pages of 1,000 RUNNING children; each child described once
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 26, "listjobs": 3}
+        assert aws.fake.describe_sizes == [1, *[100] * 25]
+        aws.fake.calls.clear()
+        assert p.status([path])[path] == st  # nothing changed: nothing read but the parent
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 1, "listjobs": 0}
+        clock.t += ARRAY_REFRESH_SECONDS  # still running: looked at again, in case
+        p.status([path])
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 2, "listjobs": 3}
+        aws.fake.advance()  # all SUCCEEDED: those seen running are described, no listing
+        aws.fake.calls.clear()
+        st = p.status([path])[path]
+        assert st.state is JobStatus.COMPLETED and st.tasks is not None
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 26, "listjobs": 0}
+    finally:
+        p.close()
+    fresh = aws.another_provider()  # a new owner: lists the finished ones, once
+    try:
+        aws.fake.calls.clear()
+        assert fresh.status([path])[path] == st
+        assert calls(aws, "describejobs", "listjobs") == {"describejobs": 26, "listjobs": 3}
+    finally:
+        fresh.close()
+
+
+def test_children_that_finish_unseen_are_found_by_listing(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(TASK_1_FAILS, 3))
+    assert aws.provider.status([path])[path].state is JobStatus.SCHEDULED
+    aws.fake.advance(6)  # ran and ended between two polls
+    aws.fake.calls.clear()
+    st = aws.provider.status([path])[path]
+    assert (st.state, st.exit_code) == (JobStatus.FAILED, 4)
+    assert aws.fake.calls["listjobs"] == 2  # SUCCEEDED and FAILED, never seen running
+
+
+def test_a_child_that_cannot_be_read_leaves_the_array_unknown(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(EXIT_0, 2))
+    plain = aws.provider.submit(make_task(EXIT_0))
+    aws.fake.advance(4)
+    aws.fake.throttle(5, methods={"listjobs"})
+    result = aws.provider.status([path, plain])
+    assert result[path].state is None and "TooManyRequests" in result[path].message
+    assert result[plain].state is JobStatus.RUNNING
+    assert aws.provider.status([path])[path].state is JobStatus.RUNNING  # read next time
+
+
+def test_each_task_reads_its_own_stream_and_a_retry_continues_it(aws: AwsHarness) -> None:
+    path = aws.provider.submit(array_task(ECHO_TASK, 2, max_retries=1))
+    aws.fake.advance(4)
+    assert aws.provider.status([path])[path].state is JobStatus.RUNNING
+    assert aws.provider.read_output(path, (0, 0), task_index=1).stdout == "task 1 of 2\n"
+    aws.fake.log(child(path, 0), "more")
+    first = aws.provider.read_output(path, (0, 0), task_index=0)
+    assert (first.stdout, first.offsets) == ("task 0 of 2\nmore\n", (2, 0))
+    aws.fake.preempt(child(path, 0))
+    aws.provider.status([path])
+    aws.fake.advance(3)  # RUNNABLE → STARTING → RUNNING again: a new stream
+    aws.provider.status([path])  # renews the child's streams
+    again = aws.provider.read_output(path, first.offsets, task_index=0)
+    assert (again.stdout, again.offsets) == ("task 0 of 2\n", (3, 0))
+    assert aws.provider.read_output(path, again.offsets, task_index=0).offsets == (3, 0)
+    other = aws.another_provider()  # no cache: seeks past the first attempt's 2 events
+    try:
+        chunk = other.read_output(path, (2, 0), task_index=0)
+        assert (chunk.stdout, chunk.offsets) == ("task 0 of 2\n", (3, 0))
+        assert other.read_output(path, (1, 0), task_index=0).stdout == "more\n"
+        assert other.read_output(path, (0, 0), task_index=5).offsets == (0, 0)  # no such task
+    finally:
+        other.close()
+
+
 # --- against a real moto server ------------------------------------------------------------------
 
 
@@ -733,6 +1035,26 @@ def test_moto_resubmit_from_another_worker_adopts(
     listed = raw.list_jobs(jobQueue=QUEUE, filters=[{"name": "JOB_NAME",
                                                      "values": [task.provider_job_id]}])
     assert [j["jobArn"] for j in listed["jobSummaryList"]] == [first]
+
+
+def test_moto_takes_an_array_job_and_reports_its_children(
+    moto_batch: tuple[AwsBatchProvider, Any]
+) -> None:
+    """moto models arrays in part (children ``<id>:<i>``, ``statusSummary``, ListJobs by
+    ``arrayJobId`` without paging); it takes our retry strategy without applying it, and
+    sets no ``AWS_BATCH_JOB_ARRAY_INDEX``, so outcomes per task are the fake's to test."""
+    provider, raw = moto_batch
+    task = array_task(EXIT_0, 3, max_retries=2)
+    path = provider.submit(task)
+    assert provider.submit(task) == path  # its children share the name, untagged
+    [parent] = raw.describe_jobs(jobs=[path])["jobs"]
+    assert parent["arrayProperties"]["size"] == 3
+    [kid] = raw.describe_jobs(jobs=[child(path, 1)])["jobs"]
+    assert kid["container"]["command"] == task_command(EXIT_0)
+    st = provider.status([path])[path]  # moto's children succeed at once
+    assert st.state is JobStatus.COMPLETED and st.tasks is not None
+    assert [(t.index, t.status, t.attempt) for t in st.tasks] == [
+        (i, TaskStatus.SUCCEEDED, 0) for i in range(3)]
 
 
 def test_moto_unknown_and_cancel_of_a_finished_job(
