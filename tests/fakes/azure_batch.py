@@ -21,6 +21,23 @@ plain HTTP (docs/design.md §9). Endpoints:
   tasks have already completed; ``terminatejob`` → ``noaction`` is 400
   ``InvalidPropertyValue`` ("once you have engaged automatic Job termination, you cannot
   turn it off again"); patching a job that is completed or terminating is 409.
+* ``POST /jobs/{job}/addtaskcollection`` (add-task-collection): at most 100 tasks
+  (else 400) in a body under 1 MB (else 413 ``RequestBodyTooLarge``), with distinct ids
+  (else 400); 409 ``JobCompleted`` for the whole call on a job no longer active. Then
+  each task has its own result, in ``value``: ``success``, ``clientError`` with
+  ``TaskExists`` or ``InvalidPropertyValue`` (the checks of a single add), or
+  ``serverError`` (``fail_task_adds(n)``: the next ``n`` tasks). The ids of each call
+  are kept in ``collections``. ``lose_responses(n)``: the next ``n`` calls add their
+  tasks but answer 500, as a call whose connection broke after the service acted.
+* Jobs of several tasks: ``maxParallelTasks`` (-1 or more than 0, else 400) is honoured
+  (no more tasks preparing or running at once), and ``commonEnvironmentSettings`` are
+  every task's variables unless the task sets the same name. A task's index is its
+  ``JENNAH_TASK_INDEX``; its exit code comes from ``planned_exit(command, index)``, and
+  an ``echo "…"`` in its command prints the text, variables expanded, to its
+  ``stdout.txt``.
+* ``GET /jobs/{job}/tasks``: pages of ``maxresults`` tasks (at most 1000, the default)
+  with ``odata.nextLink``, in the order they were added, only the ``$select`` fields
+  when given; each page's query is kept in ``list_requests``.
 * ``GET /jobs/{job}`` and ``GET /jobs/{job}/tasks/{task}`` (404 ``JobNotFound`` /
   ``TaskNotFound``).
 * Task files: ``GET /jobs/{job}/tasks/{task}/files`` lists the task directory
@@ -40,12 +57,15 @@ exit code read from the command line (``providers.memory.planned_exit``); a job 
 ``onAllTasksComplete=terminatejob`` then completes (reason ``AllTasksComplete``).
 Every request must carry ``Authorization: SharedKey <account>:<signature>`` (else 401);
 ``throttle(n)`` answers the next ``n`` calls 429; ``echo_errors(n)`` refuses the next
-``n`` task adds with the request body in the error message, as Batch's error details
-carry an offending property's value (to check that secrets never reach our errors).
+``n`` task adds (single, or in a collection) with the request body in the error message,
+as Batch's error details carry an offending property's value (to check that secrets
+never reach our errors).
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import shlex
 import threading
@@ -69,10 +89,27 @@ TASK_COMPLETE_MODES = ("noaction", "terminatejob")
 WORKING_DIRECTORIES = ("taskWorkingDirectory", "containerImageDefault")
 STD_FILES = ("stdout.txt", "stderr.txt")
 RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+MAX_COLLECTION = 100
+MAX_BODY_BYTES = 1_000_000
+MAX_PAGE = 1000
+_ECHO = re.compile(r'\becho "([^"]*)"')
+_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _settings(items: list[dict[str, Any]] | None) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in items or ()}
+
+
+def printed(command_line: str, env: Mapping[str, str]) -> bytes:
+    """What the command prints by the ``echo "…"`` convention, variables expanded."""
+    text = " ".join(shlex.split(command_line))
+    return b"".join(
+        _VARIABLE.sub(lambda v: env.get(v.group(1), ""), m.group(1)).encode() + b"\n"
+        for m in _ECHO.finditer(text))
 
 
 @dataclass
@@ -84,6 +121,10 @@ class FakeTask:
     end: str | None = None
     exit_code: int | None = None
     failure: dict[str, Any] | None = None
+    # What the task's process sees: the job's common variables, then its own.
+    env: dict[str, str] = field(default_factory=dict)
+    retry_count: int = 0
+    requeue_count: int = 0
     # The task directory's stdout.txt and stderr.txt, once the task has started.
     files: dict[str, bytearray] = field(default_factory=dict)
 
@@ -92,8 +133,13 @@ class FakeTask:
         for name in STD_FILES:
             self.files.setdefault(name, bytearray())
 
+    @property
+    def index(self) -> int:
+        return int(self.env.get("JENNAH_TASK_INDEX", "0"))
+
     def view(self, job_id: str) -> dict[str, Any]:
-        info: dict[str, Any] = {"retryCount": 0, "requeueCount": 0}
+        info: dict[str, Any] = {"retryCount": self.retry_count,
+                                "requeueCount": self.requeue_count}
         if self.start:
             info["startTime"] = self.start
         if self.state == "completed":
@@ -128,6 +174,20 @@ class FakeJob:
     def complete(self, reason: str) -> None:
         self.state, self.terminate_reason, self.end = "completed", reason, _now()
 
+    def new_task(self, body: dict[str, Any]) -> None:
+        self.tasks[body["id"]] = FakeTask(body, env={
+            **_settings(self.body.get("commonEnvironmentSettings")),
+            **_settings(body.get("environmentSettings"))})
+
+    def task(self, index: int) -> FakeTask:
+        return next(t for t in self.tasks.values() if t.index == index)
+
+    def room(self) -> int | None:
+        """``maxParallelTasks``: how many more tasks may start preparing (None: any)."""
+        limit = self.body.get("maxParallelTasks", -1)
+        busy = sum(t.state in ("preparing", "running") for t in self.tasks.values())
+        return None if limit == -1 else limit - busy
+
     def end_if_all_tasks_complete(self) -> None:
         """``terminatejob``: Batch ends the job once every task has completed, which a
         job with no task at all already has."""
@@ -148,7 +208,17 @@ def job_problems(body: dict[str, Any]) -> list[str]:
     for item in body.get("metadata") or []:
         if not isinstance(item.get("name"), str) or not isinstance(item.get("value"), str):
             out.append(f"metadata items need a name and a value: {item}")
+    parallel = body.get("maxParallelTasks", -1)
+    if not isinstance(parallel, int) or not (parallel == -1 or parallel > 0):
+        out.append(f"maxParallelTasks {parallel!r} must be -1 or greater than 0")
+    out.extend(env_problems(body.get("commonEnvironmentSettings")))
     return out
+
+
+def env_problems(settings: list[dict[str, Any]] | None) -> list[str]:
+    return [f"bad environment setting {env}" for env in settings or []
+            if not ENV_NAME.match(str(env.get("name", "")))
+            or not isinstance(env.get("value"), str)]
 
 
 def registry_problems(registry: dict[str, Any]) -> list[str]:
@@ -176,9 +246,7 @@ def task_problems(body: dict[str, Any]) -> list[str]:
         out.append(f"containerSettings.workingDirectory {workdir!r} is unknown")
     if "registry" in container:
         out.extend(registry_problems(container["registry"] or {}))
-    for env in body.get("environmentSettings") or []:
-        if not ENV_NAME.match(str(env.get("name", ""))) or not isinstance(env.get("value"), str):
-            out.append(f"bad environment setting {env}")
+    out.extend(env_problems(body.get("environmentSettings")))
     wall = (body.get("constraints") or {}).get("maxWallClockTime")
     if wall is not None and not DURATION.match(wall):
         out.append(f"maxWallClockTime {wall!r} is not an ISO 8601 duration")
@@ -195,9 +263,17 @@ class FakeAzureBatch:
     job_updates: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # (job id, file name, first byte, last byte) of every ranged file read.
     range_reads: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # The task ids of every add-task-collection call that reached the tasks.
+    collections: list[list[str]] = field(default_factory=list)
+    list_requests: list[dict[str, str]] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
     _throttle: list[Collection[str] | None] = field(default_factory=list)
     _echo_errors: int = 0
+    _fail_task_adds: int = 0
+    _lose_responses: int = 0
+    # Listing continuations: token → (job id, next offset, page size, selected fields).
+    _pages: dict[str, tuple[str, int, int, list[str] | None]] = field(default_factory=dict)
+    _tokens: itertools.count[int] = field(default_factory=itertools.count)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     # --- test controls ------------------------------------------------------------------
@@ -210,30 +286,41 @@ class FakeAzureBatch:
         with self._lock:
             self._echo_errors += n
 
-    def write(self, job_id: str, name: str, data: bytes) -> None:
-        """The job's task prints ``data`` to ``name`` (``stdout.txt``/``stderr.txt``)."""
+    def fail_task_adds(self, n: int) -> None:
         with self._lock:
-            task = next(iter(self.jobs[job_id].tasks.values()))
+            self._fail_task_adds += n
+
+    def lose_responses(self, n: int) -> None:
+        with self._lock:
+            self._lose_responses += n
+
+    def write(self, job_id: str, name: str, data: bytes, index: int = 0) -> None:
+        """Task ``index`` prints ``data`` to ``name`` (``stdout.txt``/``stderr.txt``)."""
+        with self._lock:
+            task = self.jobs[job_id].task(index)
             assert name in task.files, "a task has files once it has started"
             task.files[name] += data
 
     def executions(self, job_id: str) -> int:
+        """How many times the job's most often added index was added (0: no task)."""
         with self._lock:
             job = self.jobs.get(job_id)
-            return 0 if job is None else len(job.tasks)
+            counts = Counter(t.index for t in job.tasks.values()) if job else Counter()
+            return max(counts.values(), default=0)
 
     def advance(self, steps: int = 1) -> None:
         with self._lock:
             for _ in range(steps):
                 for job in self.jobs.values():
-                    for task in job.tasks.values():
-                        self._step(job, task)
+                    self._step_job(job)
 
     def set_task(self, job_id: str, state: str, *, exit_code: int | None = None,
-                 failure: dict[str, Any] | None = None, ran_for: float = 1.0) -> None:
+                 failure: dict[str, Any] | None = None, ran_for: float = 1.0,
+                 index: int = 0, retries: int = 0, requeues: int = 0) -> None:
         with self._lock:
-            task = next(iter(self.jobs[job_id].tasks.values()))
+            task = self.jobs[job_id].task(index)
             task.state, task.exit_code, task.failure = state, exit_code, failure
+            task.retry_count, task.requeue_count = retries, requeues
             if state in ("running", "completed"):
                 start = datetime.now(UTC) - timedelta(seconds=ran_for)
                 task.begin(start.isoformat().replace("+00:00", "Z"))
@@ -249,16 +336,30 @@ class FakeAzureBatch:
                 task.begin(_now())
             self.jobs[job_id] = job
 
-    def _step(self, job: FakeJob, task: FakeTask) -> None:
+    def _step_job(self, job: FakeJob) -> None:
+        """One step of each task, starting no more than the job's ``maxParallelTasks``
+        allows (a slot freed in this step is used in the next)."""
         if job.state != "active":
             return
+        room = job.room()
+        for task in job.tasks.values():
+            if task.state == "active" and room is not None:
+                if room <= 0:
+                    continue
+                room -= 1
+            self._step(job, task)
+        job.end_if_all_tasks_complete()
+
+    def _step(self, job: FakeJob, task: FakeTask) -> None:
         if task.state in _NEXT:
             task.state = _NEXT[task.state]
             if task.state == "running":
                 task.begin(_now())
         elif task.state == "running":
-            code = planned_exit(shlex.split(task.body.get("commandLine", "")))
+            command = task.body.get("commandLine", "")
+            code = planned_exit(shlex.split(command), task.index)
             if code is not None:
+                task.files["stdout.txt"] += printed(command, task.env)
                 self._finish(job, task, code)
 
     def _finish(self, job: FakeJob, task: FakeTask, code: int) -> None:
@@ -266,7 +367,6 @@ class FakeAzureBatch:
         if code:
             task.failure = {"category": "usererror", "code": "FailureExitCode",
                             "message": f"The task exited with exit code {code}"}
-        job.end_if_all_tasks_complete()
 
     # --- the API ------------------------------------------------------------------------
 
@@ -284,10 +384,10 @@ class FakeAzureBatch:
                 if methods is None or route in methods:
                     del self._throttle[i]
                     return _error(429, "TooManyRequests", "The server is busy", retry_after=True)
-            return self._route(route, parts, req.body or {}, req.headers)
+            return self._route(route, parts, req.body or {}, req.headers, req.query)
 
     def _route(self, route: str, parts: list[str], body: dict[str, Any],
-               headers: Mapping[str, str]) -> Response:
+               headers: Mapping[str, str], query: Mapping[str, str]) -> Response:
         if route == "POST /jobs":
             return self._create_job(body)
         job = self.jobs.get(parts[1]) if len(parts) > 1 else None
@@ -303,6 +403,10 @@ class FakeAzureBatch:
             return self._terminate(job, body)
         if route == "POST /jobs/{id}/tasks":
             return self._create_task(job, body)
+        if route == "POST /jobs/{id}/addtaskcollection":
+            return self._add_collection(job, body)
+        if route == "GET /jobs/{id}/tasks":
+            return self._list_tasks(job, query, headers.get("host", "127.0.0.1"))
         task = job.tasks.get(parts[3]) if len(parts) > 3 else None
         if task is None:
             return _error(404, "TaskNotFound", "The specified task does not exist.")
@@ -352,10 +456,73 @@ class FakeAzureBatch:
         if body["id"] in job.tasks:
             return _error(409, "TaskExists", "The specified task already exists.")
         if job.state != "active":
-            return _error(409, "JobCompleted", "The specified job is already completed.")
+            return _job_over(job)
         self.task_requests.append(body)
-        job.tasks[body["id"]] = FakeTask(body)
+        job.new_task(body)
         return Response(201)
+
+    def _add_collection(self, job: FakeJob, body: dict[str, Any]) -> Response:
+        tasks = body.get("value") or []
+        ids = [t.get("id") for t in tasks]
+        if not tasks or len(tasks) > MAX_COLLECTION:
+            return _error(400, "InvalidPropertyValue",
+                          f"a collection holds 1 to {MAX_COLLECTION} tasks, not {len(tasks)}")
+        if len(json.dumps(body)) >= MAX_BODY_BYTES:
+            return _error(413, "RequestBodyTooLarge", "The request body is too large.")
+        if len(set(ids)) != len(ids):
+            return _error(400, "InvalidPropertyValue", "task ids in a collection must differ")
+        if job.state != "active":
+            return _job_over(job)
+        self.collections.append([str(i) for i in ids])
+        results = [self._add_one(job, t) for t in tasks]
+        if self._lose_responses:
+            self._lose_responses -= 1
+            return _error(500, "InternalError", "The server encountered an internal error.")
+        return Response(200, {"value": results})
+
+    def _add_one(self, job: FakeJob, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {"taskId": body.get("id")}
+        problems = task_problems(body)
+        if self._echo_errors:
+            self._echo_errors -= 1
+            problems = [f"the request was refused: {body}"]
+        if self._fail_task_adds:
+            self._fail_task_adds -= 1
+            return {**result, "status": "serverError",
+                    "error": {"code": "ServerBusy", "message": {"value": "try again"}}}
+        if problems or body["id"] in job.tasks:
+            code = "InvalidPropertyValue" if problems else "TaskExists"
+            message = "; ".join(problems) or "The specified task already exists."
+            return {**result, "status": "clientError",
+                    "error": {"code": code, "message": {"lang": "en-US", "value": message}}}
+        self.task_requests.append(body)
+        job.new_task(body)
+        return {**result, "status": "success", "eTag": "0x1", "lastModified": _now(),
+                "location": f"https://x/jobs/{job.body['id']}/tasks/{body['id']}"}
+
+    def _list_tasks(self, job: FakeJob, query: Mapping[str, str], host: str) -> Response:
+        self.list_requests.append(dict(query))
+        job_id = job.body["id"]
+        if "$skiptoken" in query:
+            page = self._pages.pop(query["$skiptoken"], None)
+            if page is None or page[0] != job_id:
+                return _error(400, "InvalidQueryParameterValue", "$skiptoken")
+            _, start, size, select = page
+        else:
+            size = int(query.get("maxresults", MAX_PAGE))
+            if not 1 <= size <= MAX_PAGE:
+                return _error(400, "InvalidQueryParameterValue", "maxresults")
+            start, select = 0, query["$select"].split(",") if "$select" in query else None
+        tasks = list(job.tasks.values())
+        views = [t.view(job_id) for t in tasks[start:start + size]]
+        if select is not None:
+            views = [{k: v for k, v in view.items() if k in select} for view in views]
+        out: dict[str, Any] = {"value": views}
+        if start + size < len(tasks):
+            token = str(next(self._tokens))
+            self._pages[token] = (job_id, start + size, size, select)
+            out["odata.nextLink"] = f"http://{host}/jobs/{job_id}/tasks?$skiptoken={token}"
+        return Response(200, out)
 
     def _list_files(self, task: FakeTask) -> Response:
         if not task.files:
@@ -397,6 +564,13 @@ class FakeAzureBatch:
             if task.state == "running":
                 task.state, task.exit_code, task.end = "completed", 137, _now()
         return Response(202)
+
+
+def _job_over(job: FakeJob) -> Response:
+    """What adding a task to a job that is no longer active gets (409)."""
+    if job.state == "terminating":
+        return _error(409, "JobBeingTerminated", "The specified job is being terminated.")
+    return _error(409, "JobCompleted", "The specified job is already completed.")
 
 
 def _error(status: int, code: str, message: str, retry_after: bool = False) -> Response:

@@ -1,7 +1,9 @@
 """Azure Batch provider against the HTTP fake of the Batch REST API
 (``tests/fakes/azure_batch.py``), authenticated with a named key: the provider contract,
-every row of the state mapping, every request field we promise, adoption, throttling and
-cancel through the terminate operation."""
+every row of the state mapping, every request field we promise, adoption, throttling,
+cancel through the terminate operation, and jobs of several tasks (collections of at most
+100, resubmits that add only what is missing, ``maxParallelTasks``, a variable set per
+task, the paged task list)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import isodate  # type: ignore[import-untyped]
 import pytest
 from azure.batch import BatchClient
+from azure.batch import models as am
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
 from azure.core.rest import HttpRequest
@@ -36,25 +40,37 @@ from jennah.models import (
     JobSpec,
     JobStatus,
     ResourceOverride,
+    TaskStatus,
 )
 from jennah.settings import ProviderSettings
+from jennah.tasks import count
 from providers import azure as azure_module
 from providers.azure import (
     AZURE_TASK_STATES,
     CANCEL_REASON,
     AzureBatchProvider,
     AzureSettings,
+    build_job,
+    build_task,
     endpoint_region,
     task_id_for,
+    task_state,
     translate,
 )
-from providers.base import OutputChunk, ProviderTask
+from providers.base import OutputChunk, ProviderTask, submit_calls
 from providers.base import provider_job_id as make_pid
 from providers.retry import RetryPolicy
 from tests.fakes import serve_http
 from tests.fakes.azure_batch import ACCOUNT, POOL, FakeAzureBatch
 from tests.helpers import free_port, owner
-from tests.providers.provider_contract import EXIT_0, IMAGE, SLEEP_60, ProviderContract, make_task
+from tests.providers.provider_contract import (
+    ECHO_TASK,
+    EXIT_0,
+    IMAGE,
+    SLEEP_60,
+    ProviderContract,
+    make_task,
+)
 from worker.jobs import JobService
 
 KEY = "c2VjcmV0LWtleQ=="
@@ -207,7 +223,9 @@ def test_requests_carry_every_promised_field(az: AzureHarness) -> None:
                                          "containerRunOptions": "--cpus=8 --memory=20000m"}
     assert {e["name"]: e["value"] for e in body["environmentSettings"]} == {
         "MODE": "fast", "JENNAH_JOB_ID": job_id, "JENNAH_ATTEMPT": "0",
-        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id}
+        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": task.provider_job_id,
+        "JENNAH_TASK_INDEX": "0", "JENNAH_TASK_COUNT": "1"}  # a plain job is task 0 of 1
+    assert "commonEnvironmentSettings" not in job and "maxParallelTasks" not in job
     limits = body["constraints"]
     assert isodate.parse_duration(limits.pop("maxWallClockTime")) == timedelta(minutes=90)
     assert limits == {"maxTaskRetryCount": 0}
@@ -616,3 +634,299 @@ def test_the_poller_streams_output_once_in_order_across_workers(az: AzureHarness
         assert [e.offset for e in events if e.kind is EventKind.OUTPUT] == [0, 4, 0, 8]
 
     asyncio.run(go())
+
+
+# --- jobs of several tasks -------------------------------------------------------------------
+
+
+def _array(n: int, commands: tuple[str, ...] = EXIT_0, parallelism: int = 0,
+           **spec: Any) -> ProviderTask:
+    task = make_task(commands)
+    return dataclasses.replace(task, spec=dataclasses.replace(
+        task.spec, task_count=n, parallelism=parallelism, **spec))
+
+
+def _ids(indexes: Iterable[int]) -> list[str]:
+    return [f"task-{i}" for i in indexes]
+
+
+def _env(body: dict[str, Any], key: str = "environmentSettings") -> dict[str, str]:
+    return {e["name"]: e["value"] for e in body.get(key) or ()}
+
+
+def test_a_job_of_several_tasks_is_one_job_whose_tasks_go_in_by_the_hundred(
+        az: AzureHarness) -> None:
+    task = _array(250, parallelism=40, env_vars={"MODE": "fast"})
+    path = az.provider.submit(task)
+    pid = task.provider_job_id
+    assert path == f"{az.url}/jobs/{pid}/tasks?taskCount=250"
+    [job] = az.fake.job_requests
+    assert (job["onAllTasksComplete"], job["maxParallelTasks"]) == ("noaction", 40)
+    # What every task shares is the job's, once; each task carries its index and the count.
+    assert _env(job, "commonEnvironmentSettings") == {
+        "MODE": "fast", "JENNAH_JOB_ID": task.job_id, "JENNAH_ATTEMPT": "0",
+        "JENNAH_TENANT_ID": "tenant-a", "JENNAH_PROVIDER_JOB_ID": pid}
+    assert az.fake.collections == [_ids(range(100)), _ids(range(100, 200)),
+                                   _ids(range(200, 250))]
+    assert len(az.fake.collections) == submit_calls(az.provider.capabilities, 250) - 1
+    plain = build_task(task, None).as_dict()
+    for i, body in enumerate(az.fake.task_requests):
+        assert body["id"] == f"task-{i}"
+        assert _env(body) == {"JENNAH_TASK_INDEX": str(i), "JENNAH_TASK_COUNT": "250"}
+        assert {k: body[k] for k in ("commandLine", "containerSettings", "constraints")} == {
+            k: plain[k] for k in ("commandLine", "containerSettings", "constraints")}
+    assert az.fake.jobs[pid].task(7).env["MODE"] == "fast"  # the job's variables reach it
+    assert az.fake.job_updates == [(pid, {"onAllTasksComplete": "terminatejob"})]
+    # A fresh job is not listed, and no task is added on its own.
+    assert az.fake.calls["GET /jobs/{id}/tasks"] == az.fake.calls["POST /jobs/{id}/tasks"] == 0
+    assert az.fake.executions(pid) == 1
+
+
+@pytest.mark.parametrize(("n", "parallelism", "expected"), [
+    (4, 0, None), (4, 4, None), (4, 1, 1), (10_000, 500, 500)])
+def test_parallelism_is_max_parallel_tasks_when_it_limits(
+        n: int, parallelism: int, expected: int | None) -> None:
+    job = build_job(_array(n, parallelism=parallelism), POOL)
+    assert job.max_parallel_tasks == expected
+
+
+def test_large_tasks_go_in_smaller_collections_under_the_1_mb_limit(az: AzureHarness) -> None:
+    big = ("sh", "-c", "echo " + "x" * 30_000)  # 30 KB a task: 100 would be 3 MB
+    task = _array(70, big)
+    az.provider.submit(task)
+    sizes = [len(c) for c in az.fake.collections]
+    assert sum(sizes) == 70 and len(sizes) >= 3 and max(sizes) < 34
+    assert az.fake.executions(task.provider_job_id) == 1
+
+
+def test_the_fake_refuses_what_batch_refuses_in_a_collection(az: AzureHarness) -> None:
+    task = _array(101)
+    az.provider.client.create_job(build_job(task, POOL))
+
+    def add(indexes: Iterable[int], cmd: tuple[str, ...] = EXIT_0) -> None:
+        t = dataclasses.replace(task, spec=dataclasses.replace(task.spec, commands=cmd))
+        az.provider.client.create_task_collection(task.provider_job_id, am.BatchTaskGroup(
+            task_values=[build_task(t, None, i) for i in indexes]))
+
+    with pytest.raises(HttpResponseError) as over_100:
+        add(range(101))
+    with pytest.raises(HttpResponseError, match="RequestBodyTooLarge") as over_1_mb:
+        add(range(40), ("sh", "-c", "x" * 30_000))
+    assert (over_100.value.status_code, over_1_mb.value.status_code) == (400, 413)
+    assert az.fake.jobs[task.provider_job_id].tasks == {}
+
+
+def _seed(az: AzureHarness, task: ProviderTask, indexes: Sequence[int]) -> None:
+    """What a submit that died after adding ``indexes`` left: the job, still noaction,
+    and those tasks (added with the SDK's own models)."""
+    client = az.provider.client
+    client.create_job(build_job(task, POOL))
+    for start in range(0, len(indexes), 100):
+        client.create_task_collection(task.provider_job_id, am.BatchTaskGroup(
+            task_values=[build_task(task, None, i) for i in indexes[start:start + 100]]))
+
+
+N = 230
+CRASHES: list[tuple[str, list[int], str | None, list[list[int]], tuple[str, str, str | None]]] = [
+    # name, tasks in, then, the collections the resubmit must make, the job after it
+    ("nothing added", [], None, [list(range(100)), list(range(100, 200)), list(range(200, N))],
+     ("active", "terminatejob", None)),
+    ("two collections in", list(range(200)), None, [list(range(200, N))],
+     ("active", "terminatejob", None)),
+    ("part of a collection", [*range(150), 170], None,
+     [[*range(150, 170), *range(171, N)]], ("active", "terminatejob", None)),
+    ("all in, job still noaction", list(range(N)), None, [],
+     ("active", "terminatejob", None)),
+    ("all in and done, job still noaction", list(range(N)), "done", [],
+     ("completed", "terminatejob", "AllTasksComplete")),
+    ("cancelled during the submit", list(range(100)), "cancelled", [],
+     ("completed", "noaction", CANCEL_REASON)),
+]
+
+
+@pytest.mark.parametrize(("seeded", "then", "adds", "expected_job"),
+                         [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
+def test_a_resubmit_adds_only_the_tasks_a_crashed_submit_left_out(
+        az: AzureHarness, seeded: list[int], then: str | None, adds: list[list[int]],
+        expected_job: tuple[str, str, str | None]) -> None:
+    task = _array(N)
+    pid = task.provider_job_id
+    _seed(az, task, seeded)
+    if then == "done":
+        az.fake.advance(3)
+        assert {t.state for t in az.fake.jobs[pid].tasks.values()} == {"completed"}
+    elif then == "cancelled":
+        az.fake.jobs[pid].complete(CANCEL_REASON)
+    before = len(az.fake.collections)
+    path = az.provider.submit(task)
+    assert path == f"{az.url}/jobs/{pid}/tasks?taskCount={N}"
+    assert az.fake.collections[before:] == [_ids(c) for c in adds]
+    expected_tasks = seeded if then == "cancelled" else range(N)
+    assert sorted(t.index for t in az.fake.jobs[pid].tasks.values()) == list(expected_tasks)
+    assert az.fake.executions(pid) == 1
+    assert _job_state(az, pid) == expected_job
+    st = az.provider.status([path])[path]
+    if then == "cancelled":  # the tasks never added are cancelled with the job
+        assert st.state is JobStatus.CANCELLED and st.tasks is not None
+        assert count(N, st.tasks).cancelled == N
+    elif then == "done":
+        assert st.state is JobStatus.COMPLETED
+
+
+def test_concurrent_submits_of_a_job_of_several_tasks_add_each_task_once(
+        az: AzureHarness) -> None:
+    task = _array(250)
+    with ThreadPoolExecutor(4) as pool:
+        paths = set(pool.map(lambda _: az.provider.submit(task), range(4)))
+    assert len(paths) == 1
+    assert sorted(t.index for t in az.fake.jobs[task.provider_job_id].tasks.values()) == list(
+        range(250))
+    assert az.fake.executions(task.provider_job_id) == 1
+
+
+def test_a_collection_retries_only_its_tasks_that_failed_to_go_in(az: AzureHarness) -> None:
+    az.fake.fail_task_adds(3)  # the first three tasks of the first collection: serverError
+    task = _array(150)
+    az.provider.submit(task)
+    assert az.fake.collections == [_ids(range(100)), _ids(range(3)), _ids(range(100, 150))]
+    assert len(az.sleeps.seen) == 1 and az.fake.executions(task.provider_job_id) == 1
+    assert len(az.fake.jobs[task.provider_job_id].tasks) == 150
+
+
+def test_a_collection_whose_answer_was_lost_is_sent_again_and_adopted(
+        az: AzureHarness) -> None:
+    az.fake.lose_responses(1)  # the tasks went in, the answer is a 500
+    task = _array(120)
+    az.provider.submit(task)
+    assert az.fake.collections == [_ids(range(100)), _ids(range(100)),
+                                   _ids(range(100, 120))]
+    assert az.fake.executions(task.provider_job_id) == 1
+    assert len(az.fake.jobs[task.provider_job_id].tasks) == 120
+
+
+def test_a_task_refused_in_a_collection_rejects_the_submit_without_the_password(
+        az: AzureHarness) -> None:
+    provider = AzureBatchProvider.from_settings(_registry_settings(
+        az, server="myacr.azurecr.io", username="puller", password=PASSWORD))
+    task = _array(5, image_uri="myacr.azurecr.io/app:2")
+    az.fake.echo_errors(1)
+    try:
+        with pytest.raises(ProviderRejected, match="task-0: InvalidPropertyValue") as info:
+            provider.submit(task)
+    finally:
+        provider.close()
+    assert "[redacted]" in str(info.value) and PASSWORD not in str(info.value)
+
+
+def test_status_lists_the_tasks_in_pages_of_the_fields_it_reads(
+        az: AzureHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(azure_module, "LIST_PAGE", 2)
+    task = _array(5, SLEEP_60)
+    pid = task.provider_job_id
+    path = az.provider.submit(task)
+    az.fake.advance(2)
+    st = az.provider.status([path])[path]
+    assert st.state is JobStatus.RUNNING and st.tasks is not None
+    assert [(t.index, t.status) for t in st.tasks] == [(i, TaskStatus.RUNNING) for i in range(5)]
+    first, *more = az.fake.list_requests
+    assert (first["$select"], first["maxresults"]) == ("id,state,executionInfo,constraints", "2")
+    assert len(more) == 2 and all("$skiptoken" in q for q in more)
+    assert az.fake.calls["GET /jobs/{id}"] == 0  # running tasks: the job is not read
+    # Two tasks fail: one with exit code 2, one with a server error after two re-runs.
+    az.fake.set_task(pid, "completed", index=3, exit_code=2,
+                     failure={"category": "userError", "code": "FailureExitCode",
+                              "message": "exit code 2"})
+    az.fake.set_task(pid, "completed", index=4, retries=1, requeues=1,
+                     failure={"category": "serverError", "code": "NodeFailed",
+                              "message": "the node failed"})
+    st = az.provider.status([path])[path]
+    by_index = {t.index: t for t in st.tasks or ()}
+    assert st.state is JobStatus.RUNNING and az.fake.calls["GET /jobs/{id}"] == 1
+    assert (by_index[3].status, by_index[3].exit_code, by_index[3].failure_class) == (
+        TaskStatus.FAILED, 2, FailureClass.USER_ERROR)
+    assert (by_index[4].status, by_index[4].failure_class, by_index[4].attempt,
+            by_index[4].error_message) == (TaskStatus.FAILED, FailureClass.INFRASTRUCTURE, 2,
+                                           "the node failed")
+    assert by_index[0].attempt == 0
+    for i in range(3):
+        az.fake.set_task(pid, "completed", index=i, exit_code=0)
+    st = az.provider.status([path])[path]
+    assert (st.state, st.exit_code, st.failure_class) == (
+        JobStatus.FAILED, 2, FailureClass.USER_ERROR)
+    assert st.message == "task 3 failed: exit code 2"
+
+
+def test_tasks_map_from_the_service_s_own_spelling() -> None:
+    """Timestamps with 7 fractional digits, camel-case categories, ISO 8601 durations,
+    as in the REST reference's examples (the fake writes Python's own forms)."""
+    task: dict[str, Any] = {
+        "id": "task-3", "state": "completed",
+        "constraints": {"maxWallClockTime": "PT1H", "maxTaskRetryCount": 0},
+        "executionInfo": {"startTime": "2016-11-19T00:05:25.3309105Z",
+                          "endTime": "2016-11-19T01:05:25.3309105Z", "exitCode": 137,
+                          "retryCount": 0, "requeueCount": 1, "result": "failure",
+                          "failureInfo": {"category": "userError", "code": "FailureExitCode",
+                                          "message": "The task exited with exit code 137"}}}
+    state = task_state(3, task, None)
+    assert state is not None
+    assert (state.status, state.failure_class, state.exit_code, state.attempt) == (
+        TaskStatus.FAILED, FailureClass.TIMEOUT, 137, 1)
+    assert state.started_at == datetime(2016, 11, 19, 0, 5, 25, 330910, tzinfo=UTC)
+    task["executionInfo"]["failureInfo"]["category"] = "serverError"
+    server = task_state(3, task, None)
+    assert server is not None and server.failure_class is FailureClass.INFRASTRUCTURE
+
+
+def test_a_task_in_a_state_we_do_not_know_makes_the_job_unknown(az: AzureHarness) -> None:
+    task = _array(3, SLEEP_60)
+    path = az.provider.submit(task)
+    az.fake.set_task(task.provider_job_id, "reticulating", index=1)
+    st = az.provider.status([path])[path]
+    assert st.state is None and "reticulating" in st.message
+
+
+def test_cancel_leaves_queued_tasks_active_on_azure_and_cancelled_in_jennah(
+        az: AzureHarness) -> None:
+    task = _array(4, SLEEP_60, parallelism=2)
+    path = az.provider.submit(task)
+    az.fake.advance(3)
+    az.provider.cancel(path)
+    job = az.fake.jobs[task.provider_job_id]
+    assert [t.state for t in job.tasks.values()] == ["completed", "completed", "active", "active"]
+    st = az.provider.status([path])[path]
+    assert st.state is JobStatus.CANCELLED and st.tasks is not None
+    assert [t.status for t in st.tasks] == [TaskStatus.CANCELLED] * 4
+    assert all(t.completed_at is not None for t in st.tasks)
+
+
+def test_paths_of_jobs_of_several_tasks(az: AzureHarness) -> None:
+    base = f"{az.url}/jobs/j-never-0/tasks"
+    for path in (f"{base}?taskCount=0", f"{base}?taskCount=x", f"{base}?count=3",
+                 f"{base}/task-0?taskCount=3"):
+        assert az.provider.status([path])[path].message == "not a task of this Batch account"
+    unknown = f"{base}?taskCount=3"
+    st = az.provider.status([unknown])[unknown]
+    assert (st.state, st.message) == (None, "no such job or task")
+    az.provider.cancel(unknown)
+    task = _array(2, ECHO_TASK)
+    path = az.provider.submit(task)
+    az.fake.advance(3)
+    assert az.provider.read_output(path, (0, 0), task_index=1).stdout == "task 1 of 2\n"
+    for index in (2, -1):
+        assert az.provider.read_output(path, (0, 0), task_index=index) == OutputChunk()
+    plain = az.provider.submit(make_task(ECHO_TASK))
+    az.fake.advance(3)
+    assert az.provider.read_output(plain, (0, 0)).stdout == "task 0 of 1\n"
+    assert az.provider.read_output(plain, (0, 0), task_index=1) == OutputChunk()
+
+
+def test_a_job_of_10000_tasks_costs_100_adds_and_10_pages_a_poll(az: AzureHarness) -> None:
+    task = _array(10_000, SLEEP_60)
+    path = az.provider.submit(task)
+    assert [len(c) for c in az.fake.collections] == [100] * 100
+    az.fake.advance(2)
+    az.fake.calls.clear()
+    st = az.provider.status([path])[path]
+    assert st.state is JobStatus.RUNNING and st.tasks is not None
+    assert count(10_000, st.tasks).running == 10_000
+    assert dict(az.fake.calls) == {"GET /jobs/{id}/tasks": 10}
