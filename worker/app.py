@@ -47,6 +47,7 @@ from worker.nudge import NUDGE_PATH, nudge_handler
 from worker.output import OutputReader
 from worker.poller import Poller
 from worker.service import WorkerService
+from worker.sse import with_sse
 from worker.store_events import StoreExecutionLog
 from worker.wal import WalExecutionLog
 from worker.watch import EventWatch
@@ -192,7 +193,9 @@ def create_app(
             "poll_cycles": rt.poller.cycles,
         }
 
-    served = compose(rpc, ready=ready, registry=registry, info=info)
+    # SSE (GET /v1/...) beside the Connect paths, behind compose's header checks.
+    served = compose(with_sse(rpc, rt.jobs, rt.notifier, auth), ready=ready, registry=registry,
+                     info=info)
     nudge = nudge_handler(rt.leases.wake, auth)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
