@@ -80,6 +80,7 @@ def run_dev(workers: int = 2, port: int = 8080) -> int:
     else:
         print(f"jennah dev: gateway on {gw_url} (workers: {', '.join(endpoints)}); "
               f"state in {home}. Ctrl-C stops.", flush=True)
+        print(f"jennah dev: console on {gw_url}/ui/?tenant=acme", flush=True)
     code = 0
     while not stopping:
         for name, proc, _ in procs:

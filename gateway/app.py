@@ -31,11 +31,13 @@ from pyqwest import Client, HTTPTransport
 
 from database.base import JobStore
 from gateway.auth import TenantAuth
+from gateway.console import Console
 from gateway.forward import Forwarder
 from gateway.health import Discover, HealthView, store_discovery
 from gateway.keys import KeyStore
 from gateway.ring import TenantRing
 from gateway.service import GatewayService
+from gateway.sse import with_sse
 from jennah.asgi import ASGIApp, compose, with_cors
 from jennah.rpc import ErrorMapper, RequestMetrics, safe_codecs
 from jennah.settings import GatewaySettings
@@ -172,5 +174,7 @@ def create_app(
             "workers": {url: states[health.known_state(url)] for url in health.members},
         }
 
-    app = compose(rpc, ready=ready, registry=registry, info=info)
+    # SSE (GET /v1/...) beside the Connect paths, behind compose's header checks.
+    app = compose(with_sse(rpc, auth, forwarder), ready=ready, registry=registry, info=info)
+    app = Console(dev_mode=settings.dev_mode).mount(app)  # the web console at /ui/
     return with_cors(app, settings.cors_origins) if settings.cors_origins else app
