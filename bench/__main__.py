@@ -33,6 +33,8 @@ BENCHES: tuple[tuple[str, list[str], str], ...] = (
     ("bench.events", [], "Events: idle watchers, output throughput, per-tenant commit rate"),
     ("bench.poller", [], "Poller cost with 10k active jobs"),
     ("bench.providers_poll", ["--jobs", "2000"], "Cloud providers: polling cost (2,000 jobs)"),
+    ("bench.tasks_local", [], "Local provider: task start rate (a job of 2,000 tasks)"),
+    ("bench.tasks", [], "Jobs of 10,000 tasks: accept and complete"),
     ("bench.faults", [], "Soak and faults"),
 )
 PACKAGES = ("connectrpc", "uvicorn", "hypercorn", "pyvoy", "protobuf", "psycopg", "zstandard",

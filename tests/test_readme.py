@@ -159,6 +159,14 @@ def test_the_cli_examples_work_as_written(readme_stack: Stack, tmp_path: Path) -
     waited = next(r for line, r in results.items() if "exit 3" in line)
     assert "OUTPUT" in waited.stdout and "working" in waited.stdout
     assert "FAILED" in waited.stdout.splitlines()[-1]
+    tasks = next(r for line, r in results.items() if "--tasks 4" in line)
+    assert {f"task {i} of 4" for i in range(4)} <= set(
+        ln.split(maxsplit=3)[-1] for ln in tasks.stdout.splitlines()), tasks.stdout
+    assert "COMPLETED" in tasks.stdout.splitlines()[-1]
+    listed_tasks = next(r for line, r in results.items() if line.startswith("jennah tasks"))
+    assert listed_tasks.stdout.splitlines()[1].split()[:3] == ["0", "SUCCEEDED", "0"]
+    notes = next(r for line, r in results.items() if line.startswith("jennah notifications"))
+    assert notes.stdout.splitlines()[0].endswith("unread")
     from_file = next(r for line, r in results.items() if "job.yaml" in line)
     assert "from a file" in from_file.stdout and "COMPLETED" in from_file.stdout
     assert json.loads(by_start["jennah tenant"].stdout)["tenantId"] == "acme"

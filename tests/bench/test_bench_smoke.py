@@ -95,3 +95,13 @@ def test_wrk_report_is_read_from_its_latency_lines() -> None:
 
     r = parse_wrk("x", WRK_REPORT)
     assert (r.rps, r.p50_ms, r.p99_ms, r.errors) == (7200.0, 4.25, 1200.0, 7)
+
+
+def test_tasks_smoke() -> None:
+    from bench import tasks
+
+    out = tasks.main(["--tasks", "300", "--runs", "1"])
+    for step in ("accept (SubmitJob answered)", "complete (GetJob: COMPLETED)"):
+        [row] = table_rows(out, step)
+        assert re.fullmatch(r"[\d,]+ ms \([\d,]+–[\d,]+\)", row[1]), row
+        assert row[3].endswith("×") and row[4].startswith("<"), row
