@@ -111,6 +111,8 @@ CORS_METHODS = ("POST", "GET")
 CORS_REQUEST_HEADERS = (
     "content-type", "connect-protocol-version", "connect-timeout-ms", "authorization",
     "x-grpc-web", "x-user-agent", "grpc-timeout", "x-tenant-id",
+    # SSE (docs/sse.md): a script's fetch resumes a stream with Last-Event-ID.
+    "last-event-id",
 )  # fmt: skip
 CORS_EXPOSED_HEADERS = ("grpc-status", "grpc-message", "grpc-status-details-bin",
                         "retry-after")

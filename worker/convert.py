@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -32,24 +33,24 @@ def status_to_pb(status: JobStatus | None) -> str:
 
 def status_from_pb(value: int) -> JobStatus | None:
     """``None`` for UNSPECIFIED; ``InvalidArgument`` for a number we do not know."""
-    if value == pb.JOB_STATUS_UNSPECIFIED:
-        return None
-    try:
-        name = pb.JobStatus.Name(value)  # type: ignore[arg-type]
-    except ValueError:
-        raise InvalidArgument(f"status {value} is not a known JobStatus") from None
-    return JobStatus(name.removeprefix("JOB_STATUS_"))
+    name = _enum_name(pb.JobStatus, "JobStatus", value)
+    return None if name is None else JobStatus(name.removeprefix("JOB_STATUS_"))
 
 
 def task_status_from_pb(value: int) -> TaskStatus | None:
     """``None`` for UNSPECIFIED; ``InvalidArgument`` for a number we do not know."""
-    if value == pb.TASK_STATUS_UNSPECIFIED:
+    name = _enum_name(pb.TaskStatus, "TaskStatus", value)
+    return None if name is None else TaskStatus(name.removeprefix("TASK_STATUS_"))
+
+
+def _enum_name(enum: Any, what: str, value: int) -> str | None:
+    """The name of ``value`` in a wire enum (None for its 0, UNSPECIFIED)."""
+    if value == 0:
         return None
     try:
-        name = pb.TaskStatus.Name(value)  # type: ignore[arg-type]
+        return str(enum.Name(value))
     except ValueError:
-        raise InvalidArgument(f"status {value} is not a known TaskStatus") from None
-    return TaskStatus(name.removeprefix("TASK_STATUS_"))
+        raise InvalidArgument(f"status {value} is not a known {what}") from None
 
 
 def failure_to_pb(fc: FailureClass | None) -> str:

@@ -55,6 +55,7 @@ def _preflight(server: ThreadServer, origin: str, headers: str) -> tuple[int, di
 @pytest.mark.parametrize("headers", [
     "content-type,connect-protocol-version,connect-timeout-ms,authorization",  # Connect
     "content-type,x-grpc-web,x-user-agent,grpc-timeout",  # gRPC-Web
+    "authorization,last-event-id",  # SSE read with fetch, resumed
 ])  # fmt: skip
 def test_a_listed_origin_gets_its_preflight_answered(
     cors_gateway: ThreadServer, headers: str
