@@ -5,6 +5,7 @@ ListTasks paging. In-memory store, and a scripted provider that reports task sta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from jennah.errors import InvalidArgument, NotFound
 from jennah.models import (
     EventKind,
     FailureClass,
+    JobEvent,
     JobFilter,
     JobSpec,
     JobStatus,
@@ -24,7 +26,9 @@ from jennah.tasks import job_task_counts
 from providers.base import Capabilities, OutputChunk, check_spec
 from providers.tasks import status_from_tasks
 from tests.worker.test_worker_jobs import T0, Env, ScriptedProvider, run
+from worker.commit import GroupCommitter
 from worker.jobs import decode_task_token, encode_task_token
+from worker.store_events import StoreExecutionLog
 from worker.validation import validate_spec
 
 ARRAY = JobSpec(image_uri="busybox", commands=("true",), task_count=3)
@@ -236,6 +240,41 @@ def test_each_task_has_its_own_output_read_to_its_end_once(env: Env) -> None:
         assert provider.reads[0] == reads_of_0  # read to its end in the first cycle: done
 
     run(go())
+
+
+class CountingLog(StoreExecutionLog):
+    """The store-backed execution log, counting its appends (each one a durable write)."""
+
+    def __init__(self, committer: GroupCommitter) -> None:
+        super().__init__(committer)
+        self.appends: list[int] = []
+
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        self.appends.append(len(events))
+        await super().append(events)
+
+
+def test_the_output_of_many_short_tasks_is_made_durable_in_few_appends(env: Env) -> None:
+    provider = TaskOutputProvider()
+    w1 = env.owner("w1", provider=provider, log=CountingLog)
+    n = 1_200
+
+    async def go() -> None:
+        job = await w1.jobs.submit("acme", dataclasses.replace(ARRAY, task_count=n), "")
+        provider.out = {i: f"out {i}\n".encode() for i in range(n)}
+        provider.states[job.cloud_resource_path] = status_from_tasks(
+            n, [ok(i) for i in range(n)])
+        await w1.poller.cycle()
+        events = env.store.list_events("acme", job.job_id, 0, 2 * n)
+        assert sorted(e.task_index or 0 for e in events if e.kind is EventKind.OUTPUT) == \
+            list(range(n))
+        assert events[-1].kind is EventKind.COMPLETED
+
+    run(go())
+    log = w1.events
+    assert isinstance(log, CountingLog)
+    output_appends = [k for k in log.appends if k > 1]
+    assert sum(output_appends) == n and len(output_appends) <= 3, log.appends
 
 
 # --- ListTasks ------------------------------------------------------------------------------
