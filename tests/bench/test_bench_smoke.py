@@ -100,8 +100,10 @@ def test_wrk_report_is_read_from_its_latency_lines() -> None:
 def test_tasks_smoke() -> None:
     from bench import tasks
 
-    out = tasks.main(["--tasks", "300", "--runs", "1"])
+    out = tasks.main(["--tasks", "300", "--runs", "1", "--local-tasks", "50"])
     for step in ("accept (SubmitJob answered)", "complete (GetJob: COMPLETED)"):
         [row] = table_rows(out, step)
         assert re.fullmatch(r"[\d,]+ ms \([\d,]+–[\d,]+\)", row[1]), row
         assert row[3].endswith("×") and row[4].startswith("<"), row
+    [local] = table_rows(out, "Jennah, local provider")
+    assert re.fullmatch(r"[\d.,]+", local[1]) and local[3].endswith("×"), local
