@@ -104,7 +104,14 @@ from providers.base import (
     ProviderTask,
     check_spec,
 )
-from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
+from providers.resources import (
+    JOB_ID_LABEL,
+    job_environment,
+    job_labels,
+    resolve,
+    task_index_command,
+    task_index_script,
+)
 from providers.retry import RetryPolicy
 from providers.tasks import status_from_tasks
 
@@ -173,8 +180,7 @@ LogStream = tuple[str, str]
 MAX_ARRAY_SIZE = 10_000
 # The child's index, as JENNAH_TASK_INDEX, for the job's own command ("$@"). A POSIX shell
 # (/bin/sh) in the image is required, and an image ENTRYPOINT gets this as its arguments.
-TASK_INDEX_SCRIPT = 'export JENNAH_TASK_INDEX="${AWS_BATCH_JOB_ARRAY_INDEX:-0}"; exec "$@"'
-TASK_SCRIPT_NAME = "jennah-task"  # $0 of that script
+TASK_INDEX_SCRIPT = task_index_script("AWS_BATCH_JOB_ARRAY_INDEX")
 # "RetryStrategy", AWS Batch API Reference: attempts is 1 to 10.
 MAX_ATTEMPTS = 10
 # evaluateOnExit for an array's children, first match wins; no match retries (AWS's
@@ -296,7 +302,7 @@ def task_command(commands: Sequence[str]) -> list[str]:
         raise ProviderRejected(
             "commands: a job of several tasks on AWS needs a command (or one in the job "
             "definition), which is run so that each task sees JENNAH_TASK_INDEX")
-    return ["/bin/sh", "-c", TASK_INDEX_SCRIPT, TASK_SCRIPT_NAME, *commands]
+    return task_index_command(TASK_INDEX_SCRIPT, commands)
 
 
 def task_retry_strategy(spec: JobSpec) -> dict[str, Any]:

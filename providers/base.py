@@ -94,6 +94,10 @@ class Capabilities:
     # Tasks one provider call can create (None: one call creates all of them). Submit
     # admission counts a job's provider calls with it (``submit_calls``).
     tasks_per_call: int | None = None
+    # A job of more tasks than this needs ``commands``: the provider runs them through a
+    # shell that gives each task its index, which an image's own CMD cannot be (None:
+    # never needed).
+    commands_required_over: int | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,12 @@ def check_spec(name: str, caps: Capabilities, spec: JobSpec) -> None:
     if spec.parallelism and spec.parallelism < spec.task_count and not caps.parallelism:
         raise InvalidArgument(f"parallelism: the {name} provider cannot limit how many "
                               "tasks run at a time (leave it 0)")
+    over = caps.commands_required_over
+    if over is not None and spec.task_count > over and not spec.commands:
+        raise InvalidArgument(
+            f"commands: the {name} provider needs them for a job of more than {over} tasks "
+            "(a shell runs them to give each task its JENNAH_TASK_INDEX; the image's own "
+            "CMD cannot be run that way)")
     labels = spec.labels
     if caps.max_labels is not None and len(labels) > caps.max_labels:
         raise InvalidArgument(

@@ -13,15 +13,23 @@ active job of the region; only the paths not seen there (just finished, or unkno
 fetched one by one. If the service refuses the filter, the provider falls back to
 ``get_job`` for good.
 
-**Jobs of several tasks** (docs/design.md §16): one task group, one ``task_environments``
-entry per task giving it ``JENNAH_TASK_INDEX`` (``task_group``); Batch retries a task on
-the retryable exit codes only (``RETRIED_EXIT_CODES``). ``status`` reads the tasks with
-``ListTasks`` only when the job's task counts (``status.task_groups``) changed since the
-last listing, lists only the states that can have changed (RUNNING, and a final state
-whose count moved), and paces itself: after a listing of *n* pages the next waits
-``n x task_page_seconds`` (2 s), unless the job ended. A 10,000-task job thus costs at most
-30 ``ListTasks`` calls a minute, against Batch's 15,000 reads a minute per region. GCP's
-job state says when and how the job ended (``array_status``); the tasks give the details.
+**Jobs of several tasks** (docs/design.md §16): one task group (``task_group``). Up to
+200 tasks (``GCP_MAX_TASK_ENVIRONMENTS``: "task_environments supports up to 200 entries",
+Google's ``TaskGroup`` reference for google-cloud-batch 0.11.0), one ``task_environments``
+entry per task gives it ``JENNAH_TASK_INDEX``. Beyond, so that no job relies on more
+entries than that reference promised, the group has ``task_count`` and the container runs
+the job's commands through ``/bin/sh`` (its entrypoint, replacing the image's
+ENTRYPOINT), whose script exports ``JENNAH_TASK_INDEX`` from Batch's ``BATCH_TASK_INDEX``
+(``task_container``): the image needs a POSIX shell at ``/bin/sh``, and such a job needs
+commands (without, the image's own CMD could not be wrapped: refused at SubmitJob,
+``commands_required_over``). Batch retries a task on the retryable exit codes only
+(``RETRIED_EXIT_CODES``). ``status`` reads the tasks with ``ListTasks`` only when the
+job's task counts (``status.task_groups``) changed since the last listing, lists only the
+states that can have changed (RUNNING, and a final state whose count moved), and paces
+itself: after a listing of *n* pages the next waits ``n x task_page_seconds`` (2 s),
+unless the job ended. A 10,000-task job thus costs at most 30 ``ListTasks`` calls a
+minute, against Batch's 15,000 reads a minute per region. GCP's job state says when and
+how the job ended (``array_status``); the tasks give the details.
 
 **Cancel**: ``cancel_job``, wait for its long-running operation, then read the job back:
 ``cancel`` returns only once GCP reports the job ended (CANCELLED, or it had already
@@ -94,7 +102,14 @@ from providers.gcp_output import (
     remember,
     to_nanos,
 )
-from providers.resources import JOB_ID_LABEL, job_environment, job_labels, resolve
+from providers.resources import (
+    JOB_ID_LABEL,
+    job_environment,
+    job_labels,
+    resolve,
+    task_index_command,
+    task_index_script,
+)
 from providers.retry import RetryPolicy
 from providers.tasks import status_from_tasks
 
@@ -144,6 +159,15 @@ GCP_MAX_PARALLEL_TASKS = 5_000
 GCP_MAX_TASK_COUNT = min(MAX_TASK_COUNT, GCP_MAX_TASKS_PER_GROUP)
 # TaskSpec.max_retry_count: "The valid value range is [0, 10]" (Batch API reference).
 GCP_MAX_RETRY_COUNT = 10
+# "task_environments supports up to 200 entries": Google's Python reference of TaskGroup
+# for google-cloud-batch 0.11.0. Later references no longer say so, and no project was
+# there to check, so a job of more tasks does not rely on more: it sets task_count, and
+# its container reads its index from Batch's own BATCH_TASK_INDEX (``task_container``).
+GCP_MAX_TASK_ENVIRONMENTS = 200
+# The wrapper's script (providers/resources.py) for those jobs: BATCH_TASK_INDEX, which
+# Batch sets in every task ("Tasks get a BATCH_TASK_INDEX and BATCH_TASK_COUNT
+# environment variable", TaskGroup reference), becomes JENNAH_TASK_INDEX.
+TASK_INDEX_SCRIPT = task_index_script("BATCH_TASK_INDEX")
 # The id Batch gives a job's first (and only) task group, when the job does not say.
 TASK_GROUP_ID = "group0"
 # Batch task state → Jennah task status (checked row by row by the tests). ASSIGNED (on
@@ -227,8 +251,7 @@ class Network:
 def build_job(task: ProviderTask, network: Network | None = None) -> batch_v1.Job:
     """The Batch job for one execution: every field Jennah promises (docs/providers.md)."""
     spec, res = task.spec, resolve(task.spec)
-    container = batch_v1.Runnable.Container(image_uri=spec.image_uri,
-                                            commands=list(spec.commands))
+    container = task_container(spec)
     env = {**job_environment(task), "JENNAH_TASK_COUNT": str(max(1, spec.task_count))}
     if not spec.is_array:
         env["JENNAH_TASK_INDEX"] = "0"
@@ -266,16 +289,44 @@ def build_job(task: ProviderTask, network: Network | None = None) -> batch_v1.Jo
     )
 
 
+def indexed_by_shell(spec: JobSpec) -> bool:
+    """Whether the job's tasks learn their index from the shell wrapper (more tasks than
+    ``GCP_MAX_TASK_ENVIRONMENTS``), not from ``task_environments``."""
+    return spec.task_count > GCP_MAX_TASK_ENVIRONMENTS
+
+
+def task_container(spec: JobSpec) -> batch_v1.Runnable.Container:
+    """The job's container: its image and commands, as given. For a job of more than
+    ``GCP_MAX_TASK_ENVIRONMENTS`` tasks, ``/bin/sh`` becomes the entrypoint (replacing the
+    image's ENTRYPOINT: Batch appends ``commands`` to it) and runs ``TASK_INDEX_SCRIPT``,
+    which exports ``JENNAH_TASK_INDEX`` and then ``exec``s the job's commands, unchanged.
+    Such a job without commands (the image's own CMD) cannot be wrapped: refused
+    (``check_spec`` refuses it at SubmitJob; this guards any other caller)."""
+    if not indexed_by_shell(spec):
+        return batch_v1.Runnable.Container(image_uri=spec.image_uri,
+                                           commands=list(spec.commands))
+    if not spec.commands:
+        raise ProviderRejected(
+            f"commands: a GCP job of more than {GCP_MAX_TASK_ENVIRONMENTS} tasks needs them "
+            "(/bin/sh runs them to give each task its JENNAH_TASK_INDEX)")
+    shell, *arguments = task_index_command(TASK_INDEX_SCRIPT, spec.commands)
+    return batch_v1.Runnable.Container(image_uri=spec.image_uri, entrypoint=shell,
+                                       commands=arguments)
+
+
 def task_group(spec: JobSpec, task_spec: batch_v1.TaskSpec) -> batch_v1.TaskGroup:
     """The job's one task group. A plain job is one task (retried by Jennah, as a new
-    execution: ``max_retry_count`` 0). A job of several tasks has one environment per task
-    in ``task_environments``, giving it ``JENNAH_TASK_INDEX`` (``JENNAH_TASK_COUNT`` is in
-    the shared ``task_spec``); Batch takes the count from their number and, as its reference
-    asks, ``task_count`` is then left unset. ``parallelism`` is capped at Batch's 5,000
-    running tasks a job: the bound the tenant asked for still holds. Each task is retried
-    by Batch, up to ``max_retries``, on ``RETRIED_EXIT_CODES`` only (one RETRY_TASK
-    lifecycle policy: "we will retry failed tasks if we notice any exit code match and
-    fail tasks if no match is found"); a task's own non-zero exit fails it at once."""
+    execution: ``max_retry_count`` 0). A job of several tasks gives each its
+    ``JENNAH_TASK_INDEX`` (``JENNAH_TASK_COUNT`` is in the shared ``task_spec``): up to
+    ``GCP_MAX_TASK_ENVIRONMENTS`` tasks, in one environment per task in
+    ``task_environments``, Batch taking the count from their number (as its reference
+    asks, ``task_count`` is then left unset); beyond, ``task_count`` is set and the
+    container's shell wrapper (``task_container``) exports it from Batch's
+    ``BATCH_TASK_INDEX``. ``parallelism`` is capped at Batch's 5,000 running tasks a job:
+    the bound the tenant asked for still holds. Each task is retried by Batch, up to
+    ``max_retries``, on ``RETRIED_EXIT_CODES`` only (one RETRY_TASK lifecycle policy: "we
+    will retry failed tasks if we notice any exit code match and fail tasks if no match is
+    found"); a task's own non-zero exit fails it at once."""
     if not spec.is_array:
         return batch_v1.TaskGroup(task_spec=task_spec, task_count=1)
     if spec.max_retries:
@@ -285,9 +336,12 @@ def task_group(spec: JobSpec, task_spec: batch_v1.TaskSpec) -> batch_v1.TaskGrou
             action_condition=batch_v1.LifecyclePolicy.ActionCondition(
                 exit_codes=list(RETRIED_EXIT_CODES)))]
     group = batch_v1.TaskGroup(task_spec=task_spec)
-    per_task = batch_v1.TaskGroup.pb(group).task_environments  # raw: 10,000 in milliseconds
-    for i in range(spec.task_count):
-        per_task.add().variables["JENNAH_TASK_INDEX"] = str(i)
+    if indexed_by_shell(spec):
+        group.task_count = spec.task_count
+    else:
+        per_task = batch_v1.TaskGroup.pb(group).task_environments  # raw: proto-plus is slow
+        for i in range(spec.task_count):
+            per_task.add().variables["JENNAH_TASK_INDEX"] = str(i)
     if spec.parallelism:
         group.parallelism = min(spec.parallelism, GCP_MAX_PARALLEL_TASKS)
     return group
@@ -514,7 +568,8 @@ class GcpBatchProvider:
             reserved_label_prefixes=RESERVED_LABEL_PREFIXES,
             reserved_label_keys=RESERVED_LABEL_KEYS,
             machine_type=True, spot=True, accelerator_type=True, accelerator_count=True,
-            accelerator_type_required=True, max_task_count=GCP_MAX_TASK_COUNT, parallelism=True)
+            accelerator_type_required=True, max_task_count=GCP_MAX_TASK_COUNT, parallelism=True,
+            commands_required_over=GCP_MAX_TASK_ENVIRONMENTS)
         self._polling = gretry.Retry(predicate=polling.POLLING_PREDICATE, initial=lro_poll_seconds,
                                      maximum=max(lro_poll_seconds, 5.0), multiplier=1.5,
                                      timeout=cancel_timeout)

@@ -7,10 +7,14 @@
   (the same set the local provider gives its jobs).
 * ``job_labels``: the tenant's labels plus ``jennah-*`` ones that find an execution from
   the cloud console, and that the AWS provider checks before adopting a job by name.
+* ``task_index_script``, ``task_index_command``: a job's commands run by ``/bin/sh`` so
+  that each task sees ``JENNAH_TASK_INDEX``, read from the cloud's own per-task variable
+  (AWS arrays, and GCP jobs of more tasks than ``task_environments`` takes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from jennah.errors import ProviderRejected
@@ -19,6 +23,8 @@ from providers.base import ProviderTask
 
 DEFAULT_PROFILE = "small"
 JOB_ID_LABEL = "jennah-job-id"
+TASK_SHELL = "/bin/sh"  # a POSIX shell, which the image must have to be wrapped
+TASK_SCRIPT_NAME = "jennah-task"  # $0 of the wrapper's script
 
 
 @dataclass(frozen=True)
@@ -60,3 +66,17 @@ def job_labels(task: ProviderTask) -> dict[str, str]:
     """Labels (GCP), tags (AWS) or metadata (Azure); Jennah's own keys win."""
     return {**task.spec.labels, JOB_ID_LABEL: task.job_id.lower(),
             "jennah-tenant-id": task.tenant_id, "jennah-attempt": str(task.attempt)}
+
+
+def task_index_script(variable: str) -> str:
+    """The wrapper's script: export ``JENNAH_TASK_INDEX`` from the cloud's per-task
+    ``variable`` (0 when it is unset or empty), then ``exec`` the arguments, so that the
+    job's command replaces the shell: its arguments reach it unchanged (``"$@"``), and its
+    exit code and signals are its own."""
+    return f'export JENNAH_TASK_INDEX="${{{variable}:-0}}"; exec "$@"'
+
+
+def task_index_command(script: str, commands: Sequence[str]) -> list[str]:
+    """``commands`` as the wrapper runs them: ``/bin/sh -c SCRIPT jennah-task COMMANDS…``
+    (``script``: ``task_index_script`` of the cloud's variable)."""
+    return [TASK_SHELL, "-c", script, TASK_SCRIPT_NAME, *commands]

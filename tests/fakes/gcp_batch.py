@@ -14,12 +14,16 @@ What it models:
   ``set_state`` forces any job state, such as a preemption with exit code 50001.
 * **Tasks.** Every job is a task group (``group0``) of tasks: ``task_count``, or one per
   entry of ``task_environments`` (whose count then wins, as the reference says). Each
-  task sees the task spec's environment, its own ``task_environments`` entry, and
-  ``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``. When the job starts running, and at each step
-  after, pending tasks start (PENDING → ASSIGNED → RUNNING) while fewer than
-  ``parallelism`` (default ``min(task_count, 5000)``) run; a running task ends at the next
-  step as its commands say *with the variables it sees*
-  (``providers.memory.planned_exit(commands, $JENNAH_TASK_INDEX)``: ``exit N``, task I's
+  task's container sees the task spec's environment, its own ``task_environments``
+  entry, and ``BATCH_TASK_INDEX``/``BATCH_TASK_COUNT``. It runs ``entrypoint`` with
+  ``commands`` appended (``Runnable.Container`` reference), or ``commands`` alone; a
+  ``/bin/sh -c SCRIPT NAME ARGS…`` whose script only exports ``NAME="${OTHER:-default}"``
+  values before ``exec "$@"`` runs ARGS with those values, as a POSIX shell would
+  (``tests.fakes.aws_batch.container_view``, shared with the AWS fake). When the job
+  starts running, and at each step after, pending tasks start (PENDING → ASSIGNED →
+  RUNNING) while fewer than ``parallelism`` (default ``min(task_count, 5000)``) run; a
+  running task ends at the next step as its program says *with the variables it sees*
+  (``providers.memory.planned_exit(program, $JENNAH_TASK_INDEX)``: ``exit N``, task I's
   conditional exit, ``sleep`` until cancelled), so a task not told its index behaves as
   the shell would. A task that prints (``echo "…$VAR…"``) writes that line to the Cloud
   Logging fake when it starts, labelled ``job_uid`` and ``task_id``
@@ -32,8 +36,10 @@ What it models:
 * The job limits of "Quotas and limits": at most 100,000 tasks per group and a job
   definition of at most 1 MB (its JSON); a ``parallelism`` over 5,000 running tasks is
   refused here (the reference only says the default is bounded by it), as are a
-  ``max_retry_count`` outside 0 to 10 and more than one lifecycle policy ("Currently we
-  only support one lifecycle policy").
+  ``max_retry_count`` outside 0 to 10, more than one lifecycle policy ("Currently we
+  only support one lifecycle policy") and more than 200 ``task_environments`` ("supports
+  up to 200 entries", the ``TaskGroup`` reference of google-cloud-batch 0.11.0; later
+  ones are silent, so the fake holds the provider to the documented bound).
 * ``CancelJob`` is a real long-running operation: the job goes CANCELLATION_IN_PROGRESS
   and the operation is done (and the job CANCELLED, every unfinished task UNEXECUTED:
   Batch only documents that "the task executions were stopped") at the client's
@@ -70,6 +76,7 @@ from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from providers.memory import planned_exit
+from tests.fakes.aws_batch import container_view
 from tests.fakes.gcp_logging import FakeCloudLogging
 
 State = batch_v1.JobStatus.State
@@ -96,6 +103,7 @@ _VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 GROUP = "group0"
 MAX_TASKS_PER_GROUP = 100_000
 MAX_PARALLEL_TASKS = 5_000
+MAX_TASK_ENVIRONMENTS = 200
 MAX_JOB_DEFINITION = 1_000_000  # bytes of the job's JSON
 FINAL_TASK_STATES = {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.UNEXECUTED}
 
@@ -170,6 +178,9 @@ def _group_problems(group: batch_v1.TaskGroup) -> list[str]:
         out.append(f"task_count {count}: at most {MAX_TASKS_PER_GROUP} tasks per task group")
     if not 0 <= group.parallelism <= MAX_PARALLEL_TASKS:
         out.append(f"parallelism {group.parallelism}: at most {MAX_PARALLEL_TASKS}")
+    if len(group.task_environments) > MAX_TASK_ENVIRONMENTS:
+        out.append(f"task_environments: {len(group.task_environments)} entries, at most "
+                   f"{MAX_TASK_ENVIRONMENTS}")
     for env in group.task_environments:
         out.extend(f"environment variable name {name!r} is invalid"
                    for name in env.variables if not ENV_NAME.match(name))
@@ -317,11 +328,11 @@ class FakeGcpBatch:
             if job.status.state == State.RUNNING:
                 self._schedule(job)
         elif state == State.RUNNING and job.name in self.tasks:
-            commands = list(job.task_groups[0].task_spec.runnables[0].container.commands)
             for task in self.tasks[job.name]:
                 if task.state == TaskState.RUNNING:
-                    seen = task.env.get("JENNAH_TASK_INDEX", "")
-                    code = planned_exit(commands, int(seen) if seen.isdigit() else -1)
+                    program, env = _program(job, task)
+                    seen = env.get("JENNAH_TASK_INDEX", "")
+                    code = planned_exit(program, int(seen) if seen.isdigit() else -1)
                     if code is not None:
                         self._end_task(job, task, code)
             self._schedule(job)
@@ -383,10 +394,10 @@ class FakeGcpBatch:
 
     def _print(self, job: batch_v1.Job, task: _Task) -> None:
         """What the task's ``echo "…"`` prints, to Cloud Logging as Batch's agent would."""
-        commands = " ".join(job.task_groups[0].task_spec.runnables[0].container.commands)
-        if self.logs is None or (m := _ECHO.search(commands)) is None:
+        program, env = _program(job, task)
+        if self.logs is None or (m := _ECHO.search(" ".join(program))) is None:
             return
-        text = _VAR.sub(lambda v: task.env.get(v.group(1), ""), m.group(1))
+        text = _VAR.sub(lambda v: env.get(v.group(1), ""), m.group(1))
         self.logs.write(job.uid, text, task_id=f"{job.uid}-{GROUP}-{task.index}")
 
     # --- RPCs -----------------------------------------------------------------------------
@@ -580,6 +591,15 @@ def client_for(address: str) -> tuple[batch_v1.BatchServiceClient, grpc.Channel]
         ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
     client = batch_v1.BatchServiceClient(transport=BatchServiceGrpcTransport(channel=channel))
     return client, channel
+
+
+def _program(job: batch_v1.Job, task: _Task) -> tuple[list[str], dict[str, str]]:
+    """What task ``task``'s container runs, and the variables that program sees: the
+    ``entrypoint``, if set (the fake's images, like busybox, have none of their own),
+    then ``commands``; through a variable-exporting ``sh -c`` wrapper, if that is it."""
+    container = job.task_groups[0].task_spec.runnables[0].container
+    entrypoint = [container.entrypoint] if container.entrypoint else []
+    return container_view([*entrypoint, *container.commands], task.env)
 
 
 def _retried(spec: batch_v1.TaskSpec, code: int) -> bool:

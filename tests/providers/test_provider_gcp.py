@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -39,10 +43,12 @@ from jennah.models import (
 )
 from jennah.settings import ProviderSettings
 from jennah.tasks import count
+from providers import gcp as gcp_module
 from providers.base import OutputChunk, ProviderStatus, ProviderTask, check_spec
 from providers.base import provider_job_id as make_pid
 from providers.gcp import (
     GCP_EXIT_CODES,
+    GCP_MAX_TASK_ENVIRONMENTS,
     GCP_STATES,
     GCP_TASK_STATES,
     IN_PROGRESS_STATES,
@@ -50,6 +56,7 @@ from providers.gcp import (
     Network,
     build_job,
     request_uuid,
+    task_container,
     task_state,
 )
 from providers.gcp_output import RestLogReader
@@ -168,6 +175,28 @@ class TestGcpContract(ProviderContract):
     @pytest.fixture
     def harness(self, gcp: GcpHarness) -> GcpHarness:
         return gcp
+
+
+class TestGcpContractOverTaskEnvironments(ProviderContract):
+    """The contract again, its jobs of several tasks in the form of those over
+    ``GCP_MAX_TASK_ENVIRONMENTS`` tasks (``task_count`` and the ``/bin/sh`` wrapper): the
+    limit lowered to 1, the contract's small jobs stand in for them, cheaply."""
+
+    kind = "gcp"
+    state_timeout = 5.0
+
+    @pytest.fixture
+    def harness(self, gcp: GcpHarness, monkeypatch: pytest.MonkeyPatch) -> GcpHarness:
+        monkeypatch.setattr(gcp_module, "GCP_MAX_TASK_ENVIRONMENTS", 1)
+        return gcp
+
+    def test_its_jobs_of_several_tasks_are_wrapped(self, harness: GcpHarness) -> None:
+        harness.provider.submit(self.array_task(ECHO_TASK, 2))
+        [group] = harness.fake.create_requests[0].job.task_groups
+        container = group.task_spec.runnables[0].container
+        assert (group.task_count, len(group.task_environments)) == (2, 0)
+        assert (container.entrypoint, list(container.commands)) == (
+            "/bin/sh", [*WRAPPER, *ECHO_TASK])
 
 
 # --- the mapping tables, row by row ------------------------------------------------------
@@ -796,10 +825,134 @@ def test_a_10000_task_job_is_one_request_within_batchs_limits(gcp: GcpHarness) -
     gcp.provider.submit(task)  # the fake refuses a definition over 1 MB, or 5,001 in parallel
     [req] = gcp.fake.create_requests
     group = req.job.task_groups[0]
-    assert len(group.task_environments) == 10_000
+    assert (group.task_count, len(group.task_environments)) == (10_000, 0)
     assert group.parallelism == 5_000  # Batch's most; "at most 8,000 at a time" still holds
     assert group.task_spec.max_retry_count == 10  # Batch's most
     assert gcp.fake.created[task.provider_job_id] == 1
+
+
+# Written out, not imported: the script is a promise to the tenant (docs/providers.md).
+WRAPPER = ["-c", 'export JENNAH_TASK_INDEX="${BATCH_TASK_INDEX:-0}"; exec "$@"', "jennah-task"]
+
+
+@pytest.mark.parametrize("n", [2, 200])
+@pytest.mark.parametrize("commands", [ECHO_TASK, ()])
+def test_up_to_200_tasks_get_their_index_from_task_environments_unwrapped(
+        gcp: GcpHarness, n: int, commands: Sequence[str]) -> None:
+    assert GCP_MAX_TASK_ENVIRONMENTS == 200
+    task = array_task(commands, n)
+    check_spec("gcp", gcp.provider.capabilities, task.spec)  # no commands is fine up to 200
+    path = gcp.provider.submit(task)
+    [group] = gcp.fake.create_requests[0].job.task_groups
+    assert group.task_count == 0
+    assert [dict(e.variables) for e in group.task_environments] == [
+        {"JENNAH_TASK_INDEX": str(i)} for i in range(n)]
+    container = group.task_spec.runnables[0].container
+    assert (container.entrypoint, list(container.commands)) == ("", list(commands))
+    env = dict(group.task_spec.environment.variables)
+    assert (env["JENNAH_TASK_COUNT"], "JENNAH_TASK_INDEX" in env) == (str(n), False)
+    assert [t.env["JENNAH_TASK_INDEX"] for t in gcp.fake.tasks[path]] == [
+        str(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [201, 10_000])
+def test_over_200_tasks_are_counted_and_run_through_the_index_wrapper(gcp: GcpHarness, n: int
+                                                                      ) -> None:
+    task = array_task(ECHO_TASK, n, env_vars={"MODE": "x"})
+    path = gcp.provider.submit(task)
+    [group] = gcp.fake.create_requests[0].job.task_groups
+    assert (group.task_count, len(group.task_environments)) == (n, 0)
+    container = group.task_spec.runnables[0].container
+    assert container.entrypoint == "/bin/sh"
+    assert list(container.commands) == [*WRAPPER, *ECHO_TASK]
+    env = dict(group.task_spec.environment.variables)
+    assert (env["JENNAH_TASK_COUNT"], env["MODE"], "JENNAH_TASK_INDEX" in env) == (
+        str(n), "x", False)
+    # the containers see only Batch's own index: the wrapper makes it JENNAH_TASK_INDEX
+    last = gcp.fake.tasks[path][-1]
+    assert (last.env["BATCH_TASK_INDEX"], "JENNAH_TASK_INDEX" in last.env) == (str(n - 1), False)
+
+
+def test_over_200_tasks_each_task_runs_as_its_index(gcp: GcpHarness) -> None:
+    path = gcp.provider.submit(array_task(TASK_1_FAILS, 201))
+    for _ in range(6):
+        gcp.fake.advance()
+        gcp.clock.tick(60)
+    st = gcp.provider.status([path])[path]
+    assert st.state is JobStatus.FAILED, st
+    assert st.message.startswith("task 1 failed: exit code 4"), st.message
+    n = count(201, st.tasks or ())
+    assert (n.failed, n.succeeded) == (1, 200)
+
+
+# Arguments that a shell would change if it split, expanded or re-quoted them.
+AWKWARD = ("two words", 'a "quoted" one', "it's", "$HOME ${BATCH_TASK_INDEX} `id`", "*", "",
+           "back\\slash", "new\nline", "-c", "--", "exec")
+# Prints its pid, the index it sees and its arguments, and exits with $EXIT.
+SHOW = (sys.executable, "-c",
+        "import json, os, sys; print(json.dumps([os.getpid(), os.environ.get("
+        "'JENNAH_TASK_INDEX'), sys.argv[1:]])); sys.exit(int(os.environ.get('EXIT', 0)))")
+
+
+@pytest.mark.parametrize(("env", "index"), [
+    ({"BATCH_TASK_INDEX": "7"}, "7"), ({"BATCH_TASK_INDEX": "200"}, "200"),
+    ({"BATCH_TASK_INDEX": "7", "JENNAH_TASK_INDEX": "3"}, "7"),
+    ({}, "0"), ({"BATCH_TASK_INDEX": ""}, "0"), ({"BATCH_TASK_INDEX": "4", "EXIT": "5"}, "4"),
+])
+def test_the_wrapper_works_in_a_real_shell(env: dict[str, str], index: str) -> None:
+    container = task_container(dataclasses.replace(SPEC, commands=(*SHOW, *AWKWARD),
+                                                   task_count=201))
+    argv = [container.entrypoint, *container.commands]
+    proc = subprocess.Popen(argv, env={"PATH": os.environ["PATH"], **env},
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    pid, seen, args = json.loads(out)
+    assert (seen, args) == (index, list(AWKWARD))
+    assert pid == proc.pid  # exec: the command took the shell's place (signals reach it)
+    assert proc.returncode == int(env.get("EXIT", 0))  # and its exit code is the job's
+
+
+def test_over_200_tasks_without_commands_are_refused_at_submitjob(gcp: GcpHarness) -> None:
+    spec = JobSpec(image_uri="busybox", task_count=201)
+    store = MemoryStore()
+    jobs = JobService(store, gcp.provider, worker_id="w1", lease_ttl=30)
+    with pytest.raises(InvalidArgument, match=r"^commands: the gcp provider needs them for a "
+                       r"job of more than 200 tasks .*JENNAH_TASK_INDEX.*CMD"):
+        asyncio.run(jobs.submit("acme", spec, "r1"))
+    assert store.list_jobs("acme", JobFilter(), 10, "").jobs == []
+    check_spec("gcp", gcp.provider.capabilities, dataclasses.replace(spec, commands=("true",)))
+    # a job stored before (or submitted past SubmitJob) is refused before any call
+    task = array_task((), 201)
+    with pytest.raises(ProviderRejected, match="more than 200 tasks needs them"):
+        gcp.provider.submit(task)
+    assert gcp.fake.create_requests == []
+
+
+def test_the_fake_takes_200_task_environments_and_no_more(gcp: GcpHarness) -> None:
+    def create(job: batch_v1.Job) -> None:
+        req = batch_v1.CreateJobRequest(parent=gcp.fake.parent, job_id=f"j-{uuid.uuid4()}-0",
+                                        request_id=str(uuid.uuid4()), job=job)
+        gcp.provider.client.create_job(request=req, retry=None)
+
+    job = build_job(array_task(EXIT_0, 200))
+    create(job)
+    job.task_groups[0].task_environments.append(
+        batch_v1.Environment(variables={"JENNAH_TASK_INDEX": "200"}))
+    with pytest.raises(gexc.InvalidArgument, match="task_environments: 201 entries, at most 200"):
+        create(job)
+
+
+def test_the_fake_runs_an_unwrapped_task_without_its_index(gcp: GcpHarness) -> None:
+    # A provider that set task_count but forgot the wrapper: no task learns its index, so
+    # task 1 does not fail, and the job completes where it should have failed.
+    job = build_job(array_task(TASK_1_FAILS, 201))
+    container = job.task_groups[0].task_spec.runnables[0].container
+    container.entrypoint, container.commands = "", list(TASK_1_FAILS)
+    req = batch_v1.CreateJobRequest(parent=gcp.fake.parent, job_id="j-unwrapped-0",
+                                    request_id=str(uuid.uuid4()), job=job)
+    path = gcp.provider.client.create_job(request=req, retry=None).name
+    gcp.fake.advance(6)
+    assert gcp.fake.jobs[path].status.state == State.SUCCEEDED
 
 
 def test_more_tasks_than_declared_are_refused_at_submitjob(gcp: GcpHarness) -> None:
