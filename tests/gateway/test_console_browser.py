@@ -38,7 +38,7 @@ from tests.helpers import call, wait_until
 from tests.test_e2e import Stack, _start_stack
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Dialog, Page, ViewportSize
+    from playwright.sync_api import Browser, Dialog, Locator, Page, ViewportSize
 
 # Generous: the first test may install Chromium with apt; the waits inside are bounded.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -220,6 +220,80 @@ def test_the_status_filter_and_paging(stack: Stack, open_page: Opener, tenant: s
     expect(page.locator("#empty")).to_have_text("No cancelled jobs.")
 
 
+def test_the_label_and_name_filters(stack: Stack, open_page: Opener, tenant: str) -> None:
+    from playwright.sync_api import expect
+
+    ml = submit(stack.gateway, tenant, {"name": "nightly-ml", "labels": {"team": "ml"},
+                                        "commands": ["true"]})
+    prod = submit(stack.gateway, tenant, {"name": "adhoc-ml", "commands": ["true"],
+                                          "labels": {"team": "ml", "env": "prod"}})
+    submit(stack.gateway, tenant, {"name": "nightly-ops", "labels": {"team": "ops"},
+                                   "commands": ["true"]})
+    page = open_page(f"{stack.gateway}/ui/?tenant={tenant}")
+    rows = page.locator("#jobs tbody tr")
+
+    def shows(*ids: str) -> None:
+        """Wait for the table to list exactly these jobs (a count alone could still be
+        the previous filter's)."""
+        page.wait_for_function(
+            "ids => [...document.querySelectorAll('#jobs tbody tr')]"
+            "  .map(r => r.dataset.jobId).join() === ids.join()", arg=list(ids))
+
+    expect(rows).to_have_count(3)
+
+    page.fill("#label-filter", "team=ml")
+    page.press("#label-filter", "Enter")
+    shows(prod, ml)
+    page.fill("#label-filter", "team=ml, env=prod")
+    page.press("#label-filter", "Enter")
+    shows(prod)
+    page.fill("#label-filter", "team=ml")
+    page.fill("#name-filter", "nightly-")
+    page.click("#apply-filters")
+    shows(ml)
+    assert "label=team%3Dml" in page.url and "prefix=nightly-" in page.url
+    page.reload()  # the URL keeps the filters
+    expect(page.locator("#label-filter")).to_have_value("team=ml")
+    expect(page.locator("#name-filter")).to_have_value("nightly-")
+    shows(ml)
+    page.fill("#label-filter", "team=nobody")
+    page.press("#label-filter", "Enter")
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator("#empty")).to_have_text("No jobs match the filters.")
+
+    # A label without "=" (from the URL, then typed): a message, an empty table, and no
+    # call at all, the list's periodic refresh included (the page's clock is moved past
+    # it). A label the gateway refuses: its message, and no second call.
+    calls: list[str] = []
+    page.on("request", lambda r: calls.append(r.post_data or "")
+            if r.url.endswith("/ListJobs") else None)
+
+    def refused(message: str) -> None:
+        expect(page.locator("#filter-error")).to_have_text(re.compile(message))
+        expect(rows).to_have_count(0)
+        called = len(calls)
+        page.clock.run_for(5_000)
+        page.wait_for_timeout(200)
+        assert calls[called:] == []
+
+    page.clock.install()
+    page.goto(f"{stack.gateway}/ui/?tenant={tenant}&label=team")
+    refused(r'"team" is not key=value')
+    assert calls == []
+    page.fill("#label-filter", "team=ops")
+    page.press("#label-filter", "Enter")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("nightly-ops")
+    expect(page.locator("#filter-error")).to_be_hidden()
+    assert '"labels":{"team":"ops"}' in calls[-1]
+    page.fill("#label-filter", "team=ops, env")
+    page.press("#label-filter", "Enter")
+    refused(r'"env" is not key=value')
+    page.fill("#label-filter", "Team=ops")
+    page.press("#label-filter", "Enter")
+    refused(r"^The gateway refused the filter: labels filter key 'Team' is invalid")
+
+
 # --- the job page --------------------------------------------------------------------
 
 
@@ -235,6 +309,9 @@ def test_the_job_page_shows_output_as_it_arrives(
     page = open_page(f"{stack.gateway}/ui/jobs/{job_id}?tenant={tenant}")
     output = page.locator("#output")
     expect(output).to_contain_text("first-line")
+    # (The first line may come with the events read just after a GetJob that still saw
+    # the job scheduled; the next second's read shows it running.)
+    expect(page.locator("#job-status [data-status]")).to_have_attribute("data-status", "running")
     # One look at the page (its script cannot run in between): the first line is shown
     # while the job still runs, so it came live.
     shown = page.evaluate("""() => [document.querySelector('#output').textContent,
@@ -253,8 +330,97 @@ def test_the_job_page_shows_output_as_it_arrives(
     assert "hunter2" not in page.content()  # env values are write-only
     assert "sh -c 'echo first-line; sleep 2.5; echo second-line >&2'" in fields
     expect(page.locator('[data-count="succeeded"] strong')).to_have_text("1")
+    expect(page.locator("#tasks-card")).to_be_hidden()  # one task: its counts say it all
     for name in ("Created", "Started", "Completed"):
         expect(page.locator("#timestamps")).to_contain_text(name)
+
+
+def test_the_tasks_of_a_job_of_several(
+    stack: Stack, open_page: Opener, tenant: str, tmp_path: Path
+) -> None:
+    """Five tasks; task 2 fails with exit 4, and task 4 waits for the test's go (a file:
+    the local provider runs on this host), so the page sees the job run. The table
+    follows live, filters by status, and a click on an index shows that task's output."""
+    from playwright.sync_api import expect
+
+    go = tmp_path / "go"
+    script = ('echo "line of $JENNAH_TASK_INDEX"; [ "$JENNAH_TASK_INDEX" != 4 ] || '
+              f'for _ in $(seq 300); do [ -e {go} ] && break; sleep 0.05; done; '
+              '[ "$JENNAH_TASK_INDEX" != 2 ] || exit 4')
+    job_id = submit(stack.gateway, tenant, {"name": "five", "task_count": 5,
+                                            "commands": ["sh", "-c", script]})
+    page = open_page(f"{stack.gateway}/ui/jobs/{job_id}?tenant={tenant}")
+    reads: list[str] = []  # the page's calls about the job (not the unread count's)
+    page.on("request", lambda r: reads.append(f"{r.url.rsplit('/', 1)[1]} {r.post_data}")
+            if "Service/" in r.url and "Notifications" not in r.url else None)
+
+    def task(index: int) -> Locator:
+        return page.locator(f'#task-rows tr[data-task-index="{index}"]')
+
+    expect(task(4).locator("[data-status]")).to_have_attribute("data-status", "running")
+    expect(task(2).locator("[data-status]")).to_have_attribute("data-status", "failed")
+    expect(page.locator("#live")).to_have_text("live")
+    go.touch()
+    expect(task(4).locator("[data-status]")).to_have_attribute("data-status", "succeeded")
+    expect(page.locator("#live")).to_have_text("ended")
+    rows = page.locator("#task-rows tr")
+    expect(rows).to_have_count(5)
+    statuses = rows.evaluate_all(
+        "rs => rs.map(r => [r.dataset.taskIndex, r.querySelector('[data-status]').dataset.status,"
+        " r.querySelector('.exit').textContent])")
+    assert statuses == [["0", "succeeded", "0"], ["1", "succeeded", "0"], ["2", "failed", "4"],
+                        ["3", "succeeded", "0"], ["4", "succeeded", "0"]], statuses
+    expect(task(2).locator("td.error")).to_contain_text("code 4")
+    expect(page.locator("#tasks-page")).to_have_text("5 tasks · page 1 of 1")
+    # The page stops with the job: no more calls once it ended.
+    assert any(r.startswith("ListTasks ") for r in reads)
+    read = len(reads)
+    page.wait_for_timeout(1_500)
+    assert reads[read:] == []
+
+    page.locator("#task-filter").select_option("failed")
+    expect(rows).to_have_count(1)
+    expect(task(2)).to_be_visible()
+    assert reads[-1].startswith("ListTasks ") and '"status":"TASK_STATUS_FAILED"' in reads[-1]
+    page.locator("#task-filter").select_option("cancelled")
+    expect(page.locator("#tasks-empty")).to_have_text("No cancelled tasks.")
+    page.locator("#task-filter").select_option("")
+    expect(rows).to_have_count(5)
+
+    output = page.locator("#output")
+    for i in range(5):
+        expect(output).to_contain_text(f"[task {i}] line of {i}")
+    task(3).locator("button.task-link").click()
+    expect(output).to_have_text("[task 3] line of 3\n", use_inner_text=True)
+    expect(page.locator("#output-filter")).to_contain_text("Only the output of task 3")
+    expect(task(3)).to_have_class("picked")
+    page.locator("#output-all").click()
+    expect(page.locator("#output-filter")).to_be_hidden()
+    assert sorted(output.inner_text().splitlines()) == [f"[task {i}] line of {i}"
+                                                        for i in range(5)]
+    page.goto(f"{stack.gateway}/ui/?tenant={tenant}")  # the list's compact task counts
+    expect(row(page, job_id).locator(".tasks-cell")).to_have_text("4/5 ✓1 failed")
+
+
+def test_a_job_of_many_tasks_pages_its_tasks(
+    stack: Stack, open_page: Opener, tenant: str
+) -> None:
+    from playwright.sync_api import expect
+
+    job_id = submit(stack.gateway, tenant, {"task_count": 150, "commands": ["true"]})
+    wait_job(stack.gateway, tenant, job_id, TERMINAL)
+    page = open_page(f"{stack.gateway}/ui/jobs/{job_id}?tenant={tenant}")
+    first = page.locator("#task-rows tr").first
+    expect(page.locator("#task-rows tr")).to_have_count(100)
+    expect(page.locator("#tasks-page")).to_have_text("150 tasks · page 1 of 2")
+    expect(page.locator("#tasks-previous")).to_be_disabled()
+    page.locator("#tasks-next").click()
+    expect(page.locator("#task-rows tr")).to_have_count(50)
+    expect(first).to_have_attribute("data-task-index", "100")
+    expect(page.locator("#tasks-next")).to_be_disabled()
+    page.locator("#tasks-previous").click()
+    expect(first).to_have_attribute("data-task-index", "0")
+    expect(page.locator("#task-rows tr")).to_have_count(100)
 
 
 def test_another_tenant_sees_nothing_of_a_job(
@@ -509,45 +675,60 @@ def test_dev_mode_asks_for_a_tenant_when_none_is_given(stack: Stack, open_page: 
 DEMO = "demo"
 
 
+# A job of six tasks, three at a time: task 1 fails, 0 and 2 succeed, and 3 to 5 are still
+# running (past their first lines of output) when the page is photographed.
+TRAIN = """i=$JENNAH_TASK_INDEX
+echo "shard $i: loading 2.1 GB from gs://corpus/part-000$i"
+sleep 0.3
+if [ "$i" = 1 ]; then echo "shard 1: checksum mismatch in part-0001" >&2; exit 3; fi
+echo "shard $i: epoch 1/3 loss 0.4$i"
+[ "$i" -lt 3 ] || sleep 30
+echo "shard $i: done\""""
+
+
 def take_screenshots(browser: Browser, gateway: str, out: Path) -> list[Path]:
-    """Seed a few jobs for tenant ``demo``, photograph the jobs list and a running job's
-    page into ``out`` (console-jobs.png, console-job.png), then cancel what still runs."""
+    """Seed a few jobs for tenant ``demo``, photograph the jobs list and the page of a
+    running job of several tasks into ``out`` (console-jobs.png, console-job.png), then
+    cancel what still runs."""
     from playwright.sync_api import expect
 
     def job(name: str, script: str, **extra: Any) -> str:
         return submit(gateway, DEMO, {"name": name, "commands": ["sh", "-c", script], **extra})
 
     finished = [
-        job("nightly-report", "echo report ready", labels={"team": "finance"}),
+        job("nightly-report", "echo report $JENNAH_TASK_INDEX ready", task_count=3,
+            labels={"team": "finance"}),
         job("etl-orders", "echo loading; echo 'orders.csv: no such file' >&2; exit 2"),
     ]
     backfill = job("backfill-2026-11", "sleep 30")
-    running = [
-        job("train-model", 'echo "shard $JENNAH_TASK_INDEX"; sleep 20', task_count=4,
-            parallelism=2, resource_profile="large", labels={"team": "ml"}),
-        job("thumbnails", "for i in $(seq 8); do echo resized batch $i/40; sleep 0.2; done; "
-            "echo cache miss: 3 images refetched >&2; sleep 20",
-            labels={"team": "media"}, env_vars={"BUCKET": "s3://photos"}),
-    ]
+    train = job("train-model", TRAIN, task_count=6, parallelism=3, resource_profile="large",
+                labels={"team": "ml", "run": "r42"})
+    thumbnails = job("thumbnails", "for i in $(seq 4); do echo resized batch $i/40; "
+                     "sleep 0.2; done; sleep 30", labels={"team": "media"},
+                     env_vars={"BUCKET": "s3://photos"})
     wait_job(gateway, DEMO, backfill, {"JOB_STATUS_RUNNING"})
     call(gateway, "CancelJob", {"job_id": backfill}, {"X-Tenant-Id": DEMO})
     for job_id in finished:
         wait_job(gateway, DEMO, job_id, TERMINAL)
-    for job_id in running:
-        wait_job(gateway, DEMO, job_id, {"JOB_STATUS_RUNNING"})
+    wait_job(gateway, DEMO, thumbnails, {"JOB_STATUS_RUNNING"})
+    wait_until(lambda: get_job(gateway, DEMO, train)[1]["job"].get("taskCounts") ==
+               {"succeeded": 2, "failed": 1, "running": 3}, timeout=WAIT_MS / 1000)
     context = browser.new_context(viewport={"width": VIEWPORT["width"], "height": 520})
     try:
         page = context.new_page()
         page.goto(f"{gateway}/ui/?tenant={DEMO}")
         expect(page.locator("#jobs tbody tr")).to_have_count(5)
+        expect(row(page, train).locator(".tasks-cell")).to_contain_text("3 running")
         paths = [out / "console-jobs.png", out / "console-job.png"]
         page.screenshot(path=paths[0], full_page=True)
-        page.goto(f"{gateway}/ui/jobs/{running[1]}?tenant={DEMO}")
-        expect(page.locator("#output")).to_contain_text("cache miss", timeout=WAIT_MS)
+        page.goto(f"{gateway}/ui/jobs/{train}?tenant={DEMO}")
+        expect(page.locator("#task-rows tr")).to_have_count(6)
+        for i in range(3, 6):
+            expect(page.locator("#output")).to_contain_text(f"shard {i}: epoch")
         page.screenshot(path=paths[1], full_page=True)
     finally:
         context.close()
-        for job_id in running:
+        for job_id in (train, thumbnails):
             call(gateway, "CancelJob", {"job_id": job_id}, {"X-Tenant-Id": DEMO})
     return paths
 

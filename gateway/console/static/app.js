@@ -9,8 +9,10 @@ import { rpc, session } from "./api.js";
 
 const DEV = document.body.dataset.devMode === "1";
 const STATUSES = ["pending", "scheduled", "running", "completed", "failed", "cancelled"];
+const TASK_STATUSES = ["pending", "running", "succeeded", "failed", "cancelled"];
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const PAGE_SIZE = 25;
+const TASKS_PAGE = 100;
 const EVENTS_PAGE = 1000;
 const MAX_OUTPUT_CHUNKS = 5000; // OUTPUT events kept on the page
 const MAX_TIMELINE_ROWS = 2000;
@@ -67,8 +69,9 @@ function short(value, prefix) {
 
 const jobStatus = (job) => short(job.status, "JOB_STATUS_");
 
+/** A job's or a task's status as a coloured label. */
 function badge(status) {
-  const known = STATUSES.includes(status) ? status : "unknown";
+  const known = STATUSES.includes(status) || TASK_STATUSES.includes(status) ? status : "unknown";
   return el("span", { class: `badge ${known}`, "data-status": known }, status || "unknown");
 }
 
@@ -269,47 +272,101 @@ function notFound(title, ...text) {
 function jobsPage() {
   const params = new URLSearchParams(location.search);
   const first = params.get("status") || "";
-  const state = { status: STATUSES.includes(first) ? first : "", tokens: [""], page: 0, asked: 0 };
+  const state = {
+    status: "", labels: {}, prefix: "", invalid: "", tokens: [""], page: 0, asked: 0,
+  };
   const filter = el("select", { id: "status-filter", "aria-label": "Status" },
     el("option", { value: "" }, "All statuses"),
     STATUSES.map((s) => el("option", { value: s }, s)));
-  filter.value = state.status;
+  filter.value = STATUSES.includes(first) ? first : "";
+  const labels = el("input", {
+    id: "label-filter", name: "label", "aria-label": "Labels", class: "filter",
+    placeholder: "Labels: team=ml env=prod", value: params.getAll("label").join(" "),
+    autocomplete: "off", spellcheck: "false",
+  });
+  const prefix = el("input", {
+    id: "name-filter", name: "prefix", "aria-label": "Name prefix", class: "filter",
+    placeholder: "Name starts with…", value: params.get("prefix") || "", autocomplete: "off",
+    spellcheck: "false",
+  });
+  const problem = el("p", { id: "filter-error", class: "error", role: "alert", hidden: true });
   const rows = el("tbody");
   const empty = el("p", { class: "empty", id: "empty", hidden: true });
   const newer = el("button", { type: "button", id: "newer" }, "← Newer");
   const older = el("button", { type: "button", id: "older" }, "Older →");
   const where = el("span", { class: "muted", id: "page" });
 
+  /** A filter that cannot be searched (`message`; "" for none): it is shown, and no call
+   * is made (not even the periodic one) until it is changed, since a list filtered by
+   * part of what the user typed would look like an answer. */
+  function refuse(message) {
+    state.invalid = message;
+    problem.textContent = message;
+    problem.hidden = !message;
+  }
+
+  /** The controls into the state, back to page 1. */
+  function apply() {
+    let parsed = {};
+    let invalid = "";
+    try {
+      parsed = labelFilter(labels.value);
+    } catch (err) {
+      invalid = err.message;
+    }
+    Object.assign(state, { status: filter.value, labels: parsed, prefix: prefix.value.trim(),
+      tokens: [""], page: 0 });
+    refuse(invalid);
+    if (!invalid) history.replaceState(null, "", link("/ui/", listQuery(state)));
+  }
+
   async function refresh() {
     const asked = ++state.asked;
-    const request = { page_size: PAGE_SIZE, page_token: state.tokens[state.page] };
-    if (state.status) request.status = `JOB_STATUS_${state.status.toUpperCase()}`;
-    const resp = await rpc("ListJobs", request);
-    if (asked !== state.asked) return; // a newer request (filter, paging) is on its way
+    if (!state.invalid) {
+      try {
+        const resp = await rpc("ListJobs", listRequest(state));
+        if (asked === state.asked) show(resp); // else a newer request (filter, paging) is out
+        return;
+      } catch (err) {
+        if (err.code !== "invalid_argument") throw err;
+        if (asked !== state.asked) return;
+        // Only the typed filter can be invalid (the rest is the page's own making).
+        refuse(`The gateway refused the filter: ${err.message}.`);
+      }
+    }
+    rows.replaceChildren();
+    empty.hidden = true;
+    newer.disabled = older.disabled = true;
+    where.textContent = "";
+  }
+
+  function show(resp) {
     const jobs = resp.jobs || [];
     state.tokens.length = state.page + 1;
     if (resp.nextPageToken) state.tokens.push(resp.nextPageToken);
     rows.replaceChildren(...jobs.map(jobRow));
     empty.hidden = jobs.length > 0;
-    empty.replaceChildren(state.status ? `No ${state.status} jobs.` : "No jobs yet. ",
-      state.status ? "" : el("a", { href: link("/ui/submit") }, "Submit one."));
+    empty.replaceChildren(...emptyList(state));
     newer.disabled = state.page === 0;
     older.disabled = state.tokens.length <= state.page + 1;
     where.textContent = `Page ${state.page + 1}`;
   }
 
   const again = () => act(refresh);
-  filter.addEventListener("change", () => {
-    Object.assign(state, { status: filter.value, tokens: [""], page: 0 });
-    history.replaceState(null, "", link("/ui/", state.status ? { status: state.status } : {}));
+  const filters = el("form", { id: "filters", class: "filters", onsubmit: (e) => {
+    e.preventDefault();
+    apply();
     again();
-  });
+  } }, filter, labels, prefix, el("button", { type: "submit", id: "apply-filters" }, "Filter"));
+  filter.addEventListener("change", () => { apply(); again(); });
   newer.addEventListener("click", () => { state.page = Math.max(0, state.page - 1); again(); });
   older.addEventListener("click", () => { state.page += 1; again(); });
 
+  apply();
   render("Jobs", el("section", {},
-    el("div", { class: "toolbar" }, el("h1", {}, "Jobs"), filter,
+    el("div", { class: "toolbar" }, el("h1", {}, "Jobs"), filters,
       el("a", { class: "button primary", href: link("/ui/submit") }, "Submit a job")),
+    problem,
     el("table", { class: "jobs", id: "jobs" },
       el("thead", {}, el("tr", {}, ["Job", "Status", "Tasks", "Image", "Created", "Run time"]
         .map((h) => el("th", {}, h)))),
@@ -319,24 +376,78 @@ function jobsPage() {
   live(refresh, LIST_EVERY_MS);
 }
 
+/** The list's label filter as typed: `key=value` terms, separated by spaces or commas (neither
+ * can be in a label). A term without a key and "=" throws, naming it; so does a key given
+ * twice, which no job could match (a job has one value per key). */
+function labelFilter(text) {
+  const labels = new Map();
+  for (const term of text.split(/[\s,]+/).filter(Boolean)) {
+    const at = term.indexOf("=");
+    if (at < 1) {
+      throw new Error(`Label filter "${term}" is not key=value (for example team=ml). ` +
+        "Nothing was searched.");
+    }
+    const key = term.slice(0, at);
+    if (labels.has(key)) {
+      throw new Error(`Label filter: "${key}" is given twice; a job has one value per label.`);
+    }
+    labels.set(key, term.slice(at + 1));
+  }
+  return Object.fromEntries(labels);
+}
+
+function listRequest(state) {
+  const request = { page_size: PAGE_SIZE, page_token: state.tokens[state.page] };
+  if (state.status) request.status = `JOB_STATUS_${state.status.toUpperCase()}`;
+  if (Object.keys(state.labels).length) request.labels = state.labels;
+  if (state.prefix) request.name_prefix = state.prefix;
+  return request;
+}
+
+/** The list's URL query: what a reload (or a shared link) needs to show the same list. */
+function listQuery(state) {
+  const query = [];
+  if (state.status) query.push(["status", state.status]);
+  for (const [key, value] of Object.entries(state.labels)) query.push(["label", `${key}=${value}`]);
+  if (state.prefix) query.push(["prefix", state.prefix]);
+  return query;
+}
+
+function emptyList(state) {
+  const what = state.status ? `${state.status} jobs` : "jobs";
+  if (Object.keys(state.labels).length || state.prefix) return [`No ${what} match the filters.`];
+  if (state.status) return [`No ${what}.`];
+  return ["No jobs yet. ", el("a", { href: link("/ui/submit") }, "Submit one.")];
+}
+
 function jobRow(job) {
-  const counts = job.taskCounts || {};
-  const total = job.taskCount || 1;
   return el("tr", { "data-job-id": job.jobId },
     el("td", {},
       el("a", { href: jobLink(job.jobId), class: "name" }, job.name || job.jobId),
       job.name ? el("div", { class: "mono muted small" }, job.jobId) : null),
     el("td", {}, badge(jobStatus(job))),
-    el("td", { class: "num" }, total > 1 ? `${counts.succeeded || 0}/${total} done` : "1",
-      total > 1 && counts.running ? el("div", { class: "muted small" }, `${counts.running} running`)
-        : null),
+    taskCell(job),
     el("td", { class: "mono" }, job.imageUri || ""),
     el("td", {}, when(job.createdAt)),
     el("td", {}, runtime(job)));
 }
 
+/** The list's Tasks cell: "1" for a job of one task; for more, "succeeded/total ✓" and
+ * beneath it the other states that have any (failed first: it is what one looks for). */
+function taskCell(job) {
+  const total = job.taskCount || 1;
+  if (total === 1) return el("td", { class: "num muted" }, "1");
+  const counts = job.taskCounts || {};
+  const others = ["failed", "running", "pending", "cancelled"].filter((n) => counts[n]);
+  return el("td", { class: "num tasks-cell", title: TASK_STATUSES
+    .map((n) => `${counts[n] || 0} ${n}`).join(", ") + ` of ${total}` },
+  el("span", { class: "done" }, `${counts.succeeded || 0}/${total} ✓`),
+  others.length ? el("div", { class: "small" }, others.flatMap((n, i) => [
+    i ? " · " : "", el("span", { class: `count-${n}` }, `${counts[n]} ${n}`)])) : null);
+}
+
 function jobPage(jobId) {
-  const state = { afterSeq: 0, job: null, shown: false };
+  const state = { afterSeq: 0, job: null, shown: false, task: null };
   const title = el("h1", { id: "job-title" });
   const status = el("span", { id: "job-status" });
   const liveMark = el("span", { id: "live", class: "live" });
@@ -346,10 +457,18 @@ function jobPage(jobId) {
   const times = el("dl", { id: "timestamps", class: "fields" });
   const tasks = el("div", { id: "task-counts", class: "tasks" });
   const timeline = el("tbody", { id: "timeline" });
-  const output = el("pre", { id: "output", class: "output", hidden: true });
-  const noOutput = el("p", { class: "muted", id: "no-output" }, "No output yet.");
   const trimmed = el("p", { class: "muted", hidden: true },
     "Older output and events are not shown here: ListJobEvents has them all.");
+
+  /** Show only task `index`'s output (null: every task's), and mark its row. */
+  function pick(index) {
+    state.task = index;
+    output.only(index);
+    table.draw();
+    if (index !== null) $("output-card").scrollIntoView({ block: "start" });
+  }
+  const output = outputView(trimmed, pick);
+  const table = tasksTable(jobId, pick, () => state.task);
 
   cancel.addEventListener("click", () => act(async () => {
     if (!confirm(`Cancel job ${state.job.name || jobId}?`)) return;
@@ -382,16 +501,7 @@ function jobPage(jobId) {
   function add(event) {
     const kind = short(event.kind, "EVENT_KIND_");
     if (kind === "output") {
-      const index = event.taskIndex;
-      const raw = event.output || "";
-      const text = index !== undefined && (state.job.taskCount || 1) > 1
-        ? raw.replace(/^(?=.)/gm, `[task ${index}] `) : raw;
-      const near = output.scrollHeight - output.scrollTop - output.clientHeight < 40;
-      output.append(el("span", { class: event.message === "stderr" ? "stderr" : null }, text));
-      cap(output, MAX_OUTPUT_CHUNKS, trimmed);
-      noOutput.hidden = true;
-      output.hidden = false;
-      if (near) output.scrollTop = output.scrollHeight;
+      output.add(event, (state.job.taskCount || 1) > 1);
       return;
     }
     timeline.append(el("tr", { "data-kind": kind },
@@ -399,8 +509,7 @@ function jobPage(jobId) {
       el("td", {}, when(event.createdAt)),
       el("td", {}, kind),
       el("td", {}, short(event.status, "JOB_STATUS_")),
-      el("td", {}, event.taskIndex !== undefined ? `task ${event.taskIndex}: ` : "",
-        event.message || ""),
+      el("td", {}, taskDetail(event)),
       el("td", { class: "mono muted" }, event.workerId || "")));
     cap(timeline, MAX_TIMELINE_ROWS, trimmed);
   }
@@ -419,8 +528,9 @@ function jobPage(jobId) {
       render(job.name || job.jobId, layout);
     }
     show(job);
-    // Events after the job: a terminal job's last event (committed with its transition)
-    // is then among them, so nothing is missed when the loop stops.
+    // Events (and tasks) after the job: a terminal job's last event (committed with its
+    // transition, as are its tasks' final states) is then among them, so nothing is
+    // missed when the loop stops.
     for (;;) {
       const resp = await rpc("ListJobEvents",
         { job_id: jobId, after_seq: state.afterSeq, page_size: EVENTS_PAGE });
@@ -431,10 +541,11 @@ function jobPage(jobId) {
       }
       if (events.length < EVENTS_PAGE) break;
     }
+    await table.refresh(job);
     const ended = TERMINAL.has(jobStatus(job));
-    liveMark.textContent = ended ? "ended" : "live";
-    if (ended) noOutput.textContent = "No output.";
+    liveMark.textContent = ended ? "ended" : "live"; // "ended": every last read is shown
     liveMark.classList.toggle("on", !ended);
+    output.end(ended);
     return !ended;
   }
 
@@ -447,7 +558,9 @@ function jobPage(jobId) {
       el("div", {},
         el("div", { class: "card" }, el("h2", {}, "Tasks"), tasks),
         el("div", { class: "card" }, el("h2", {}, "Timestamps"), times))),
-    el("div", { class: "card" }, el("h2", {}, "Output"), noOutput, trimmed, output),
+    table.node,
+    el("div", { class: "card", id: "output-card" }, el("h2", {}, "Output"), output.nodes,
+      trimmed),
     el("div", { class: "card" }, el("h2", {}, "Events"),
       el("table", { class: "events" },
         el("thead", {}, el("tr", {}, ["Seq", "Time", "Event", "Status", "Detail", "Worker"]
@@ -455,6 +568,162 @@ function jobPage(jobId) {
         timeline)));
   render("Job", el("p", { class: "muted" }, "Loading…"));
   live(refresh, JOB_EVERY_MS);
+}
+
+/** An event's detail, naming its task if it has one and does not say so already. */
+function taskDetail(event) {
+  const message = event.message || "";
+  if (event.taskIndex === undefined) return message;
+  const task = `task ${event.taskIndex}`;
+  return message.startsWith(`${task} `) ? message : `${task}: ${message}`;
+}
+
+/** A job's output as it arrives: stderr in red, and in a job of several tasks each line
+ * after `[task N]`. `only(index)` shows one task's chunks (each OUTPUT event is one
+ * task's), `only(null)` all again; the bar above says which, with the way back. */
+function outputView(trimmed, pick) {
+  const state = { task: null, ended: false };
+  const pre = el("pre", { id: "output", class: "output", hidden: true });
+  const none = el("p", { class: "muted", id: "no-output" });
+  const which = el("strong");
+  const bar = el("p", { id: "output-filter", class: "filterbar", hidden: true },
+    "Only the output of task ", which, ". ",
+    el("button", { type: "button", id: "output-all", class: "small", onclick: () => pick(null) },
+      "Show every task"));
+  const shown = (chunk) => state.task === null || chunk.dataset.task === String(state.task);
+
+  /** The "no output" line and the output box, for what the filter leaves to see. */
+  function update() {
+    const any = [...pre.children].some(shown);
+    const whose = state.task === null ? "" : ` from task ${state.task}`;
+    none.textContent = `No output${whose}${state.ended ? "" : " yet"}.`;
+    none.hidden = any;
+    pre.hidden = !any;
+  }
+
+  function add(event, array) {
+    const index = event.taskIndex;
+    const raw = event.output || "";
+    const text = index !== undefined && array ? raw.replace(/^(?=.)/gm, `[task ${index}] `) : raw;
+    const near = pre.scrollHeight - pre.scrollTop - pre.clientHeight < 40;
+    const chunk = el("span", { class: event.message === "stderr" ? "stderr" : null,
+      "data-task": index }, text);
+    chunk.hidden = !shown(chunk);
+    pre.append(chunk);
+    cap(pre, MAX_OUTPUT_CHUNKS, trimmed);
+    if (!chunk.hidden) {
+      none.hidden = true;
+      pre.hidden = false;
+    }
+    if (near) pre.scrollTop = pre.scrollHeight;
+  }
+
+  function only(index) {
+    state.task = index;
+    for (const chunk of pre.children) chunk.hidden = !shown(chunk);
+    which.textContent = String(index);
+    bar.hidden = index === null;
+    update();
+    pre.scrollTop = pre.scrollHeight;
+  }
+
+  function end(ended) {
+    state.ended = ended;
+    update();
+  }
+
+  update();
+  return { nodes: [bar, none, pre], add, only, end };
+}
+
+/** The tasks of a job of several (ListTasks), in a card of their own: a status filter,
+ * pages of TASKS_PAGE by the page token, and a click on a task's index to see only its
+ * output (`pick`; `picked()` is the task shown, whose row is marked). The page is read
+ * again only when the job changed since (every task change moves its `updated_at`) or
+ * the filter or page did; otherwise it is only drawn again, so run times keep going. */
+function tasksTable(jobId, pick, picked) {
+  const state = { job: null, status: "", tokens: [""], page: 0, asked: 0, read: "", tasks: [] };
+  const filter = el("select", { id: "task-filter", "aria-label": "Task status" },
+    el("option", { value: "" }, "All tasks"),
+    TASK_STATUSES.map((s) => el("option", { value: s }, s)));
+  const rows = el("tbody", { id: "task-rows" });
+  const empty = el("p", { class: "empty", id: "tasks-empty", hidden: true });
+  const previous = el("button", { type: "button", id: "tasks-previous" }, "← Previous");
+  const next = el("button", { type: "button", id: "tasks-next" }, "Next →");
+  const where = el("span", { class: "muted", id: "tasks-page" });
+  const node = el("div", { class: "card", id: "tasks-card", hidden: true },
+    el("div", { class: "cardbar" }, el("h2", {}, "Task list"), el("span", { class: "grow" }),
+      filter),
+    el("table", { class: "tasks-table", id: "tasks" },
+      el("thead", {}, el("tr", {}, ["Task", "Status", "Exit code", "Retries", "Started", "Ended",
+        "Run time", "Error"].map((h) => el("th", {}, h)))),
+      rows),
+    empty,
+    el("div", { class: "pager" }, previous, where, next));
+
+  async function refresh(job) {
+    state.job = job;
+    node.hidden = (job.taskCount || 1) <= 1;
+    if (node.hidden) return;
+    const read = [job.updatedAt, state.status, state.page].join("|");
+    if (read !== state.read) {
+      const asked = ++state.asked;
+      const request = {
+        job_id: jobId, page_size: TASKS_PAGE, page_token: state.tokens[state.page],
+      };
+      if (state.status) request.status = `TASK_STATUS_${state.status.toUpperCase()}`;
+      const resp = await rpc("ListTasks", request);
+      if (asked !== state.asked) return; // a newer read (filter, paging) is on its way
+      state.read = read;
+      state.tasks = resp.tasks || [];
+      state.tokens.length = state.page + 1;
+      if (resp.nextPageToken) state.tokens.push(resp.nextPageToken);
+    }
+    draw();
+  }
+
+  function draw() {
+    if (!state.job) return;
+    rows.replaceChildren(...state.tasks.map((t) => taskRow(t, pick, picked())));
+    empty.textContent = state.status ? `No ${state.status} tasks.` : "No tasks.";
+    empty.hidden = state.tasks.length > 0;
+    const counts = state.job.taskCounts || {};
+    const total = state.status ? counts[state.status] || 0 : state.job.taskCount || 1;
+    const pages = Math.max(1, Math.ceil(total / TASKS_PAGE));
+    where.textContent = `${total} ${state.status || "tasks"} · page ${state.page + 1} of ` +
+      `${Math.max(pages, state.page + 1)}`;
+    previous.disabled = state.page === 0;
+    next.disabled = state.tokens.length <= state.page + 1;
+  }
+
+  const again = () => act(() => refresh(state.job));
+  filter.addEventListener("change", () => {
+    Object.assign(state, { status: filter.value, tokens: [""], page: 0 });
+    again();
+  });
+  previous.addEventListener("click", () => { state.page = Math.max(0, state.page - 1); again(); });
+  next.addEventListener("click", () => { state.page += 1; again(); });
+  return { node, refresh, draw };
+}
+
+function taskRow(task, pick, picked) {
+  const index = task.index || 0; // JSON leaves out a zero
+  const s = short(task.status, "TASK_STATUS_");
+  const failure = short(task.failureClass, "FAILURE_CLASS_");
+  // A task that ended without an end time (cancelled before it ran) has no run time.
+  const ran = task.completedAt || s === "running" ? runtime(task) : "";
+  return el("tr", { "data-task-index": index, class: picked === index ? "picked" : null },
+    el("td", { class: "num" }, el("button", {
+      type: "button", class: "task-link", title: `Show only task ${index}'s output`,
+      "aria-pressed": String(picked === index), onclick: () => pick(index),
+    }, String(index))),
+    el("td", {}, badge(s)),
+    el("td", { class: "num exit" }, task.exitCode !== undefined ? String(task.exitCode) : ""),
+    el("td", { class: "num" }, String(task.attempt || 0)),
+    el("td", {}, when(task.startedAt)),
+    el("td", {}, when(task.completedAt)),
+    el("td", {}, ran),
+    el("td", { class: "error" }, task.errorMessage || "", failure ? ` (${failure})` : ""));
 }
 
 function jobFields(job) {
@@ -500,9 +769,8 @@ function definitions(pairs) {
 function taskCounts(job) {
   const total = job.taskCount || 1;
   const counts = job.taskCounts || {};
-  const names = ["pending", "running", "succeeded", "failed", "cancelled"];
   const bar = el("div", { class: "bar", title: `${total} tasks` },
-    names.filter((n) => counts[n]).map((n) => {
+    TASK_STATUSES.filter((n) => counts[n]).map((n) => {
       const segment = el("span", { class: `seg ${n}` });
       segment.style.flexGrow = String(counts[n]); // CSSOM: the policy forbids style attributes
       return segment;
@@ -510,7 +778,7 @@ function taskCounts(job) {
   return [
     el("p", { class: "total" }, `${total} task${total === 1 ? "" : "s"}`),
     bar,
-    el("ul", { class: "counts" }, names.map((n) => el("li", { "data-count": n },
+    el("ul", { class: "counts" }, TASK_STATUSES.map((n) => el("li", { "data-count": n },
       el("span", { class: `dot ${n}` }), `${n} `, el("strong", {}, String(counts[n] || 0))))),
   ];
 }
