@@ -46,6 +46,13 @@ def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+def _when(msg: Message, field: str) -> str:
+    """A message's timestamp field as the tables print it ("-" when unset)."""
+    if not msg.HasField(field):
+        return "-"
+    return str(getattr(msg, field).ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def _client(args: argparse.Namespace) -> JennahClient:
     return JennahClient(args.url, tenant=args.tenant, api_key=args.api_key,
                         timeout=args.rpc_timeout)  # fmt: skip
@@ -176,8 +183,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for job in resp.jobs:
         status_name = pb.JobStatus.Name(job.status).removeprefix("JOB_STATUS_")
         exit_code = str(job.exit_code) if job.HasField("exit_code") else "-"
-        created = job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{job.job_id:<38} {status_name:<10} {exit_code:>4}  {created:<20} {job.name}")
+        print(f"{job.job_id:<38} {status_name:<10} {exit_code:>4}  {_when(job, 'created_at'):<20} "
+              f"{job.name}")
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}")
     return 0
@@ -212,8 +219,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     for t in resp.tasks:
         name = pb.TaskStatus.Name(t.status).removeprefix("TASK_STATUS_")
         code = str(t.exit_code) if t.HasField("exit_code") else "-"
-        started = (t.started_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-                   if t.HasField("started_at") else "-")
+        started = _when(t, "started_at")
         print(f"{t.index:>5} {name:<10} {code:>4} {t.attempt:>7}  {started:<19}  "
               f"{t.error_message}")
     if resp.next_page_token:
@@ -231,7 +237,7 @@ def cmd_notifications(args: argparse.Namespace) -> int:
     print(f"{resp.unread_count} unread")
     for n in resp.notifications:
         status = pb.JobStatus.Name(n.final_status).removeprefix("JOB_STATUS_")
-        at = n.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        at = _when(n, "occurred_at")
         mark = " " if n.is_read else "*"
         print(f"{mark} {n.id}  {at}  {status:<9} {n.job_id}  {n.job_name}  {n.error_message}")
     return 0

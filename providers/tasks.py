@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jennah.models import JobStatus, TaskState, TaskStatus
+from jennah.models import JobStatus, TaskState
 from jennah.tasks import count, failure_message, first_failure, normalize
 from providers.base import ProviderStatus
 
@@ -52,11 +52,3 @@ def status_from_tasks(
     return ProviderStatus(state=JobStatus.CANCELLED, raw_state=raw, started_at=first_start,
                           completed_at=last_end, tasks=tasks,
                           message=f"{n.cancelled} of {task_count} tasks cancelled")
-
-
-def all_tasks_pending(task_count: int) -> ProviderStatus:
-    """The status of a job of several tasks none of which has started."""
-    return status_from_tasks(task_count, ())
-
-
-__all__ = ["TaskStatus", "all_tasks_pending", "status_from_tasks"]

@@ -214,7 +214,8 @@ class Poller:
         since the stored task states (deduplicated by task, its attempt and what
         happened, so a repeat after a crash or a takeover stores nothing new). False when
         they could not be made durable (nothing else of the job moves this cycle)."""
-        if not job.spec.is_array or st.tasks is None or job.status.terminal:
+        if (not job.spec.is_array or st.tasks is None or job.status.terminal
+                or st.tasks == job.tasks):  # nothing moved since the stored states
             return True
         before = {t.index: t for t in job.tasks}
         events = []
