@@ -474,7 +474,8 @@ class LocalProvider:
         if state is None:
             return ProviderStatus(None, raw, message="unknown job")
         task_count = self._task_count(job_dir)
-        if raw == "LOST":  # never leave a lost execution running
+        if raw == "LOST":  # never leave a lost execution running (if its pids are ours:
+            # a runner of another container took its job down with it as it died)
             if task_count > 1:
                 self._signal_tasks(job_dir, signal.SIGKILL)
             else:
@@ -576,8 +577,9 @@ class LocalProvider:
 
     def _signal_tasks(self, job_dir: Path, sig: int) -> bool:
         """Signal the process group of every task the log says is running, each only while
-        its leader is provably the task's (same pid and start time); True if any was."""
-        if (job_dir / r.EXIT_CODE).exists():
+        its leader is provably the task's (same pid and start time, in the pid namespace
+        that recorded them); True if any was."""
+        if (job_dir / r.EXIT_CODE).exists() or not r.pids_visible(job_dir):
             return False
         with self._cache_lock:
             groups = list(self._task_log(job_dir).groups.values())
@@ -596,6 +598,8 @@ class LocalProvider:
     def _tasks_running(self, job_dir: Path) -> bool:
         if (job_dir / r.EXIT_CODE).exists():
             return False
+        if not r.pids_visible(job_dir):
+            return r.runner_alive(job_dir)
         with self._cache_lock:
             groups = list(self._task_log(job_dir).groups.values())
         return any((stat := r.proc_stat(pgid)) is not None and stat.start == start
@@ -606,9 +610,11 @@ class LocalProvider:
     def _signal_group(self, job_dir: Path, sig: int) -> bool:
         """Signal the job's process group, only while it is provably the job's: its runner
         is alive (it kills the group before it exits), or its leader is the very process
-        recorded at start (same pid *and* start time)."""
+        recorded at start (same pid *and* start time); never from another pid namespace
+        (another container or host sharing the directory), where that pid is another
+        process: there the ``cancelled`` marker stops the job."""
         text = r.read_text(job_dir / r.PID)
-        if not text or (job_dir / r.EXIT_CODE).exists():
+        if not text or (job_dir / r.EXIT_CODE).exists() or not r.pids_visible(job_dir):
             return False
         pgid, start = (int(x) for x in text.split())
         stat = r.proc_stat(pgid)
@@ -625,6 +631,8 @@ class LocalProvider:
             return False
         if r.runner_alive(job_dir):
             return True
+        if not r.pids_visible(job_dir):
+            return False
         text = r.read_text(job_dir / r.PID)
         stat = r.proc_stat(int(text.split()[0])) if text else None
         return stat is not None and stat.state != "Z"

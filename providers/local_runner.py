@@ -16,6 +16,12 @@ file a reader could see half-written is written to a temp file and renamed):
 * ``started_at``: the claim. Written once, before the job starts. A runner that finds it
   never starts the job again, so a directory is executed at most once.
 * ``executions``: one line appended per real start (audits and tests count them).
+* ``pidns``: ``"<boot id> <pid namespace>"`` of the runner (:func:`pid_namespace`),
+  written before ``started_at``. The pids in ``pid`` and ``tasks.log`` name processes
+  only there: the workers of several containers (or hosts) that share a directory each
+  see other processes under the same numbers, so a provider signals or inspects a
+  recorded pid only from the namespace that recorded it, and otherwise leaves the job
+  to the ``cancelled`` marker and the runner's lock.
 * ``pid``: ``"<pgid> <starttime>"``. The job runs in its own session and process group
   (setsid, docs/design.md §11: its leader's pid is the group id), so a provider can signal
   the group without the runner; the leader's ``/proc`` start time guards signals against
@@ -97,6 +103,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import heapq
 import json
 import math
@@ -118,6 +125,7 @@ LOCK = "lock"
 STARTED = "started_at"
 EXECUTIONS = "executions"
 PID = "pid"
+PIDNS = "pidns"
 RUNNER_PID = "runner_pid"
 COMPLETED = "completed_at"
 EXIT_CODE = "exit_code"
@@ -253,6 +261,27 @@ def signal_process(proc: Proc, sig: int) -> None:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+@functools.cache
+def pid_namespace() -> str:
+    """Where this process's pids mean something: ``"<boot id> <pid namespace>"``. A pid
+    and its ``/proc`` start time name one process only within one boot of one host and
+    one pid namespace (every container has its own, numbered from 1, so two containers'
+    jobs often share pids and even start ticks). Fixed for a process's whole life."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def pids_visible(job_dir: Path) -> bool:
+    """True when the pids that ``job_dir`` records are this process's to signal: its
+    runner ran in our pid namespace (module docstring, ``pidns``). A directory from a
+    runner that predates the record is taken to be ours, as it always was."""
+    recorded = read_text(job_dir / PIDNS)
+    return recorded is None or recorded == pid_namespace()
 
 
 def runner_alive(job_dir: Path) -> bool:
@@ -684,6 +713,7 @@ def run(job_dir: Path) -> int:
         return 0  # already ran (or was lost), or cancelled before it started
     _become_subreaper()
     write_atomic(job_dir / RUNNER_PID, str(os.getpid()))
+    write_atomic(job_dir / PIDNS, pid_namespace())
     write_atomic(job_dir / STARTED, now_iso(), fsync=True)
     with open(job_dir / EXECUTIONS, "a") as f:
         f.write(f"{os.getpid()} {now_iso()}\n")

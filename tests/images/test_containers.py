@@ -574,8 +574,10 @@ def check_each_ran_once(stack: Stack, ids: Sequence[str], jobs: Mapping[str, Any
         if job["status"] == "JOB_STATUS_COMPLETED":
             assert runs[job_id] == 1, job
         else:  # its runner died with the worker's container (see the module docstring)
-            assert job["status"] == "JOB_STATUS_FAILED", job
-            assert job.get("failureClass") == "FAILURE_CLASS_INFRASTRUCTURE", job
+            why = {k: job.get(k) for k in ("jobId", "status", "failureClass", "exitCode",
+                                            "errorMessage", "ownerWorkerId")}
+            assert job["status"] == "JOB_STATUS_FAILED", why
+            assert job.get("failureClass") == "FAILURE_CLASS_INFRASTRUCTURE", why
     return outcomes
 
 

@@ -269,6 +269,48 @@ def test_runner_death_is_an_infrastructure_failure_and_stops_the_job(
     assert p.status([path])[path].state is JobStatus.FAILED
 
 
+FOREIGN_PIDNS = "00000000-0000-0000-0000-000000000000 pid:[1]"  # another container's
+
+
+def test_a_lost_job_of_another_pid_namespace_signals_nothing_here(
+    harness: LocalHarness,
+) -> None:
+    """Workers of two containers share a directory: the pids a dead container's runner
+    recorded are, in the survivor's namespace, other processes (its own jobs, often with
+    the same pid and start tick). Finding that job lost must not signal them."""
+    p = harness.provider
+    path = p.submit(make_task(SLEEP_60))
+    wait_for_state(harness, path, {JobStatus.RUNNING}, 5)
+    pgid = job_pgid(p, path)
+    assert (jdir(p, path) / r.PIDNS).read_text() == r.pid_namespace() != ""
+    r.write_atomic(jdir(p, path) / r.PIDNS, FOREIGN_PIDNS)
+    os.kill(int(r.read_text(jdir(p, path) / r.RUNNER_PID) or 0), signal.SIGKILL)
+    try:
+        st = wait_for_state(harness, path, {JobStatus.FAILED}, 5)
+        assert (st.raw_state, st.failure_class) == ("LOST", FailureClass.INFRASTRUCTURE)
+        time.sleep(0.2)
+        assert group_members(pgid, live_only=True), "a process of this namespace was killed"
+    finally:
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("task_count", [1, 2])
+def test_no_signal_crosses_pid_namespaces_and_cancel_still_works(
+    harness: LocalHarness, task_count: int
+) -> None:
+    p = harness.provider
+    path = p.submit(with_spec(make_task(SLEEP_60), task_count=task_count))
+    signal_ = p._signal_tasks if task_count > 1 else p._signal_group
+    wait_until(lambda: signal_(jdir(p, path), 0), 5)  # signal 0: "could", sends nothing
+    r.write_atomic(jdir(p, path) / r.PIDNS, FOREIGN_PIDNS)
+    assert not signal_(jdir(p, path), 0)
+    started = time.monotonic()
+    p.cancel(path)  # only the marker: the runner, whose lock we can see, stops the job
+    assert time.monotonic() - started < 0.5
+    st = wait_for_state(harness, path, ENDED, 3)
+    assert st.state is JobStatus.CANCELLED
+
+
 def test_any_provider_instance_on_the_host_can_poll_and_cancel(harness: LocalHarness) -> None:
     path = harness.provider.submit(make_task(SLEEP_60))
     # Another worker: its own provider object, the host's shared LOCAL_BATCH_DIR.
