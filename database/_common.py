@@ -353,6 +353,10 @@ def apply_patch(
     (``jennah.tasks.normalize``), so that the job returned equals the job read back."""
     if patch.retry:
         return _retry(job, lease, patch, now, reason)
+    if patch.status is not None and patch.status is job.status and job.status.terminal:
+        # A second end (a cancel racing the poller's own look at the provider): the first
+        # stands, with its times and message, and nothing is recorded twice.
+        raise Conflict(f"job {job.job_id} has already ended as {job.status.value}")
     steps: list[JobStatus] = []
     if patch.status is not None and patch.status != job.status:
         if not job.status.can_move_to(patch.status):

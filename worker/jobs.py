@@ -298,6 +298,15 @@ class JobService:
     async def _update(self, job: Job, patch: JobPatch, reason: str) -> Job:
         try:
             updated = await self._committer.update(job, job.lease, patch, reason)
+        except Conflict:
+            if patch.status is None or not patch.status.terminal:
+                raise
+            # Another path of this worker ended the job meanwhile, as this patch would
+            # have: that end stands, and its event was counted when it was written.
+            current = await self.get(job.tenant_id, job.job_id)
+            if current.status is not patch.status:
+                raise
+            return current
         except LeaseLost:
             # Not a stream event: a stale owner cannot write one (docs/design.md §6).
             self.leases_lost += 1

@@ -59,7 +59,7 @@ def test_failover_smoke(postgres_url: str) -> None:
 
 
 def test_providers_poll_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    providers_poll.main(["--jobs", "300"])
+    providers_poll.main(["--jobs", "50"])
     out = capsys.readouterr().out
     assert out.count("|") > 20 and "calls" in out
 

@@ -265,6 +265,31 @@ def test_cancel_by_owner_and_by_peer(env: Env) -> None:
     run(go())
 
 
+def test_a_cancel_racing_the_poller_ends_the_job_once(env: Env) -> None:
+    """CancelJob and the poller both end a job from the same copy (RUNNING): the first end
+    stands, with its message and time, one CANCELLED event is stored, and it is counted
+    once (``jennah_worker_job_events_total`` once counted two)."""
+    counted: list[tuple[EventKind, int]] = []
+    jobs = env.owner("w1", on_events=lambda kind, n: counted.append((kind, n))).jobs
+
+    async def go() -> None:
+        job = await jobs.submit("acme", SPEC, "")
+        env.set(job, ProviderStatus(JobStatus.RUNNING, "RUNNING", started_at=T0))
+        running = await jobs.mark_running(await jobs.get("acme", job.job_id),
+                                          env.provider.states[job.cloud_resource_path])
+        first = await jobs.finish_cancel(running)
+        env.clock.tick()
+        env.set(job, ProviderStatus(JobStatus.CANCELLED, "CANCELLED"))
+        second = await jobs.apply_status(running, env.provider.states[job.cloud_resource_path])
+        assert first.status is second.status is JobStatus.CANCELLED
+        assert (second.error_message, second.completed_at) == (first.error_message,
+                                                               first.completed_at)
+        assert env.kinds(job).count(EventKind.CANCELLED) == 1
+        assert counted.count((EventKind.CANCELLED, 1)) == 1, counted
+
+    run(go())
+
+
 def test_a_stale_owner_stops_touching_a_claimed_job(env: Env) -> None:
     async def go() -> None:
         job = await env.jobs.submit("acme", SPEC, "")
