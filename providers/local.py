@@ -598,8 +598,6 @@ class LocalProvider:
     def _tasks_running(self, job_dir: Path) -> bool:
         if (job_dir / r.EXIT_CODE).exists():
             return False
-        if not r.pids_visible(job_dir):
-            return r.runner_alive(job_dir)
         with self._cache_lock:
             groups = list(self._task_log(job_dir).groups.values())
         return any((stat := r.proc_stat(pgid)) is not None and stat.start == start
@@ -631,8 +629,6 @@ class LocalProvider:
             return False
         if r.runner_alive(job_dir):
             return True
-        if not r.pids_visible(job_dir):
-            return False
         text = r.read_text(job_dir / r.PID)
         stat = r.proc_stat(int(text.split()[0])) if text else None
         return stat is not None and stat.state != "Z"
